@@ -1,0 +1,144 @@
+# Copyright 2026 The Diffused Heads diffusers port authors.
+# Licensed under the Apache License, Version 2.0.
+"""The speech encoder used by Diffused Heads, as a diffusers model.
+
+A 16 kHz waveform is cut into overlapping windows, one per video frame; a stack of strided 1-D
+convolutions turns each window into a code, and a GRU run over the codes in time order gives one
+audio embedding per frame.
+"""
+
+from dataclasses import dataclass
+from typing import Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+# Windows sent through the convolution stack at once; bounds memory on very long audio.
+_CONV_CHUNK = 4096
+
+
+@dataclass
+class DiffusedHeadsAudioEncoderOutput(BaseOutput):
+    """
+    Args:
+        audio_embeddings (`torch.Tensor` of shape `(batch_size, num_frames, hidden_size)`):
+            One embedding per video frame.
+    """
+
+    audio_embeddings: torch.Tensor
+
+
+def conv_output_length(length: int, kernel_size: int, stride: int, padding: int) -> int:
+    return (length + 2 * padding - kernel_size) // stride + 1
+
+
+class DiffusedHeadsAudioEncoder(ModelMixin, ConfigMixin):
+    r"""
+    Speech encoder of Diffused Heads. The defaults are those of the released `audio_encoder.pt`.
+
+    Parameters:
+        sampling_rate (`int`, defaults to 16000): Sample rate of the waveform it takes.
+        window_length (`int`, defaults to 3200): Samples per window (0.2 s).
+        hop_length (`int`, defaults to 640): Samples between windows: one window per video frame (25 fps).
+        conv_channels (`Tuple[int]`): Output channels of the strided convolutions (each followed by
+            BatchNorm and ReLU).
+        conv_kernel_sizes, conv_strides, conv_paddings (`Tuple[int]`): Their kernels, strides and paddings.
+        code_size (`int`, defaults to 256): Size of the window code made by the last convolution (which
+            spans what is left of the window) and Tanh.
+        hidden_size (`int`, defaults to 256): Size of the GRU state and of the audio embeddings.
+        num_gru_layers (`int`, defaults to 2): Layers of the GRU.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sampling_rate: int = 16000,
+        window_length: int = 3200,
+        hop_length: int = 640,
+        conv_channels: Tuple[int, ...] = (16, 32, 64, 128, 256),
+        conv_kernel_sizes: Tuple[int, ...] = (80, 4, 4, 4, 10),
+        conv_strides: Tuple[int, ...] = (16, 2, 2, 2, 5),
+        conv_paddings: Tuple[int, ...] = (32, 1, 1, 1, 3),
+        code_size: int = 256,
+        hidden_size: int = 256,
+        num_gru_layers: int = 2,
+    ):
+        super().__init__()
+        if not len(conv_channels) == len(conv_kernel_sizes) == len(conv_strides) == len(conv_paddings):
+            raise ValueError(
+                "conv_channels, conv_kernel_sizes, conv_strides and conv_paddings must have equal lengths"
+            )
+
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        channels, length = 1, window_length
+        for out_channels, kernel, stride, padding in zip(
+            conv_channels, conv_kernel_sizes, conv_strides, conv_paddings
+        ):
+            self.convs.append(nn.Conv1d(channels, out_channels, kernel, stride=stride, padding=padding))
+            self.norms.append(nn.BatchNorm1d(out_channels))
+            channels, length = out_channels, conv_output_length(length, kernel, stride, padding)
+        if length < 1:
+            raise ValueError(f"the convolution stack leaves nothing of a {window_length}-sample window")
+        # The last convolution spans the remaining length, so every window gives one code.
+        self.code_conv = nn.Conv1d(channels, code_size, length)
+        self.gru = nn.GRU(code_size, hidden_size, num_gru_layers, batch_first=True)
+
+    def num_frames(self, num_samples: int) -> int:
+        """Number of video frames (= windows) for a waveform of `num_samples` samples."""
+        cfg = self.config
+        padded = num_samples + 2 * self.padding
+        return max((padded - cfg.window_length) // cfg.hop_length + 1, 0)
+
+    @property
+    def padding(self) -> int:
+        """Zeros added on each side of the waveform before cutting windows."""
+        return (self.config.window_length - self.config.hop_length) // 2
+
+    def windows(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Cut a `(batch_size, num_samples)` waveform into `(batch_size, num_frames, window_length)` windows."""
+        padded = F.pad(waveform, (self.padding, self.padding))
+        return padded.unfold(-1, self.config.window_length, self.config.hop_length)
+
+    def encode_windows(self, windows: torch.Tensor) -> torch.Tensor:
+        """The convolution stack: `(num_windows, window_length)` → `(num_windows, code_size)`."""
+        hidden = windows[:, None]
+        for conv, norm in zip(self.convs, self.norms):
+            hidden = F.relu(norm(conv(hidden)))
+        return torch.tanh(self.code_conv(hidden)).squeeze(-1)
+
+    def forward(
+        self, waveform: torch.Tensor, return_dict: bool = True
+    ) -> Union[DiffusedHeadsAudioEncoderOutput, Tuple[torch.Tensor]]:
+        r"""
+        Args:
+            waveform (`torch.Tensor`): Mono audio at `sampling_rate` in [-1, 1], `(batch_size, num_samples)`
+                or `(num_samples,)`.
+            return_dict (`bool`, defaults to `True`): Return a [`DiffusedHeadsAudioEncoderOutput`] or a tuple.
+
+        Returns:
+            The audio embeddings, `(batch_size, num_frames, hidden_size)`, one per video frame.
+        """
+        if waveform.ndim == 1:
+            waveform = waveform[None]
+        if waveform.ndim != 2:
+            raise ValueError(f"`waveform` must have shape (batch_size, num_samples), got {tuple(waveform.shape)}")
+        if self.num_frames(waveform.shape[-1]) < 1:
+            raise ValueError(
+                f"`waveform` has {waveform.shape[-1]} samples, too short for one video frame "
+                f"(at least {self.config.window_length - 2 * self.padding} samples are needed)"
+            )
+        dtype = self.convs[0].weight.dtype
+        windows = self.windows(waveform.to(dtype))
+        batch, num_frames, _ = windows.shape
+        flat = windows.reshape(batch * num_frames, -1)
+        codes = torch.cat([self.encode_windows(chunk) for chunk in flat.split(_CONV_CHUNK)])
+        embeddings, _ = self.gru(codes.reshape(batch, num_frames, -1))
+
+        if not return_dict:
+            return (embeddings,)
+        return DiffusedHeadsAudioEncoderOutput(audio_embeddings=embeddings)

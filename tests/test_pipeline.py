@@ -1,0 +1,264 @@
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import ddpm_scheduler, speech_like, tiny_audio_encoder, tiny_pipeline, tiny_unet
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from pipeline_diffused_heads import DiffusedHeadsPipeline
+
+
+class RecordingUNet(torch.nn.Module):
+    """Delegates to a real UNet and records what every call received."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    @property
+    def config(self):
+        return self.inner.config
+
+    @property
+    def dtype(self):
+        return self.inner.dtype
+
+    @property
+    def device(self):
+        return self.inner.device
+
+    def forward(self, sample, timestep, identity_frame, motion_frames, audio_embeddings, return_dict=True):
+        self.calls.append(
+            dict(
+                t=int(timestep),
+                identity=identity_frame.clone(),
+                motion=motion_frames.clone(),
+                audio=audio_embeddings.clone(),
+            )
+        )
+        return self.inner(sample, timestep, identity_frame, motion_frames, audio_embeddings)
+
+
+class ExactNoiseUNet(ModelMixin, ConfigMixin):
+    """Predicts the exact noise of x_t for a fixed clean frame x0 (and a zero variance value)."""
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size=16,
+        in_channels=3,
+        out_channels=6,
+        motion_frame_channels=3,
+        audio_context=5,
+        audio_embedding_dim=8,
+    ):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.register_buffer(
+            "x0",
+            torch.linspace(-0.8, 0.8, in_channels * sample_size**2).reshape(1, in_channels, sample_size, sample_size),
+        )
+        self.register_buffer("alphas_cumprod", ddpm_scheduler().alphas_cumprod.clone())
+
+    def forward(self, sample, timestep, identity_frame, motion_frames, audio_embeddings, return_dict=True):
+        abar = self.alphas_cumprod[int(timestep)].double()
+        eps = (sample.double() - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        out = torch.cat([eps, torch.zeros_like(eps)], dim=1).to(sample.dtype)
+        return (out,) if not return_dict else type("Out", (), {"sample": out})()
+
+
+def run(pipe, identity, audio=None, **kwargs):
+    audio = speech_like(0.2) if audio is None else audio
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("generator", torch.Generator().manual_seed(0))
+    return pipe(identity, audio, **kwargs)
+
+
+def test_frames_shape_range_and_audio(identity_image):
+    pipe = tiny_pipeline()
+    out = run(pipe, identity_image, speech_like(0.3))
+    assert out.frames.shape == (1, (4800 + 2560 - 3200) // 640 + 1, 16, 16, 3)
+    assert out.frames.dtype == np.float32
+    assert 0.0 <= out.frames.min() and out.frames.max() <= 1.0
+    assert out.audio.shape == (1, 4800)
+
+
+def test_frame_loop_conditioning(identity_image):
+    recorder = RecordingUNet(tiny_unet())
+    pipe = tiny_pipeline(unet=recorder)
+    finals = []
+    steps = 4
+
+    def keep_final(p, step, t, kwargs):
+        if step % steps == steps - 1:
+            finals.append(kwargs["latents"].clone())
+        return kwargs
+
+    audio = speech_like(0.3)
+    out = run(
+        pipe, identity_image, audio, num_inference_steps=steps, output_type="pt", callback_on_step_end=keep_final
+    )
+    num_frames = out.frames.shape[1]
+    assert len(recorder.calls) == num_frames * steps
+    with torch.no_grad():
+        embeddings = pipe.audio_encoder(torch.from_numpy(audio)[None]).audio_embeddings
+    identity = recorder.calls[0]["identity"]
+    expected_t = [round(k * 999 / (steps - 1)) for k in range(steps)][::-1]
+    for i in range(num_frames):
+        calls = recorder.calls[i * steps : (i + 1) * steps]
+        assert [c["t"] for c in calls] == expected_t
+        window = [min(max(j, 0), num_frames - 1) for j in range(i - 2, i + 3)]
+        older = identity if i < 2 else finals[i - 2]
+        newer = identity if i < 1 else finals[i - 1]
+        for c in calls:
+            torch.testing.assert_close(c["identity"], identity)
+            torch.testing.assert_close(c["audio"], embeddings[:, window])
+            torch.testing.assert_close(c["motion"], torch.cat([older, newer], dim=1))
+    # The output is the last denoised sample of every frame, mapped from [-1, 1] to [0, 1].
+    expected = ((torch.stack(finals, dim=1) + 1) / 2).clamp(0, 1)
+    torch.testing.assert_close(out.frames, expected)
+
+
+def test_stabilize_every_puts_the_identity_back(identity_image):
+    recorder = RecordingUNet(tiny_unet())
+    pipe = tiny_pipeline(unet=recorder)
+    run(pipe, identity_image, speech_like(0.4), num_inference_steps=1, stabilize_every=3)
+    identity = recorder.calls[0]["identity"]
+    for i, call in enumerate(recorder.calls):
+        older_is_identity = torch.equal(call["motion"][:, :3], identity)
+        assert older_is_identity == (i < 2 or (i > 0 and i % 3 == 0)), i
+
+
+def test_grayscale_motion_frames(identity_image):
+    recorder = RecordingUNet(tiny_unet(motion_frame_channels=1))
+    pipe = tiny_pipeline(unet=recorder)
+    run(pipe, identity_image, num_inference_steps=1)
+    first = recorder.calls[0]
+    assert first["motion"].shape[1] == 2
+    luma = 0.2989 * first["identity"][:, 0] + 0.587 * first["identity"][:, 1] + 0.114 * first["identity"][:, 2]
+    torch.testing.assert_close(first["motion"][:, 0], luma)
+
+
+def test_same_seed_same_frames(identity_image):
+    pipe = tiny_pipeline()
+    a = run(pipe, identity_image).frames
+    b = run(pipe, identity_image).frames
+    c = run(pipe, identity_image, generator=torch.Generator().manual_seed(1)).frames
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
+
+
+SWAPS = {
+    "ddim": lambda c: DDIMScheduler.from_config(c),
+    "dpmsolver++": lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++"),
+    "unipc": lambda c: UniPCMultistepScheduler.from_config(c),
+    "euler": lambda c: EulerDiscreteScheduler.from_config(c),
+}
+
+
+@pytest.mark.parametrize("name", ["ddpm", *SWAPS])
+def test_scheduler_swaps_land_on_the_clean_frame(name, identity_image):
+    """With an exact noise predictor every scheduler must recover the clean frame."""
+    unet = ExactNoiseUNet()
+    scheduler = ddpm_scheduler() if name == "ddpm" else SWAPS[name](ddpm_scheduler().config)
+    pipe = DiffusedHeadsPipeline(unet=unet, audio_encoder=tiny_audio_encoder(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    out = run(pipe, identity_image, num_inference_steps=20, output_type="pt")
+    expected = ((unet.x0 + 1) / 2)[0]
+    assert torch.isfinite(out.frames).all()
+    assert (out.frames - expected).abs().max() < 1e-3, name
+
+
+@pytest.mark.parametrize("name", list(SWAPS))
+def test_scheduler_swaps_on_a_random_unet(name, identity_image):
+    recorder = RecordingUNet(tiny_unet())
+    pipe = tiny_pipeline(unet=recorder)
+    pipe.scheduler = SWAPS[name](pipe.scheduler.config)
+    out = run(pipe, identity_image, num_inference_steps=5)
+    assert np.isfinite(out.frames).all() and 0.0 <= out.frames.min() and out.frames.max() <= 1.0
+    assert pipe._learns_variance == (name == "dpmsolver++")
+
+
+def test_output_types(identity_image):
+    pipe = tiny_pipeline()
+    as_np = run(pipe, identity_image, output_type="np").frames
+    as_pt = run(pipe, identity_image, output_type="pt").frames
+    as_pil = run(pipe, identity_image, output_type="pil").frames
+    assert isinstance(as_pt, torch.Tensor) and as_pt.shape == (1, as_np.shape[1], 3, 16, 16)
+    np.testing.assert_allclose(as_pt.permute(0, 1, 3, 4, 2).numpy(), as_np)
+    assert len(as_pil) == 1 and len(as_pil[0]) == as_np.shape[1] and as_pil[0][0].size == (16, 16)
+    np.testing.assert_allclose(np.asarray(as_pil[0][0]) / 255.0, as_np[0, 0], atol=1 / 255)
+    frames, audio = run(pipe, identity_image, return_dict=False)
+    np.testing.assert_array_equal(frames, as_np)
+
+
+def test_identity_image_kinds_agree(identity_image):
+    pipe = tiny_pipeline()
+    from_array = run(pipe, identity_image).frames
+    from_pil = run(pipe, PIL.Image.fromarray(identity_image)).frames
+    tensor = torch.from_numpy(identity_image).permute(2, 0, 1).float() / 127.5 - 1
+    from_tensor = run(pipe, tensor).frames
+    np.testing.assert_allclose(from_pil, from_array, atol=1e-6)
+    np.testing.assert_allclose(from_tensor, from_array, atol=1e-5)
+    run(pipe, PIL.Image.fromarray(identity_image).convert("L"))
+    run(pipe, PIL.Image.fromarray(identity_image).convert("RGBA"))
+
+
+def test_batch_and_broadcast(identity_image):
+    pipe = tiny_pipeline()
+    clips = [speech_like(0.2, seed=1), speech_like(0.2, seed=2)]
+    out = run(pipe, identity_image, clips)
+    assert out.frames.shape[0] == 2 and out.audio.shape[0] == 2
+    assert np.abs(out.frames[0] - out.frames[1]).max() > 1e-4
+    out = run(pipe, [identity_image, identity_image[::-1].copy()], clips[0])
+    assert out.frames.shape[0] == 2
+
+
+def test_other_sample_rates_are_resampled(identity_image):
+    pipe = tiny_pipeline()
+    audio_8k = speech_like(0.3, rate=8000)
+    out = run(pipe, identity_image, audio_8k, sampling_rate=8000)
+    assert out.audio.shape == (1, 4800)
+    assert out.frames.shape[1] == (4800 + 2560 - 3200) // 640 + 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(output_type="latent"), "output_type"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(stabilize_every=0), "stabilize_every"),
+        (dict(sampling_rate=-1), "sampling_rate"),
+        (dict(audio=np.zeros((2, 3200), np.float32)), "1-D"),
+        (dict(audio=np.zeros(100, np.float32)), "too short"),
+        (dict(audio=np.zeros(0, np.float32)), "empty"),
+        (dict(audio=np.full(3200, np.nan, np.float32)), "NaN"),
+        (dict(audio=[np.zeros(3200, np.float32), np.zeros(3840, np.float32)]), "same length"),
+        (dict(identity=np.zeros((8, 8, 2), np.uint8)), "identity image"),
+        (dict(identity=torch.full((3, 8, 8), 200.0)), r"\[-1, 1\]"),
+        (dict(identity="face.png"), "identity_image"),
+        (dict(latents=torch.zeros(1, 1, 3, 16, 16)), "latents"),
+    ],
+)
+def test_bad_input_is_named(kwargs, message, identity_image):
+    pipe = tiny_pipeline()
+    identity = kwargs.pop("identity", identity_image)
+    audio = kwargs.pop("audio", None)
+    with pytest.raises((ValueError, TypeError), match=message):
+        run(pipe, identity, audio, **kwargs)
+
+
+def test_model_cpu_offload_path_runs(identity_image):
+    """The pipeline finds its device through accelerate's hooks (exercised on the CPU here)."""
+    pipe = tiny_pipeline()
+    expected = run(pipe, identity_image).frames
+    pipe.enable_model_cpu_offload(device="cpu")
+    np.testing.assert_allclose(run(pipe, identity_image).frames, expected, atol=1e-6)

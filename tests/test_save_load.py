@@ -1,0 +1,85 @@
+import json
+import os
+
+import numpy as np
+import torch
+from conftest import speech_like, tiny_pipeline
+from diffusers import DDIMScheduler, DiffusionPipeline
+
+from pipeline_diffused_heads import DiffusedHeadsPipeline
+
+
+def frames(pipe, identity):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(identity, speech_like(0.2), num_inference_steps=3, generator=torch.Generator().manual_seed(0)).frames
+
+
+def test_save_writes_a_self_contained_folder(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline_diffused_heads", "DiffusedHeadsPipeline"]
+    assert index["unet"] == ["unet_diffused_heads", "DiffusedHeadsUNetModel"]
+    assert index["audio_encoder"] == ["audio_encoder_diffused_heads", "DiffusedHeadsAudioEncoder"]
+    assert index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    for path in (
+        "pipeline_diffused_heads.py",
+        "unet/unet_diffused_heads.py",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors",
+        "audio_encoder/audio_encoder_diffused_heads.py",
+        "audio_encoder/diffusion_pytorch_model.safetensors",
+        "scheduler/scheduler_config.json",
+    ):
+        assert (tmp_path / path).is_file(), path
+
+
+def test_round_trips_give_identical_frames(tmp_path, identity_image):
+    pipe = tiny_pipeline()
+    expected = frames(pipe, identity_image)
+    pipe.save_pretrained(tmp_path / "a")
+
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    assert type(loaded).__name__ == "DiffusedHeadsPipeline"
+    assert type(loaded.unet).__name__ == "DiffusedHeadsUNetModel"
+    loaded_frames = frames(loaded, identity_image)
+    # Same weights; loaded tensors sit at other memory alignments, which can change the last float bit.
+    np.testing.assert_allclose(loaded_frames, expected, atol=1e-5, rtol=0)
+
+    # load -> save -> load: the remote-code classes save module names that load again.
+    loaded.save_pretrained(tmp_path / "b")
+    assert (
+        json.loads((tmp_path / "a" / "model_index.json").read_text())["unet"]
+        == json.loads((tmp_path / "b" / "model_index.json").read_text())["unet"]
+    )
+    again = DiffusionPipeline.from_pretrained(tmp_path / "b", trust_remote_code=True)
+    np.testing.assert_array_equal(frames(again, identity_image), loaded_frames)
+
+
+def test_load_with_the_local_class(tmp_path, identity_image):
+    pipe = tiny_pipeline()
+    expected = frames(pipe, identity_image)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusedHeadsPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded, DiffusedHeadsPipeline)
+    assert type(loaded.unet) is type(pipe.unet)
+    np.testing.assert_allclose(frames(loaded, identity_image), expected, atol=1e-5, rtol=0)
+
+    swapped = DiffusedHeadsPipeline.from_pretrained(
+        tmp_path, scheduler=DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    )
+    assert isinstance(swapped.scheduler, DDIMScheduler)
+    half = DiffusedHeadsPipeline.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    assert half.unet.dtype == torch.bfloat16
+
+
+def test_repository_root_is_a_model_folder_without_weights():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    index = json.loads(open(os.path.join(root, "model_index.json")).read())
+    assert index["_class_name"] == ["pipeline_diffused_heads", "DiffusedHeadsPipeline"]
+    from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+    from unet.unet_diffused_heads import DiffusedHeadsUNetModel
+
+    with torch.device("meta"):
+        for cls, folder in ((DiffusedHeadsUNetModel, "unet"), (DiffusedHeadsAudioEncoder, "audio_encoder")):
+            stored = cls.from_config(cls.load_config(os.path.join(root, folder)))
+            assert stored.to_json_string() == cls().to_json_string(), folder
