@@ -1,0 +1,231 @@
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_manifest, speech_like
+from diffusers import DiffusionPipeline
+from original_model import scripted_audio_encoder, traced_unet
+
+import convert_checkpoint
+from convert_checkpoint import convert, derive_audio_encoder_config, derive_unet_config, main
+from unet.unet_diffused_heads import DiffusedHeadsUNetModel
+
+TINY_ORIGINAL_UNET = dict(channels=16, mult=(1, 2), blocks=1, attn_levels=(1,), head_dim=8, groups=4, audio_in=40)
+TINY_ORIGINAL_ENCODER = dict(
+    channels=(4, 8), kernels=(80, 4), strides=(16, 2), paddings=(32, 1), code=8, final_kernel=100, hidden=8, layers=2
+)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("released")
+    unet = traced_unet(folder / "crema_script.pt", size=128, **TINY_ORIGINAL_UNET)
+    encoder = scripted_audio_encoder(folder / "audio_encoder.pt", **TINY_ORIGINAL_ENCODER)
+    return folder, unet, encoder
+
+
+def run_convert(released, out, **kwargs):
+    folder = released[0]
+    messages = []
+    report = convert(
+        str(folder / "crema_script.pt"), str(folder / "audio_encoder.pt"), str(out), log=messages.append, **kwargs
+    )
+    return report, messages
+
+
+def test_conversion_places_every_tensor_and_matches(released, tmp_path):
+    report, messages = run_convert(released, tmp_path / "model")
+    assert report.unet_tensors == len(released[1].state_dict())
+    assert report.audio_encoder_tensors == len(released[2].state_dict())
+    assert report.unet_config["attention_head_dim"] == 8
+    assert report.unet_config["block_out_channels"] == (16, 32)
+    assert report.unet_config["attention_levels"] == (False, True)
+    assert report.audio_encoder_config["conv_strides"] == (16, 2)
+    for name in ("unet", "audio_encoder"):
+        assert report.verification[name]["max_rel"] < 1e-5, report.verification
+    assert any("max rel diff" in m for m in messages)
+
+    out = tmp_path / "model"
+    card = (out / "README.md").read_text()
+    assert "license: cc-by-nc-sa-4.0" in card and "library_name: diffusers" in card and "2301.03396" in card
+    assert report.sha256["crema_script.pt"] in card
+    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(np.zeros((128, 128, 3), np.uint8), speech_like(0.1), num_inference_steps=2).frames
+    assert frames.shape == (1, 2, 128, 128, 3) and np.isfinite(frames).all()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temporary folders left behind"
+
+
+def test_converted_unet_equals_the_original_module(released, tmp_path):
+    """Direct parity with the (eager) original, also for a batch and other timesteps."""
+    run_convert(released, tmp_path / "model", verify=False)
+    unet = DiffusedHeadsUNetModel.from_pretrained(tmp_path / "model" / "unet").eval()
+    g = torch.Generator().manual_seed(3)
+    args = (
+        torch.randn(2, 3, 128, 128, generator=g),
+        torch.tensor([999, 0]),
+        torch.rand(2, 3, 128, 128, generator=g),
+        torch.rand(2, 6, 128, 128, generator=g),
+        torch.randn(2, 5, 8, generator=g),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(unet(*args).sample, released[1](*args), atol=1e-4, rtol=1e-4)
+
+
+def test_half_precision_is_verified_in_float32_then_cast(released, tmp_path):
+    report, _ = run_convert(released, tmp_path / "model", dtype="bfloat16")
+    assert report.verification["unet"]["max_rel"] < 1e-5
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.bfloat16}
+    encoder = load_file(tmp_path / "model" / "audio_encoder" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in encoder.values() if t.is_floating_point()} == {torch.float32}
+
+
+def test_wrong_attention_layout_fails_verification_and_writes_nothing(released, tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_checkpoint, "legacy_qkv_to_grouped", lambda t, d: t)
+    monkeypatch.setattr(convert_checkpoint, "attention_head_dim_from_module", lambda *a: 8)
+    with pytest.raises(convert_checkpoint.ConversionError, match="verification failed for unet"):
+        run_convert(released, tmp_path / "model")
+    assert os.listdir(tmp_path) == []
+
+
+def test_config_from_the_full_crema_manifest_equals_the_defaults():
+    state = {key: torch.empty(shape, device="meta") for key, shape in read_manifest("crema_unet_state_dict.tsv")}
+    encoder_state = {
+        key: torch.empty(shape, device="meta") for key, shape in read_manifest("audio_encoder_state_dict.tsv")
+    }
+    encoder_config = derive_audio_encoder_config(encoder_state)
+    config = derive_unet_config(state, audio_embedding_dim=encoder_config["hidden_size"])
+    with torch.device("meta"):
+        default = DiffusedHeadsUNetModel()
+        derived = DiffusedHeadsUNetModel(**config)
+    assert derived.to_json_string() == default.to_json_string()
+    from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+
+    assert DiffusedHeadsAudioEncoder(**encoder_config).to_json_string() == DiffusedHeadsAudioEncoder().to_json_string()
+    # Every released tensor lands in exactly one tensor of the same size.
+    converted = convert_checkpoint.convert_unet_state_dict(state, config)
+    assert len(converted) == len(state) == 324
+    expected = {k: tuple(v.shape) for k, v in default.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in converted.items()} == expected
+
+
+def test_push_to_hub_sends_the_folder_to_the_repository(released, tmp_path):
+    class FakeApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, **kwargs):
+            self.calls.append(("create_repo", kwargs))
+            return type("RepoUrl", (), {"url": f"https://huggingface.co/{kwargs['repo_id']}"})()
+
+        def upload_folder(self, **kwargs):
+            self.calls.append(("upload_folder", kwargs, sorted(os.listdir(kwargs["folder_path"]))))
+
+    api = FakeApi()
+    _, messages = run_convert(
+        released, tmp_path / "model", push_to_hub="someone/diffused-heads", private=True, hub_api=api, verify=False
+    )
+    assert api.calls[0] == ("create_repo", {"repo_id": "someone/diffused-heads", "private": True, "exist_ok": True})
+    name, kwargs, files = api.calls[1]
+    assert name == "upload_folder" and kwargs["repo_id"] == "someone/diffused-heads"
+    assert kwargs["folder_path"] == str(tmp_path / "model")
+    assert "model_index.json" in files and "unet" in files and "README.md" in files
+    assert "https://huggingface.co/someone/diffused-heads" in messages[-1]
+    assert "someone/diffused-heads" in (tmp_path / "model" / "README.md").read_text()
+
+
+def _cli(released, out, unet=None, encoder=None, extra=()):
+    folder = released[0]
+    return main(
+        [
+            "--unet",
+            str(unet or folder / "crema_script.pt"),
+            "--audio-encoder",
+            str(encoder or folder / "audio_encoder.pt"),
+            "--output-dir",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def _bad_file(tmp_path, kind, released):
+    path = tmp_path / f"{kind}.pt"
+    if kind == "random":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"time_embed.fc.0.weight": [1, 2, 3]}))
+    elif kind == "torch_save":
+        buffer = io.BytesIO()
+        torch.save({"weight": torch.zeros(3)}, buffer)
+        path.write_bytes(buffer.getvalue())
+    elif kind == "truncated":
+        data = (released[0] / "crema_script.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    return path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "file not found"),
+        ("random", "not a TorchScript archive"),
+        ("pickle", "not a TorchScript archive"),
+        ("empty", "not a TorchScript archive"),
+        ("torch_save", "not TorchScript"),
+        ("truncated", "not a TorchScript archive"),
+        ("swapped", "speech encoder, not the UNet"),
+    ],
+)
+def test_bad_source_files_give_one_line_errors(case, message, released, tmp_path, capsys):
+    if case == "missing":
+        unet = tmp_path / "nowhere.pt"
+    elif case == "swapped":
+        unet = released[0] / "audio_encoder.pt"
+    else:
+        unet = _bad_file(tmp_path, case, released)
+    out = tmp_path / "out"
+    assert _cli(released, out, unet=unet) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_existing_output_needs_overwrite(released, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert _cli(released, out, extra=["--no-verify"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()
+    assert _cli(released, out, extra=["--no-verify", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model_index.json").exists()
+    assert json.loads((out / "model_index.json").read_text())["unet"] == [
+        "unet_diffused_heads",
+        "DiffusedHeadsUNetModel",
+    ]
+
+
+def test_unwritable_output_is_reported(released, tmp_path, capsys):
+    assert _cli(released, tmp_path / "no" / "such" / "parent", extra=["--no-verify"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere")
+        assert _cli(released, locked / "out", extra=["--no-verify"]) == 1
+        assert "cannot write" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
