@@ -1,0 +1,256 @@
+#!/usr/bin/env python
+"""Make a talking-head video from one face image (or video) and a speech recording.
+
+python generate.py --image face.png --audio speech.m4a --model ./diffused-heads-crema --output out.mp4
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import PIL.Image
+import PIL.ImageDraw
+import torch
+from tqdm.auto import tqdm
+
+from media import (
+    SAMPLING_RATE,
+    MediaError,
+    export_to_video_with_audio,
+    load_audio,
+    load_identity_frame,
+    save_frames,
+)
+
+SCHEDULERS = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Generate a talking-head video (25 fps, H.264 + AAC) with the Diffused Heads pipeline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--image", help="identity image (PNG, JPEG, WebP, BMP) or video; default: a built-in drawing")
+    parser.add_argument(
+        "--audio", help="speech: wav, flac, ogg, mp3, m4a/aac or the audio of a video; default: built-in"
+    )
+    parser.add_argument("--output", default="output.mp4", help="the .mp4 file to write")
+    parser.add_argument("--model", help="model folder or Hub id (made by convert_checkpoint.py); default: built-in")
+    parser.add_argument(
+        "--steps", type=int, help="denoising steps per frame (default: 100; 10 for the built-in model)"
+    )
+    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm", help="ddpm reproduces the original")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="UNet precision")
+    parser.add_argument(
+        "--stabilize-every",
+        type=int,
+        metavar="N",
+        help="every N frames put the identity frame back as motion frame (limits drift; try 15)",
+    )
+    parser.add_argument("--frame", type=int, help="with a video as --image: the frame to use (default 0)")
+    parser.add_argument("--random-frame", action="store_true", help="with a video as --image: a random frame")
+    parser.add_argument(
+        "--resize",
+        choices=("crop", "stretch"),
+        default="crop",
+        help="non-square images: centre-crop, or stretch as the original did",
+    )
+    parser.add_argument("--start", type=float, default=0.0, help="start of the audio part to use, in seconds")
+    parser.add_argument("--duration", type=float, help="length of the audio part to use, in seconds")
+    parser.add_argument("--size", type=int, default=256, help="output frame size in pixels (the model makes 128)")
+    parser.add_argument("--save-frames", metavar="DIR", help="also save the frames as PNG files in DIR")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return parser.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------------
+# Built-in inputs and model
+
+
+def builtin_identity(size=128) -> PIL.Image.Image:
+    """A simple drawn face on the green background of the training data."""
+    image = PIL.Image.new("RGB", (size, size), (0, 177, 64))
+    draw = PIL.ImageDraw.Draw(image)
+    c = size / 2
+    draw.ellipse([c - 34, c - 44, c + 34, c + 46], fill=(224, 172, 140))
+    draw.pieslice([c - 36, c - 50, c + 36, c + 6], 180, 360, fill=(70, 45, 30))
+    for dx in (-14, 14):
+        draw.ellipse([c + dx - 5, c - 10, c + dx + 5, c - 4], fill=(255, 255, 255))
+        draw.ellipse([c + dx - 2, c - 9, c + dx + 2, c - 5], fill=(40, 30, 20))
+    draw.ellipse([c - 12, c + 20, c + 12, c + 27], fill=(150, 60, 60))
+    return image
+
+
+def builtin_speech(seconds=2.0, rate=SAMPLING_RATE) -> np.ndarray:
+    """Syllable-like sounds: a voiced tone with formant-like harmonics under a 4 Hz syllable envelope."""
+    t = np.arange(int(seconds * rate)) / rate
+    pitch = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
+    phase = 2 * np.pi * np.cumsum(pitch) / rate
+    voice = sum(np.sin(k * phase) * np.exp(-((k * 120 - 700) ** 2) / 2e5) for k in range(1, 30))
+    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 2
+    return (0.3 * voice / np.abs(voice).max() * envelope).astype(np.float32)
+
+
+def builtin_pipeline():
+    """A small randomly initialised pipeline, so the tool runs end to end without downloaded weights."""
+    from diffusers import DDPMScheduler
+
+    from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+    from pipeline_diffused_heads import DiffusedHeadsPipeline
+    from unet.unet_diffused_heads import DiffusedHeadsUNetModel
+
+    root = os.path.dirname(os.path.abspath(__file__))
+    torch.manual_seed(0)
+    unet = DiffusedHeadsUNetModel(
+        block_out_channels=(32, 64, 64),
+        attention_levels=(False, False, True),
+        attention_head_dim=32,
+        layers_per_block=1,
+        norm_num_groups=8,
+        audio_embedding_dim=256,
+    )
+    encoder = DiffusedHeadsAudioEncoder()
+    scheduler = DDPMScheduler.from_pretrained(os.path.join(root, "scheduler"))
+    return DiffusedHeadsPipeline(unet=unet.eval(), audio_encoder=encoder.eval(), scheduler=scheduler)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def make_scheduler(name: str, config):
+    import diffusers
+
+    if name == "ddpm":
+        return diffusers.DDPMScheduler.from_config(config)
+    if name == "ddim":
+        return diffusers.DDIMScheduler.from_config(config)
+    if name == "dpmsolver":
+        return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    if name == "unipc":
+        return diffusers.UniPCMultistepScheduler.from_config(config)
+    return diffusers.EulerDiscreteScheduler.from_config(config)
+
+
+def check_output(args):
+    if os.path.splitext(args.output)[1].lower() != ".mp4":
+        raise UsageError(f"--output must end in .mp4, got {args.output}")
+    if os.path.exists(args.output) and not args.overwrite:
+        raise UsageError(f"--output {args.output} exists; pass --overwrite to replace it")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise UsageError(f"--output: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"--output: cannot write in {folder}")
+    if args.steps is not None and args.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
+    if args.stabilize_every is not None and args.stabilize_every < 1:
+        raise UsageError(f"--stabilize-every must be at least 1, got {args.stabilize_every}")
+    if args.size < 16 or args.size % 2:
+        raise UsageError(f"--size must be an even number of at least 16, got {args.size}")
+
+
+def load_pipeline(args, device, dtype):
+    if args.model is None:
+        print(
+            "note: no --model given and no trained built-in model ships yet: using a small RANDOMLY "
+            "INITIALISED pipeline, so the video shows noise, not a talking face. Convert the released "
+            "weights with convert_checkpoint.py and pass --model DIR.",
+            file=sys.stderr,
+        )
+        pipe = builtin_pipeline()
+        if dtype != torch.float32:
+            torch.nn.Module.to(pipe.unet, dtype)
+    else:
+        from pipeline_diffused_heads import DiffusedHeadsPipeline
+
+        try:
+            pipe = DiffusedHeadsPipeline.from_pretrained(args.model, torch_dtype=dtype)
+        except Exception as error:  # diffusers raises several kinds for a missing or broken folder
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise UsageError(f"--model {args.model} could not be loaded: {message}") from None
+        torch.nn.Module.to(pipe.audio_encoder, torch.float32)  # small, runs once per clip
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    return pipe.to(device)
+
+
+def run(args) -> str:
+    check_output(args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
+    if device == "cpu" and args.dtype == "float16":
+        raise UsageError("--dtype float16 needs a GPU; use float32 or bfloat16 on the CPU")
+    started = time.perf_counter()
+
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    if args.image:
+        identity = load_identity_frame(
+            args.image, frame=args.frame, random_frame=args.random_frame, resize=args.resize, seed=args.seed, log=log
+        )
+    else:
+        if args.frame is not None or args.random_frame:
+            raise UsageError("--frame and --random-frame need a video as --image")
+        log("note: no --image given: using the built-in drawn face")
+        identity = builtin_identity()
+    if args.audio:
+        audio = load_audio(args.audio, start=args.start, duration=args.duration, log=log)
+    else:
+        log("note: no --audio given: using built-in syllable-like sounds")
+        audio = builtin_speech()
+
+    pipe = load_pipeline(args, device, DTYPES[args.dtype])
+    if args.steps is None:
+        args.steps = 10 if args.model is None else 100
+    pipe.set_progress_bar_config(disable=True)
+    num_frames = pipe.audio_encoder.num_frames(len(audio))
+    bar = tqdm(total=num_frames * args.steps, unit="step", desc="generating", dynamic_ncols=True)
+
+    def on_step(pipeline, step, timestep, callback_kwargs):
+        bar.set_description(f"frame {step // args.steps + 1}/{num_frames}", refresh=False)
+        bar.update()
+        return callback_kwargs
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    with bar:
+        output = pipe(
+            identity,
+            audio,
+            sampling_rate=SAMPLING_RATE,
+            num_inference_steps=args.steps,
+            stabilize_every=args.stabilize_every,
+            generator=generator,
+            callback_on_step_end=on_step,
+        )
+    frames = output.frames[0]
+    export_to_video_with_audio(frames, output.audio[0], args.output, size=args.size, overwrite=args.overwrite)
+    if args.save_frames:
+        save_frames(frames, args.save_frames, size=args.size)
+    seconds = time.perf_counter() - started
+    print(f"Wrote {args.output} ({len(frames)} frames, {len(frames) / 25:.2f} s of video) in {seconds:.1f} s")
+    return args.output
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, MediaError, ValueError, FileExistsError, FileNotFoundError, PermissionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

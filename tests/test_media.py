@@ -1,0 +1,324 @@
+import os
+import subprocess
+import sys
+from fractions import Fraction
+
+import av
+import numpy as np
+import PIL.Image
+import pytest
+import soundfile
+
+import generate
+from media import MediaError, export_to_video_with_audio, load_audio, load_identity_frame, save_frames
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def sine(rate, seconds=1.0, freq=440.0, channels=1):
+    t = np.arange(int(rate * seconds)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.stack([wave] * channels, axis=1).astype(np.float32)
+
+
+def write_with_av(path, samples, rate, codec, container_format=None, with_video=False):
+    with av.open(str(path), mode="w", format=container_format) as container:
+        if with_video:
+            video = container.add_stream("libx264", rate=Fraction(25))
+            video.width = video.height = 32
+            video.pix_fmt = "yuv420p"
+        stream = container.add_stream(codec, rate=rate)
+        stream.layout = "stereo" if samples.shape[1] == 2 else "mono"
+        if with_video:
+            for i in range(int(25 * len(samples) / rate)):
+                image = np.full((32, 32, 3), i * 5 % 255, np.uint8)
+                for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                    container.mux(packet)
+            for packet in video.encode():
+                container.mux(packet)
+        planar = np.ascontiguousarray(samples.T)
+        fmt = stream.codec_context.format.name
+        for offset in range(0, len(samples), 1024):
+            piece = planar[:, offset : offset + 1024]
+            if not fmt.endswith("p"):
+                piece = np.ascontiguousarray(piece.T).reshape(1, -1)
+            piece = (piece * 32767).astype(np.int16) if fmt.startswith("s16") else piece.astype(np.float32)
+            frame = av.AudioFrame.from_ndarray(piece, format=fmt, layout=stream.layout.name)
+            frame.sample_rate, frame.pts = rate, offset
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+def dominant(x, rate=16000):
+    spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
+    return np.argmax(spectrum) * rate / len(x)
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000])
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("kind", ["wav", "flac", "ogg", "mp3", "m4a", "mp4", "webm"])
+def test_audio_formats_rates_and_channels(kind, rate, channels, tmp_path):
+    if kind == "webm" and rate not in (8000, 48000):
+        pytest.skip("Opus in WebM takes 8, 12, 16, 24 or 48 kHz")
+    path = tmp_path / f"clip.{kind}"
+    samples = sine(rate, channels=channels)
+    if kind in ("wav", "flac", "ogg", "mp3"):
+        subtype = {"ogg": "VORBIS", "mp3": "MPEG_LAYER_III"}.get(kind)
+        soundfile.write(path, samples, rate, subtype=subtype)
+    elif kind == "m4a":
+        write_with_av(path, samples, rate, "aac", "mp4")
+    elif kind == "mp4":
+        write_with_av(path, samples, rate, "aac", "mp4", with_video=True)
+    else:
+        write_with_av(path, samples, rate, "libopus", "webm")
+    audio = load_audio(str(path), log=lambda m: None)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    # Lossy codecs add priming samples; the length stays within 0.1 s of one second.
+    assert abs(len(audio) - 16000) <= 1600
+    assert abs(dominant(audio[2000:-2000]) - 440) <= 3
+    assert 0.25 < np.abs(audio[4000:12000]).max() < 0.75
+
+
+def test_start_duration_and_warnings(tmp_path):
+    path = tmp_path / "long.wav"
+    soundfile.write(path, sine(16000, seconds=10.0), 16000)
+    messages = []
+    part = load_audio(str(path), start=1.0, duration=0.5, log=messages.append)
+    assert len(part) == 8000 and not messages
+    load_audio(str(path), log=messages.append)
+    assert any("stabilize-every" in m for m in messages)
+    silent = tmp_path / "silent.wav"
+    soundfile.write(silent, np.zeros((16000, 1), np.float32), 16000)
+    messages.clear()
+    assert len(load_audio(str(silent), log=messages.append)) == 16000
+    assert any("silent" in m for m in messages)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        (b"", "empty"),
+        (b"just some text, not audio\n" * 20, "could not be read"),
+        ("short", "too short"),
+        ("image", "no audio stream|could not be read"),
+    ],
+)
+def test_bad_audio(content, message, tmp_path):
+    path = tmp_path / "audio.wav"
+    if content == "short":
+        soundfile.write(path, np.zeros((300, 1), np.float32), 16000)
+    elif content == "image":
+        path = tmp_path / "face.png"
+        PIL.Image.new("RGB", (16, 16)).save(path)
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(MediaError, match=message):
+        load_audio(str(path), log=lambda m: None)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "LA", "I;16"])
+@pytest.mark.parametrize("ext", ["png", "jpg", "webp", "bmp"])
+def test_identity_frame_modes_and_formats(mode, ext, tmp_path):
+    if (ext in ("jpg", "bmp") and mode in ("RGBA", "LA", "I;16")) or (ext == "jpg" and mode == "P"):
+        pytest.skip("format does not store this mode")
+    if ext == "webp" and mode in ("P", "LA", "I;16"):
+        pytest.skip("format does not store this mode")
+    image = (
+        PIL.Image.new("RGB", (60, 40), (200, 120, 80)).convert(mode)
+        if mode != "I;16"
+        else PIL.Image.new("I;16", (60, 40), 3000)
+    )
+    path = tmp_path / f"face.{ext}"
+    image.save(path)
+    messages = []
+    frame = load_identity_frame(str(path), log=messages.append)
+    assert frame.mode == "RGB" and frame.size == (40, 40)
+    assert any("centre-cropped" in m for m in messages)
+    assert load_identity_frame(str(path), resize="stretch", log=messages.append).size == (60, 40)
+
+
+def test_transparent_pixels_become_the_training_background(tmp_path):
+    path = tmp_path / "cutout.png"
+    PIL.Image.new("RGBA", (20, 20), (255, 0, 0, 0)).save(path)
+    assert load_identity_frame(str(path)).getpixel((5, 5)) == (0, 177, 64)
+
+
+def test_exif_orientation_is_honoured(tmp_path):
+    image = PIL.Image.new("RGB", (40, 20), (255, 255, 255))
+    image.paste((0, 0, 0), (0, 0, 20, 20))  # left half black
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    image.save(path, exif=exif)
+    frame = load_identity_frame(str(path), resize="stretch")
+    assert frame.size == (20, 40)
+    assert sum(frame.getpixel((10, 5))) < 100 and sum(frame.getpixel((10, 35))) > 600
+
+
+def test_identity_frame_from_a_video(tmp_path):
+    path = tmp_path / "clip.mp4"
+    frames = np.stack([np.full((32, 32, 3), v, np.uint8) for v in (20, 120, 220)]).astype(np.float32) / 255
+    export_to_video_with_audio(frames, None, str(path), size=None)
+    assert abs(np.asarray(load_identity_frame(str(path))).mean() - 20) < 8
+    assert abs(np.asarray(load_identity_frame(str(path), frame=2)).mean() - 220) < 8
+    a = load_identity_frame(str(path), random_frame=True, seed=3)
+    b = load_identity_frame(str(path), random_frame=True, seed=3)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(MediaError, match="no frame 9"):
+        load_identity_frame(str(path), frame=9)
+    audio_only = tmp_path / "sound.m4a"
+    write_with_av(audio_only, sine(16000), 16000, "aac", "mp4")
+    with pytest.raises(MediaError):
+        load_identity_frame(str(audio_only))
+
+
+def test_video_written_and_read_back(tmp_path):
+    path = tmp_path / "out.mp4"
+    rng = np.random.RandomState(0)
+    frames = rng.rand(30, 16, 16, 3).astype(np.float32)
+    audio = sine(16000, seconds=1.3)[:, 0]
+    export_to_video_with_audio(frames, audio, str(path), size=64)
+    with av.open(str(path)) as container:
+        video, sound = container.streams.video[0], container.streams.audio[0]
+        assert video.codec_context.name == "h264" and video.codec_context.pix_fmt == "yuv420p"
+        assert video.average_rate == 25 and (video.width, video.height) == (64, 64)
+        decoded = sum(1 for _ in container.decode(video))
+        assert decoded == 30
+        assert sound.codec_context.name == "aac"
+        duration = float(sound.duration * sound.time_base)
+        assert abs(duration - 30 / 25) <= 1 / 25 + 0.03
+    assert [p for p in os.listdir(tmp_path)] == ["out.mp4"]
+    with pytest.raises(FileExistsError):
+        export_to_video_with_audio(frames, audio, str(path))
+    paths = save_frames(frames[:3], str(tmp_path / "png"))
+    assert len(paths) == 3 and PIL.Image.open(paths[0]).size == (16, 16)
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    with pytest.raises(ValueError):
+        export_to_video_with_audio(np.zeros((2, 15, 15, 3), np.float32), None, str(tmp_path / "x.mp4"), size=None)
+    assert os.listdir(tmp_path) == []
+
+
+# --- the command-line tool ---
+
+
+@pytest.fixture
+def tiny_model(tmp_path_factory):
+    from conftest import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("model")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def cli(*args):
+    return generate.main([str(a) for a in args])
+
+
+def test_cli_end_to_end_on_a_tiny_model(tiny_model, tmp_path, capsys):
+    image, sound, out = tmp_path / "face.png", tmp_path / "speech.flac", tmp_path / "out.mp4"
+    PIL.Image.new("RGB", (50, 40), (200, 150, 120)).save(image)
+    soundfile.write(sound, sine(44100, seconds=0.5, channels=2), 44100)
+    code = cli(
+        "--image",
+        image,
+        "--audio",
+        sound,
+        "--model",
+        tiny_model,
+        "--output",
+        out,
+        "--steps",
+        2,
+        "--scheduler",
+        "ddim",
+        "--save-frames",
+        tmp_path / "frames",
+        "--size",
+        64,
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert f"Wrote {out}" in captured.out
+    with av.open(str(out)) as container:
+        frames = (8000 + 2560 - 3200) // 640 + 1  # 0.5 s of audio at 16 kHz
+        assert container.streams.video[0].frames == frames and container.streams.audio
+    assert len(os.listdir(tmp_path / "frames")) == frames
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        ("missing_image", "identity image not found"),
+        ("audio_as_image", "not an image or video"),
+        ("text_as_audio", "could not be read"),
+        ("empty_audio", "empty"),
+        ("exists", "exists"),
+        ("bad_folder", "does not exist"),
+        ("bad_model", "could not be loaded"),
+        ("not_mp4", "must end in .mp4"),
+    ],
+)
+def test_cli_bad_input(setup, message, tiny_model, tmp_path, capsys):
+    image, sound, out = tmp_path / "face.png", tmp_path / "speech.wav", tmp_path / "out.mp4"
+    PIL.Image.new("RGB", (40, 40)).save(image)
+    soundfile.write(sound, sine(16000, seconds=0.2), 16000)
+    model = tiny_model
+    if setup == "missing_image":
+        image = tmp_path / "nope.png"
+    elif setup == "audio_as_image":
+        image = sound
+    elif setup == "text_as_audio":
+        sound = tmp_path / "notes.txt"
+        sound.write_text("hello\n" * 50)
+    elif setup == "empty_audio":
+        sound = tmp_path / "empty.wav"
+        sound.write_bytes(b"")
+    elif setup == "exists":
+        out.write_bytes(b"old")
+    elif setup == "bad_folder":
+        out = tmp_path / "missing" / "out.mp4"
+    elif setup == "bad_model":
+        model = tmp_path / "no-model"
+    elif setup == "not_mp4":
+        out = tmp_path / "out.avi"
+    code = cli("--image", image, "--audio", sound, "--model", model, "--output", out, "--steps", 1)
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    if setup == "exists":
+        assert out.read_bytes() == b"old"
+    else:
+        assert not out.exists()
+
+
+def test_cli_help_documents_every_option():
+    result = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0
+    for option in (
+        "--image",
+        "--audio",
+        "--output",
+        "--model",
+        "--steps",
+        "--scheduler",
+        "--seed",
+        "--device",
+        "--dtype",
+        "--stabilize-every",
+        "--frame",
+        "--random-frame",
+        "--resize",
+        "--start",
+        "--duration",
+        "--size",
+        "--save-frames",
+        "--overwrite",
+    ):
+        assert option in result.stdout
