@@ -90,7 +90,7 @@ def builtin_identity(size=128) -> PIL.Image.Image:
     return image
 
 
-def builtin_speech(seconds=2.0, rate=SAMPLING_RATE) -> np.ndarray:
+def builtin_speech(seconds=1.6, rate=SAMPLING_RATE) -> np.ndarray:
     """Syllable-like sounds: a voiced tone with formant-like harmonics under a 4 Hz syllable envelope."""
     t = np.arange(int(seconds * rate)) / rate
     pitch = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
