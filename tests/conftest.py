@@ -10,6 +10,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from diffusers import DDPMScheduler  # noqa: E402
+from original_model import randomize_  # noqa: E402,F401  (shared: gives weights non-trivial values)
 
 from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder  # noqa: E402
 from pipeline_diffused_heads import DiffusedHeadsPipeline  # noqa: E402
@@ -46,19 +47,6 @@ def read_manifest(name):
             key, shape = line.rstrip("\n").split("\t")
             rows.append((key, () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))))
     return rows
-
-
-def randomize_(module, seed=0, scale=0.2):
-    """Give every parameter and norm statistic non-trivial random values (in place)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point():
-                values = torch.randn(tensor.shape, generator=generator) * scale
-                if name.endswith("running_var"):
-                    values = values.abs() + 0.5
-                tensor.copy_(values)
-    return module
 
 
 def tiny_unet(seed=0, **overrides):
