@@ -277,7 +277,8 @@ def convert_unet_state_dict(state: Dict[str, torch.Tensor], config: dict) -> Dic
     return converted
 
 
-def build_unet(state: Dict[str, torch.Tensor], config: dict) -> DiffusedHeadsUNetModel:
+def build_unet(state: Dict[str, torch.Tensor], config: dict) -> Tuple[DiffusedHeadsUNetModel, int]:
+    """The converted UNet and the number of source tensors placed in it."""
     converted = convert_unet_state_dict(state, config)
     with torch.device("meta"):
         model = DiffusedHeadsUNetModel(**config)
@@ -289,7 +290,7 @@ def build_unet(state: Dict[str, torch.Tensor], config: dict) -> DiffusedHeadsUNe
         details += [f"wrong shape: {', '.join(wrong[:8])}"] if wrong else []
         raise ConversionError(f"--unet: the file does not fit the derived configuration ({'; '.join(details)})")
     model.load_state_dict({k: v.contiguous() for k, v in converted.items()}, assign=True)
-    return model.eval()
+    return model.eval(), len(converted)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +371,8 @@ def convert_audio_encoder_state_dict(state: Dict[str, torch.Tensor], config: dic
     return converted
 
 
-def build_audio_encoder(state, config) -> DiffusedHeadsAudioEncoder:
+def build_audio_encoder(state, config) -> Tuple[DiffusedHeadsAudioEncoder, int]:
+    """The converted audio encoder and the number of source tensors placed in it."""
     converted = convert_audio_encoder_state_dict(state, config)
     model = DiffusedHeadsAudioEncoder(**config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -382,7 +384,7 @@ def build_audio_encoder(state, config) -> DiffusedHeadsAudioEncoder:
             f"unexpected or wrong shape: {wrong[:8]})"
         )
     model.load_state_dict(converted)
-    return model.eval()
+    return model.eval(), len(converted)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,7 +428,7 @@ def attention_head_dim_from_module(module: torch.jit.ScriptModule, state, config
         return None
     candidates = [config["attention_head_dim"]] + [d for d in range(1, channels + 1) if channels % d == 0]
     for head_dim in dict.fromkeys(candidates):
-        if channels % head_dim or (channels // head_dim) * head_dim != channels:
+        if channels % head_dim:
             continue
         block = AttentionBlock(channels, head_dim, config["norm_num_groups"])
         weights = {
@@ -599,10 +601,8 @@ def convert(
         unet_config["attention_head_dim"] = head_dim
     report.unet_config, report.audio_encoder_config = unet_config, encoder_config
 
-    unet = build_unet(unet_state, unet_config)
-    audio_encoder = build_audio_encoder(encoder_state, encoder_config)
-    report.unet_tensors = len(unet_state)
-    report.audio_encoder_tensors = len(encoder_state)
+    unet, report.unet_tensors = build_unet(unet_state, unet_config)
+    audio_encoder, report.audio_encoder_tensors = build_audio_encoder(encoder_state, encoder_config)
     log(
         f"Placed {report.unet_tensors}/{len(unet_state)} UNet tensors "
         f"({sum(p.numel() for p in unet.parameters()):,} parameters) and "

@@ -83,7 +83,7 @@ def _video_frame(path: str, frame: Optional[int], random_frame: bool, seed: Opti
             wanted, count = frame or 0, 0
             for decoded in container.decode(stream):
                 if count == wanted:
-                    return decoded.to_image()
+                    return decoded.to_image().convert("RGB")
                 count += 1
             raise MediaError(f"{path} has no frame {wanted} (it has {count} frames)")
     except av.FFmpegError as error:
@@ -128,7 +128,7 @@ def load_identity_frame(
                 raise ValueError("frame and random_frame apply to videos only")
     if min(image.size) < 8:
         raise MediaError(f"the identity image {path} is too small ({image.size[0]}x{image.size[1]})")
-    return _square(_to_rgb(image), resize, log)
+    return _square(image, resize, log)
 
 
 # --------------------------------------------------------------------------------------------------
