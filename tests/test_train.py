@@ -1,0 +1,287 @@
+"""The training objective, the batch assembly and the training script (tiny models, generated clips)."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_ENCODER, TINY_UNET, tiny_pipeline
+from diffusers import DDPMScheduler
+from safetensors.torch import load_file
+from scipy.stats import norm
+
+import make_synthetic_dataset
+import train_diffused_heads as train
+from train_diffused_heads import Clip, DiffusionObjective, audio_windows, mouth_masks, sample_batch
+from unet.unet_diffused_heads import DiffusedHeadsUNetModel
+
+T = 1000
+
+
+def cosine_betas_reference(num_steps=T, max_beta=0.999):
+    """The squared-cosine schedule written out from its definition (Nichol & Dhariwal 2021)."""
+    alpha_bar = lambda s: math.cos((s / num_steps + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return np.array([min(1 - alpha_bar(i + 1) / alpha_bar(i), max_beta) for i in range(num_steps)])
+
+
+def vlb_reference(eps, v, x0, xt, t, betas):
+    """One sample's bound term in bits/dim, in float64 numpy, from the closed forms of q and p."""
+    alphas_bar = np.cumprod(1 - betas)
+    abar_t = alphas_bar[t]
+    abar_prev = alphas_bar[t - 1] if t > 0 else 1.0
+    post_var = lambda k: betas[k] * (1 - (alphas_bar[k - 1] if k > 0 else 1.0)) / (1 - alphas_bar[k])  # noqa: E731
+    log_post_var = math.log(post_var(t) if t > 0 else post_var(1))
+    # Posterior q(x_{t-1} | x_t, x_0) and the model's mean from the predicted x_0.
+    c0 = math.sqrt(abar_prev) * betas[t] / (1 - abar_t)
+    ct = math.sqrt(1 - betas[t]) * (1 - abar_prev) / (1 - abar_t)
+    x0_hat = (xt - math.sqrt(1 - abar_t) * eps) / math.sqrt(abar_t)
+    mu_q, mu_p = c0 * x0 + ct * xt, c0 * x0_hat + ct * xt
+    log_var_p = (v + 1) / 2 * math.log(betas[t]) + (1 - v) / 2 * log_post_var
+    if t > 0:
+        var_q, var_p = math.exp(log_post_var), np.exp(log_var_p)
+        kl = 0.5 * (np.log(var_p / var_q) + (var_q + (mu_q - mu_p) ** 2) / var_p - 1)
+        return kl.mean() / math.log(2)
+    std = np.exp(0.5 * log_var_p)
+    upper, lower = (x0 + 1 / 255 - mu_p) / std, (x0 - 1 / 255 - mu_p) / std
+    log_prob = np.where(
+        x0 < -0.999,
+        norm.logcdf(upper),
+        np.where(x0 > 0.999, norm.logsf(lower), np.log(np.maximum(norm.cdf(upper) - norm.cdf(lower), 1e-12))),
+    )
+    return -log_prob.mean() / math.log(2)
+
+
+def scheduler():
+    return DDPMScheduler(beta_schedule="squaredcos_cap_v2", variance_type="learned_range")
+
+
+def test_schedule_matches_definition():
+    np.testing.assert_allclose(scheduler().betas.double().numpy(), cosine_betas_reference(), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("t", [0, 1, 17, 500, 999])
+def test_vlb_matches_restatement(t):
+    # The schedule's float32 betas are the ones training uses (their precision is checked above).
+    betas = scheduler().betas.double().numpy()
+    objective = DiffusionObjective(scheduler())
+    g = torch.Generator().manual_seed(t)
+    x0 = (torch.rand(2, 3, 6, 6, generator=g) * 2 - 1).round(decimals=2)
+    x0[0, 0, 0, :2] = torch.tensor([-1.0, 1.0])  # the two edge bins of the decoder likelihood
+    noise = torch.randn(2, 3, 6, 6, generator=g)
+    timesteps = torch.full((2,), t)
+    xt = objective.add_noise(x0, noise, timesteps)
+    eps = noise + 0.3 * torch.randn(2, 3, 6, 6, generator=g)
+    v = torch.rand(2, 3, 6, 6, generator=g) * 2 - 1
+    terms = objective.vlb_terms(torch.cat([eps, v], 1).double(), x0.double(), xt.double(), timesteps)
+    for i in range(2):
+        expected = vlb_reference(
+            eps[i].double().numpy(), v[i].double().numpy(), x0[i].double().numpy(), xt[i].double().numpy(), t, betas
+        )
+        assert terms[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_vlb_trains_only_the_variance():
+    objective = DiffusionObjective(scheduler())
+    x0 = torch.rand(2, 3, 4, 4) * 2 - 1
+    noise = torch.randn_like(x0)
+    timesteps = torch.tensor([3, 400])
+    output = torch.randn(2, 6, 4, 4, requires_grad=True)
+    objective.vlb_terms(output, x0, objective.add_noise(x0, noise, timesteps), timesteps).sum().backward()
+    assert output.grad[:, :3].abs().max() == 0
+    assert output.grad[:, 3:].abs().max() > 0
+
+
+def test_loss_weights_and_lip_term():
+    objective = DiffusionObjective(scheduler(), vlb_weight=0.5, lip_weight=2.0)
+    x0 = torch.zeros(1, 3, 8, 8)
+    noise = torch.zeros(1, 3, 8, 8)
+    output = torch.zeros(1, 6, 8, 8)
+    output[:, :3, 2:4, 2:4] = 1.0  # an error of 1 inside the mouth box only
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 2:4, 2:4] = 1
+    timesteps = torch.tensor([10])
+    losses = objective(output, noise, x0, objective.add_noise(x0, noise, timesteps), timesteps, mask)
+    assert losses["simple"].item() == pytest.approx(4 / 64)
+    assert losses["lip"].item() == pytest.approx(1.0)
+    expected = losses["simple"] + 0.5 * losses["vlb"] + 2.0 * losses["lip"]
+    assert losses["loss"].item() == pytest.approx(expected.item())
+
+
+def test_mouth_masks_cover_the_box_with_margin():
+    mask = mouth_masks(torch.tensor([[0.25, 0.5, 0.75, 0.75]]), 128)
+    rows, cols = mask[0, 0].nonzero().unbind(1)
+    assert (cols.min().item(), cols.max().item()) == (32 - 5, 96 + 5 - 1)
+    assert (rows.min().item(), rows.max().item()) == (64 - 5, 96 + 5 - 1)
+
+
+def test_batch_uses_previous_ground_truth_frames_and_identity_at_start():
+    frames = torch.arange(6, dtype=torch.uint8)[:, None, None, None].expand(6, 3, 2, 2).contiguous() * 40
+    clip = Clip("c", frames, torch.zeros(6 * 640), None)
+    g = torch.Generator().manual_seed(0)
+    seen_start = seen_middle = False
+    for _ in range(60):
+        batch = sample_batch([clip], 1, g)
+        level = lambda x: round((x.flatten()[0].item() + 1) * 127.5 / 40)  # noqa: E731
+        target, identity = batch["target"][0], level(batch["identity"][0])
+        assert level(batch["x_start"][0]) == target
+        older, newer = level(batch["motion"][0, 0]), level(batch["motion"][0, 1])
+        assert older == (target - 2 if target >= 2 else identity)
+        assert newer == (target - 1 if target >= 1 else identity)
+        seen_start |= target == 0
+        seen_middle |= target >= 2
+    assert seen_start and seen_middle
+    dropped = sample_batch([clip], 8, torch.Generator().manual_seed(1), motion_dropout=1.0)
+    assert torch.equal(dropped["motion"][:, 0], dropped["identity"])
+    assert torch.equal(dropped["motion"][:, 1], dropped["identity"])
+
+
+def test_audio_windows_match_the_pipeline():
+    embeddings = torch.arange(10.0)[:, None]
+    assert audio_windows(embeddings, 0, 5)[:, 0].tolist() == [0, 0, 0, 1, 2]
+    assert audio_windows(embeddings, 5, 5)[:, 0].tolist() == [3, 4, 5, 6, 7]
+    assert audio_windows(embeddings, 9, 5)[:, 0].tolist() == [7, 8, 9, 9, 9]
+
+
+def test_loss_decreases_on_a_tiny_batch():
+    torch.manual_seed(0)
+    unet = DiffusedHeadsUNetModel(**{**TINY_UNET, "dropout": 0.0}).train()
+    objective = DiffusionObjective(scheduler())
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.tanh(torch.randn(4, 3, 16, 16, generator=g))
+    identity, motion = x0.flip(0), torch.cat([x0, x0], 1)
+    audio = torch.randn(4, 5, TINY_UNET["audio_embedding_dim"], generator=g)
+    noise = torch.randn(x0.shape, generator=g)
+    timesteps = torch.tensor([50, 200, 400, 700])
+    xt = objective.add_noise(x0, noise, timesteps)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    history = []
+    for _ in range(40):
+        losses = objective(unet(xt, timesteps, identity, motion, audio).sample, noise, x0, xt, timesteps)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append(losses["loss"].item())
+    assert history[-1] < 0.25 * history[0], history
+
+
+# --------------------------------------------------------------------------------------------------
+# The script
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    args = [
+        "--output",
+        str(folder),
+        "--num-clips",
+        "2",
+        "--size",
+        "16",
+        "--max-seconds",
+        "1.0",
+        "--speech",
+        "synthetic",
+    ]
+    assert make_synthetic_dataset.main(args) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("config") / "tiny.json"
+    path.write_text(json.dumps({"unet": TINY_UNET, "audio_encoder": TINY_ENCODER}))
+    return path
+
+
+def run(clip_folder, output, *extra):
+    args = [
+        "--data",
+        str(clip_folder),
+        "--output-dir",
+        str(output),
+        "--batch-size",
+        "2",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "2",
+        "--learning-rate",
+        "1e-3",
+        "--threads",
+        "2",
+        *extra,
+    ]
+    return train.main(args)
+
+
+def weights(folder):
+    return {
+        **load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")),
+        **{
+            "enc." + k: v
+            for k, v in load_file(os.path.join(folder, "audio_encoder", "diffusion_pytorch_model.safetensors")).items()
+        },
+    }
+
+
+def test_resume_continues_where_it_stopped(clip_folder, tiny_config, tmp_path):
+    common = ["--config", str(tiny_config), "--train-audio-encoder"]
+    assert run(clip_folder, tmp_path / "straight", "--max-steps", "4", *common) == 0
+    assert run(clip_folder, tmp_path / "split", "--max-steps", "2", *common) == 0
+    assert run(clip_folder, tmp_path / "split", "--max-steps", "4", "--resume", "latest", *common) == 0
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    log = [json.loads(line) for line in open(tmp_path / "split-checkpoints" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert all(np.isfinite(r["loss"]) and "vlb" in r and "lip" in r for r in log)
+    # Only the newest checkpoints are kept.
+    assert sorted(os.listdir(tmp_path / "split-checkpoints")) == ["checkpoint-2", "checkpoint-4", "train_log.jsonl"]
+
+
+def test_result_loads_in_the_pipeline(clip_folder, tiny_config, tmp_path):
+    from pipeline_diffused_heads import DiffusedHeadsPipeline
+
+    assert (
+        run(clip_folder, tmp_path / "model", "--max-steps", "2", "--config", str(tiny_config), "--train-audio-encoder")
+        == 0
+    )
+    pipe = DiffusedHeadsPipeline.from_pretrained(tmp_path / "model")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(np.zeros((16, 16, 3), np.uint8), np.zeros(3200, np.float32), num_inference_steps=2)
+    assert out.frames.shape == (1, 5, 16, 16, 3)
+
+
+def test_audio_encoder_is_frozen_by_default(clip_folder, tmp_path):
+    start = tmp_path / "start"
+    tiny_pipeline().save_pretrained(start)
+    assert run(clip_folder, tmp_path / "tuned", "--max-steps", "2", "--init-from", str(start), "--ema-decay", "0") == 0
+    before, after = weights(start), weights(tmp_path / "tuned")
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("enc."))
+    assert any(not torch.equal(before[k], after[k]) for k in before if not k.startswith("enc."))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--preset", "builtin"], "untrained audio encoder"),
+        (["--train-audio-encoder", "--resume", "latest"], "no checkpoint"),
+        (["--init-from", "/nonexistent/model"], "could not be loaded"),
+    ],
+)
+def test_errors_are_one_line(clip_folder, tmp_path, capsys, extra, message):
+    assert run(clip_folder, tmp_path / "out", "--max-steps", "1", *extra) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
+
+
+def test_missing_data_folder(tmp_path, capsys):
+    assert (
+        train.main(["--data", str(tmp_path / "none"), "--output-dir", str(tmp_path / "o"), "--train-audio-encoder"])
+        == 1
+    )
+    assert "does not exist" in capsys.readouterr().err
