@@ -1,0 +1,177 @@
+#!/usr/bin/env python
+"""Measure how well a model moves the mouth with the speech and keeps the face, on synthetic clips.
+
+python evaluate_lipsync.py --model builtin --data data/eval --steps 10
+
+For every clip of `--data` (made by `make_synthetic_dataset.py --split eval`: identities and voices not
+used in training) the model animates the clip's first frame with the clip's speech. Reported per clip and
+on average:
+
+- `r(gen, env)`: Pearson correlation between the mouth opening measured on the generated frames and the
+  speech loudness envelope;
+- `r(gt, env)`: the same on the ground-truth frames (what a perfect model would get);
+- `r(gen, gt)`: between the generated and ground-truth mouth openings;
+- `psnr_id`: PSNR (dB) of the generated frames against the identity frame outside the mouth region (how well
+  the face is kept), with the same figure for the ground-truth frames, which move, blink and talk.
+
+The mouth opening of a frame is measured in the mouth region of the clip (the union of its mouth boxes,
+widened): the amount of pixels of the colour of the inside of the drawn mouth.
+"""
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from make_synthetic_dataset import MOUTH_INSIDE, speech_envelope
+from media import load_audio
+
+
+def mouth_opening(frames: np.ndarray, region) -> np.ndarray:
+    """Per-frame mouth opening of `(F, H, W, 3)` frames in [0, 1]: the mean, over the region, of how close each
+    pixel is to the colour of the inside of the mouth (1 at that colour, 0 beyond a distance of 0.3)."""
+    x0, y0, x1, y1 = region
+    crop = frames[:, y0:y1, x0:x1].astype(np.float64)
+    distance = np.linalg.norm(crop - np.array(MOUTH_INSIDE) / 255.0, axis=-1)
+    return np.clip(1.0 - distance / 0.3, 0.0, 1.0).mean(axis=(1, 2))
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.std() < 1e-12 or b.std() < 1e-12:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def psnr_outside(frames: np.ndarray, reference: np.ndarray, region) -> float:
+    """PSNR (dB) of frames in [0, 1] against one reference frame, ignoring the mouth region."""
+    mask = np.ones(reference.shape[:2], bool)
+    x0, y0, x1, y1 = region
+    mask[y0:y1, x0:x1] = False
+    mse = ((frames - reference[None]) ** 2)[:, mask].mean()
+    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
+
+
+def read_clip(stem: str, size: int):
+    """Ground-truth frames `(F, size, size, 3)` in [0, 1], the 16 kHz speech and the clip's mouth region at `size`."""
+    import av
+
+    with av.open(stem + ".mp4") as container:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    with open(stem + ".json", encoding="utf-8") as f:
+        info = json.load(f)
+    tensor = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
+    if tensor.shape[-1] != size:
+        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    frames = tensor.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    boxes = np.array(info["mouth_boxes"], np.float64) * size / info["size"]
+    margin = 0.06 * size
+    region = (
+        int(max(0, np.floor(boxes[:, 0].min() - margin))),
+        int(max(0, np.floor(boxes[:, 1].min() - margin))),
+        int(min(size, np.ceil(boxes[:, 2].max() + margin))),
+        int(min(size, np.ceil(boxes[:, 3].max() + margin))),
+    )
+    waveform = load_audio(stem + ".wav", log=lambda message: None)
+    return frames, waveform, region
+
+
+def make_scheduler(name: str, config):
+    import diffusers
+
+    classes = {
+        "ddpm": diffusers.DDPMScheduler,
+        "ddim": diffusers.DDIMScheduler,
+        "dpmsolver": diffusers.DPMSolverMultistepScheduler,
+        "unipc": diffusers.UniPCMultistepScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+    }
+    return classes[name].from_config(config)
+
+
+def evaluate(pipe, stems, steps: int, seed: int = 0, log=print):
+    size = pipe.unet.config.sample_size
+    rows = []
+    for stem in stems:
+        frames, waveform, region = read_clip(stem, size)
+        started = time.time()
+        generated = pipe(
+            frames[0], waveform, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)
+        ).frames[0]
+        count = min(len(generated), len(frames))
+        generated, frames = generated[:count], frames[:count]
+        envelope = speech_envelope(waveform, count)
+        gen_open, gt_open = mouth_opening(generated, region), mouth_opening(frames, region)
+        row = {
+            "clip": os.path.basename(stem),
+            "frames": count,
+            "r_gen_env": pearson(gen_open, envelope),
+            "r_gt_env": pearson(gt_open, envelope),
+            "r_gen_gt": pearson(gen_open, gt_open),
+            "psnr_id_gen": psnr_outside(generated, frames[0], region),
+            "psnr_id_gt": psnr_outside(frames, frames[0], region),
+            "seconds": round(time.time() - started, 1),
+        }
+        rows.append(row)
+        log(
+            f"{row['clip']}: r(gen,env) {row['r_gen_env']:+.3f}  r(gt,env) {row['r_gt_env']:+.3f}  "
+            f"r(gen,gt) {row['r_gen_gt']:+.3f}  "
+            f"psnr_id gen {row['psnr_id_gen']:.1f} dB / gt {row['psnr_id_gt']:.1f} dB"
+        )
+    keys = ("r_gen_env", "r_gt_env", "r_gen_gt", "psnr_id_gen", "psnr_id_gt")
+    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    summary.update(clips=len(rows), frames=int(sum(r["frames"] for r in rows)))
+    return rows, summary
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Lip-sync and identity figures of a model on synthetic evaluation clips.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", default="builtin", help="pipeline folder")
+    parser.add_argument("--data", required=True, help="folder made by make_synthetic_dataset.py --split eval")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
+    parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver", "unipc", "euler"), default="ddpm")
+    parser.add_argument("--num-clips", type=int, help="evaluate only the first N clips")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the per-clip rows and the summary to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from pipeline_diffused_heads import DiffusedHeadsPipeline
+
+    stems = sorted(p[: -len(".json")] for p in glob.glob(os.path.join(args.data, "*.json")))
+    stems = [s for s in stems if os.path.exists(s + ".mp4") and os.path.exists(s + ".wav")]
+    if not stems:
+        print(f"error: no clips (NAME.mp4 + NAME.wav + NAME.json) in {args.data}", file=sys.stderr)
+        return 1
+    if args.num_clips:
+        stems = stems[: args.num_clips]
+    pipe = DiffusedHeadsPipeline.from_pretrained(args.model)
+    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    rows, summary = evaluate(pipe, stems, args.steps, args.seed)
+    print(
+        f"\n{summary['clips']} clips, {summary['frames']} frames, {args.scheduler} {args.steps} steps:\n"
+        f"  mouth vs speech envelope  r = {summary['r_gen_env']:.3f} (ground truth {summary['r_gt_env']:.3f})\n"
+        f"  generated vs ground-truth mouth  r = {summary['r_gen_gt']:.3f}\n"
+        f"  identity kept outside the mouth: PSNR {summary['psnr_id_gen']:.1f} dB "
+        f"(ground truth {summary['psnr_id_gt']:.1f} dB)"
+    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"args": vars(args), "summary": summary, "clips": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
