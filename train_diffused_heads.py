@@ -182,9 +182,17 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 
 class DiffusionObjective:
-    """The training loss for a noise-predicting UNet with learned-range variance, on a scheduler's schedule."""
+    """The training loss of a UNet with learned-range variance, on a scheduler's schedule.
 
-    def __init__(self, scheduler, vlb_weight: float = 1e-4, lip_weight: float = 0.2):
+    The first `channels` outputs predict the noise (`prediction_type="epsilon"`, the original) or the velocity
+    v = sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * x_0 (`"v_prediction"`); L_simple and the lip loss are
+    the MSE on that target, and L_vlb uses the noise implied by it.
+    """
+
+    def __init__(self, scheduler, vlb_weight: float = 1e-4, lip_weight: float = 0.2, prediction_type=None):
+        self.prediction_type = prediction_type or scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
         # Cumulative products in float64: 1 - alpha_bar near t = 0 loses most of its digits in float32.
         betas = scheduler.betas.double()
         alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -208,11 +216,25 @@ class DiffusionObjective:
         alpha_bar = self._at(self.alphas_cumprod, timesteps, x_start)
         return alpha_bar.sqrt() * x_start + (1.0 - alpha_bar).sqrt() * noise
 
+    def target(self, x_start, noise, timesteps):
+        """What the first output channels are trained to predict."""
+        if self.prediction_type == "epsilon":
+            return noise
+        alpha_bar = self._at(self.alphas_cumprod, timesteps, x_start)
+        return alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * x_start
+
+    def predicted_noise(self, prediction, x_t, timesteps):
+        if self.prediction_type == "epsilon":
+            return prediction
+        alpha_bar = self._at(self.alphas_cumprod, timesteps, x_t)
+        return alpha_bar.sqrt() * prediction + (1.0 - alpha_bar).sqrt() * x_t
+
     def vlb_terms(self, model_output, x_start, x_t, timesteps):
         """The bound term L_{t-1} of every sample, in bits per dimension, with the predicted noise detached:
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, the decoder's -log p(x_0 | x_1) for t = 0."""
         channels = x_start.shape[1]
-        eps, var_values = model_output[:, :channels].detach(), model_output[:, channels:]
+        eps = self.predicted_noise(model_output[:, :channels].detach(), x_t, timesteps)
+        var_values = model_output[:, channels:]
         alpha_bar = self._at(self.alphas_cumprod, timesteps, x_t)
         pred_x0 = (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
         coef_x0 = self._at(self.posterior_mean_x0, timesteps, x_t)
@@ -230,8 +252,8 @@ class DiffusionObjective:
 
     def __call__(self, model_output, noise, x_start, x_t, timesteps, mouth_mask=None) -> Dict[str, torch.Tensor]:
         channels = x_start.shape[1]
-        eps = model_output[:, :channels]
-        squared = (eps.float() - noise.float()) ** 2
+        prediction = model_output[:, :channels]
+        squared = (prediction.float() - self.target(x_start, noise, timesteps).float()) ** 2
         losses = {"simple": squared.mean()}
         loss = losses["simple"]
         if model_output.shape[1] > channels:
@@ -335,6 +357,13 @@ def parse_args(argv=None):
     model.add_argument("--preset", choices=sorted(PRESETS), default="builtin", help="configuration of a new model")
     model.add_argument("--config", help='JSON file {"unet": {...}, "audio_encoder": {...}} for a new model')
     p.add_argument("--train-audio-encoder", action="store_true", help="train the audio encoder jointly")
+    p.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        default="epsilon",
+        help="what a new model predicts: the noise (the original) or v, which keeps the clean-frame estimate "
+        "sound at high noise levels and trains faster (a model from --init-from keeps its own)",
+    )
     p.add_argument("--max-steps", type=int, default=3000, help="optimisation steps")
     p.add_argument("--batch-size", type=int, default=10, help="frames per step per process")
     p.add_argument("--learning-rate", type=float, default=5e-5, help="Adam learning rate")
@@ -400,7 +429,7 @@ def build_components(args):
         encoder = DiffusedHeadsAudioEncoder(**preset.get("audio_encoder", {}))
     except (TypeError, ValueError) as error:
         raise TrainingError(f"invalid model configuration: {error}") from None
-    scheduler = DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler"))
+    scheduler = DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler"), prediction_type=args.prediction_type)
     return unet, encoder, scheduler
 
 

@@ -82,6 +82,34 @@ def test_vlb_matches_restatement(t):
         assert terms[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.parametrize("t", [0, 250, 999])
+def test_vlb_with_v_prediction_uses_the_implied_noise(t):
+    betas = scheduler().betas.double().numpy()
+    objective = DiffusionObjective(scheduler(), prediction_type="v_prediction")
+    g = torch.Generator().manual_seed(t)
+    x0 = (torch.rand(1, 3, 5, 5, generator=g) * 2 - 1).double()
+    timesteps = torch.full((1,), t)
+    xt = objective.add_noise(x0, torch.randn(1, 3, 5, 5, generator=g).double(), timesteps)
+    v = torch.randn(1, 3, 5, 5, generator=g).double()
+    var_values = torch.rand(1, 3, 5, 5, generator=g).double() * 2 - 1
+    terms = objective.vlb_terms(torch.cat([v, var_values], 1), x0, xt, timesteps)
+    alpha_bar = np.cumprod(1 - betas)[t]
+    eps = math.sqrt(alpha_bar) * v[0].numpy() + math.sqrt(1 - alpha_bar) * xt[0].numpy()
+    expected = vlb_reference(eps, var_values[0].numpy(), x0[0].numpy(), xt[0].numpy(), t, betas)
+    assert terms[0].item() == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_v_prediction_target_matches_diffusers():
+    sched = scheduler()
+    objective = DiffusionObjective(sched, prediction_type="v_prediction")
+    x0, noise = torch.rand(3, 3, 4, 4) * 2 - 1, torch.randn(3, 3, 4, 4)
+    timesteps = torch.tensor([0, 500, 999])
+    torch.testing.assert_close(
+        objective.target(x0, noise, timesteps).float(), sched.get_velocity(x0, noise, timesteps), rtol=1e-5, atol=1e-6
+    )
+    assert torch.equal(DiffusionObjective(sched).target(x0, noise, timesteps), noise)
+
+
 def test_vlb_trains_only_the_variance():
     objective = DiffusionObjective(scheduler())
     x0 = torch.rand(2, 3, 4, 4) * 2 - 1
