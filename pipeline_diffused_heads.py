@@ -175,7 +175,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         unet ([`DiffusedHeadsUNetModel`]): The denoising UNet.
         audio_encoder ([`DiffusedHeadsAudioEncoder`]): Turns 16 kHz speech into one embedding per frame.
         scheduler ([`SchedulerMixin`]): [`DDPMScheduler`] with the learned-range variance reproduces the
-            original sampler; any other diffusers scheduler can be used (it is then given the noise only).
+            original sampler; any other diffusers scheduler can be used (it is then given the first three output
+            channels only: the noise, or v for a model trained with v-prediction).
     """
 
     model_cpu_offload_seq = "audio_encoder->unet"
@@ -281,9 +282,15 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
 
     @property
     def _learns_variance(self) -> bool:
-        # `from_config` copies `variance_type` into schedulers that ignore it, so ask the class too.
-        accepts = "variance_type" in inspect.signature(type(self.scheduler).__init__).parameters
-        return accepts and self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        """Whether the scheduler is given the variance channels too: only the DDPM schedulers use them.
+
+        `from_config` copies `variance_type` into schedulers that ignore it, and DPM-Solver accepts a learned
+        variance but drops it (and fails on it with v-prediction), so every other scheduler gets the first
+        channels only."""
+        from diffusers import DDPMParallelScheduler, DDPMScheduler
+
+        is_ddpm = isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler))
+        return is_ddpm and self.scheduler.config.get("variance_type") in ("learned", "learned_range")
 
     def _to_motion_frame(self, frame: torch.Tensor) -> torch.Tensor:
         if self.unet.config.motion_frame_channels == 1:

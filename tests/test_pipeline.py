@@ -5,6 +5,7 @@ import torch
 from conftest import ddpm_scheduler, speech_like, tiny_audio_encoder, tiny_pipeline, tiny_unet
 from diffusers import (
     DDIMScheduler,
+    DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
     UniPCMultistepScheduler,
@@ -59,6 +60,7 @@ class ExactNoiseUNet(ModelMixin, ConfigMixin):
         motion_frame_channels=3,
         audio_context=5,
         audio_embedding_dim=8,
+        prediction_type="epsilon",
     ):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))
@@ -71,6 +73,8 @@ class ExactNoiseUNet(ModelMixin, ConfigMixin):
     def forward(self, sample, timestep, identity_frame, motion_frames, audio_embeddings, return_dict=True):
         abar = self.alphas_cumprod[int(timestep)].double()
         eps = (sample.double() - abar.sqrt() * self.x0) / (1 - abar).sqrt()
+        if self.config.prediction_type == "v_prediction":
+            eps = abar.sqrt() * eps - (1 - abar).sqrt() * self.x0
         out = torch.cat([eps, torch.zeros_like(eps)], dim=1).to(sample.dtype)
         return (out,) if not return_dict else type("Out", (), {"sample": out})()
 
@@ -177,6 +181,19 @@ def test_scheduler_swaps_land_on_the_clean_frame(name, identity_image):
     assert (out.frames - expected).abs().max() < 1e-3, name
 
 
+@pytest.mark.parametrize("name", ["ddpm", *SWAPS])
+def test_v_prediction_models_work_with_every_scheduler(name, identity_image):
+    """A model trained with v-prediction (the built-in one) under each scheduler, learned variance included."""
+    unet = ExactNoiseUNet(prediction_type="v_prediction")
+    config = DDPMScheduler.from_config(ddpm_scheduler().config, prediction_type="v_prediction").config
+    scheduler = DDPMScheduler.from_config(config) if name == "ddpm" else SWAPS[name](config)
+    pipe = DiffusedHeadsPipeline(unet=unet, audio_encoder=tiny_audio_encoder(), scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    out = run(pipe, identity_image, num_inference_steps=20, output_type="pt")
+    assert (out.frames - ((unet.x0 + 1) / 2)[0]).abs().max() < 1e-3, name
+    assert pipe._learns_variance == (name == "ddpm")
+
+
 @pytest.mark.parametrize("name", list(SWAPS))
 def test_scheduler_swaps_on_a_random_unet(name, identity_image):
     recorder = RecordingUNet(tiny_unet())
@@ -184,7 +201,7 @@ def test_scheduler_swaps_on_a_random_unet(name, identity_image):
     pipe.scheduler = SWAPS[name](pipe.scheduler.config)
     out = run(pipe, identity_image, num_inference_steps=5)
     assert np.isfinite(out.frames).all() and 0.0 <= out.frames.min() and out.frames.max() <= 1.0
-    assert pipe._learns_variance == (name == "dpmsolver++")
+    assert not pipe._learns_variance  # only DDPM uses the variance channels
 
 
 def test_output_types(identity_image):
