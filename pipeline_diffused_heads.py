@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
+
+logger = logging.get_logger(__name__)
 
 ImageInput = Union[PIL.Image.Image, np.ndarray, torch.Tensor]
 AudioInput = Union[np.ndarray, torch.Tensor]
@@ -292,6 +294,22 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         is_ddpm = isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler))
         return is_ddpm and self.scheduler.config.get("variance_type") in ("learned", "learned_range")
 
+    def _warn_on_mismatched_spacing(self):
+        """DDIM steps from t to t - num_train_timesteps // num_inference_steps, which is not the next timestep
+        when they are spaced with "linspace" (the DDPM default, so what `from_config` gives it): every step then
+        lands on a noise level other than the one the next step assumes, and the last frame keeps visible noise."""
+        from diffusers import DDIMParallelScheduler, DDIMScheduler
+
+        if (
+            isinstance(self.scheduler, (DDIMScheduler, DDIMParallelScheduler))
+            and self.scheduler.config.get("timestep_spacing") == "linspace"
+        ):
+            logger.warning(
+                f"{type(self.scheduler).__name__} with timestep_spacing='linspace' does not step to its own next "
+                "timestep and leaves noise in the frames; make it with "
+                f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing='trailing')."
+            )
+
     def _to_motion_frame(self, frame: torch.Tensor) -> torch.Tensor:
         if self.unet.config.motion_frame_channels == 1:
             weights = torch.tensor(_LUMA, dtype=frame.dtype, device=frame.device)
@@ -420,6 +438,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
 
         # 3. Frame by frame.
         learns_variance = self._learns_variance
+        self._warn_on_mismatched_spacing()
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["generator"] = generator

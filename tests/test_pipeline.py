@@ -161,7 +161,7 @@ def test_same_seed_same_frames(identity_image):
 
 
 SWAPS = {
-    "ddim": lambda c: DDIMScheduler.from_config(c),
+    "ddim": lambda c: DDIMScheduler.from_config(c, timestep_spacing="trailing"),
     "dpmsolver++": lambda c: DPMSolverMultistepScheduler.from_config(c, algorithm_type="dpmsolver++"),
     "unipc": lambda c: UniPCMultistepScheduler.from_config(c),
     "euler": lambda c: EulerDiscreteScheduler.from_config(c),
@@ -202,6 +202,35 @@ def test_scheduler_swaps_on_a_random_unet(name, identity_image):
     out = run(pipe, identity_image, num_inference_steps=5)
     assert np.isfinite(out.frames).all() and 0.0 <= out.frames.min() and out.frames.max() <= 1.0
     assert not pipe._learns_variance  # only DDPM uses the variance channels
+
+
+def warnings_of(pipe, identity_image) -> str:
+    import io
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger = diffusers_logging.get_logger("pipeline_diffused_heads")
+    logger.addHandler(handler)
+    try:
+        run(pipe, identity_image, num_inference_steps=3)
+    finally:
+        logger.removeHandler(handler)
+    return stream.getvalue()
+
+
+def test_ddim_with_linspace_spacing_warns(identity_image):
+    """DDIM steps by num_train_timesteps // steps, which skips past "linspace" timesteps: say so and how to fix it."""
+    pipe = tiny_pipeline()
+    assert pipe.scheduler.config.timestep_spacing == "linspace"
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    assert "timestep_spacing='trailing'" in warnings_of(pipe, identity_image)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    assert warnings_of(pipe, identity_image) == ""
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")
+    assert warnings_of(pipe, identity_image) == ""
 
 
 def test_output_types(identity_image):
