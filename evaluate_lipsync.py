@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generate import SCHEDULERS, make_scheduler
 from make_synthetic_dataset import MOUTH_INSIDE, speech_envelope
 from media import load_audio
 
@@ -82,19 +83,6 @@ def read_clip(stem: str, size: int):
     return frames, waveform, region
 
 
-def make_scheduler(name: str, config):
-    import diffusers
-
-    classes = {
-        "ddpm": diffusers.DDPMScheduler,
-        "ddim": diffusers.DDIMScheduler,
-        "dpmsolver": diffusers.DPMSolverMultistepScheduler,
-        "unipc": diffusers.UniPCMultistepScheduler,
-        "euler": diffusers.EulerDiscreteScheduler,
-    }
-    return classes[name].from_config(config)
-
-
 def evaluate(pipe, stems, steps: int, seed: int = 0, log=print):
     size = pipe.unet.config.sample_size
     rows = []
@@ -138,7 +126,12 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="builtin", help="pipeline folder")
     parser.add_argument("--data", required=True, help="folder made by make_synthetic_dataset.py --split eval")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
-    parser.add_argument("--scheduler", choices=("ddpm", "ddim", "dpmsolver", "unipc", "euler"), default="ddpm")
+    parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the model's own")
+    parser.add_argument(
+        "--timestep-spacing",
+        choices=("linspace", "leading", "trailing"),
+        help="override the scheduler's timestep spacing (e.g. to measure DDIM with 'linspace')",
+    )
     parser.add_argument("--num-clips", type=int, help="evaluate only the first N clips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the per-clip rows and the summary to this file")
@@ -157,11 +150,16 @@ def main(argv=None) -> int:
     if args.num_clips:
         stems = stems[: args.num_clips]
     pipe = DiffusedHeadsPipeline.from_pretrained(args.model)
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if args.scheduler is not None:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+    if args.timestep_spacing is not None:
+        spacing = args.timestep_spacing
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing)
     pipe.set_progress_bar_config(disable=True)
     rows, summary = evaluate(pipe, stems, args.steps, args.seed)
+    sampler = f"{type(pipe.scheduler).__name__} ({pipe.scheduler.config.timestep_spacing})"
     print(
-        f"\n{summary['clips']} clips, {summary['frames']} frames, {args.scheduler} {args.steps} steps:\n"
+        f"\n{summary['clips']} clips, {summary['frames']} frames, {sampler} {args.steps} steps:\n"
         f"  mouth vs speech envelope  r = {summary['r_gen_env']:.3f} (ground truth {summary['r_gt_env']:.3f})\n"
         f"  generated vs ground-truth mouth  r = {summary['r_gen_gt']:.3f}\n"
         f"  identity kept outside the mouth: PSNR {summary['psnr_id_gen']:.1f} dB "

@@ -9,9 +9,6 @@ import os
 import sys
 import time
 
-import numpy as np
-import PIL.Image
-import PIL.ImageDraw
 import torch
 from tqdm.auto import tqdm
 
@@ -37,16 +34,25 @@ def parse_args(argv=None):
         description="Generate a talking-head video (25 fps, H.264 + AAC) with the Diffused Heads pipeline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--image", help="identity image (PNG, JPEG, WebP, BMP) or video; default: a built-in drawing")
     parser.add_argument(
-        "--audio", help="speech: wav, flac, ogg, mp3, m4a/aac or the audio of a video; default: built-in"
+        "--image", help="identity image (PNG, JPEG, WebP, BMP) or video; default: examples/identity.png"
+    )
+    parser.add_argument(
+        "--audio", help="speech: wav, flac, ogg, mp3, m4a/aac or the audio of a video; default: examples/speech.wav"
     )
     parser.add_argument("--output", default="output.mp4", help="the .mp4 file to write")
-    parser.add_argument("--model", help="model folder or Hub id (made by convert_checkpoint.py); default: built-in")
+    parser.add_argument(
+        "--model", help="model folder or Hub id (made by convert_checkpoint.py); default: the built-in demo model"
+    )
     parser.add_argument(
         "--steps", type=int, help="denoising steps per frame (default: 100; 10 for the built-in model)"
     )
-    parser.add_argument("--scheduler", choices=SCHEDULERS, default="ddpm", help="ddpm reproduces the original")
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULERS,
+        help="default: the model's own (DDPM, the original sampler, for a converted model; DPM-Solver++ for the "
+        "built-in one)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="UNet precision")
@@ -66,61 +72,22 @@ def parse_args(argv=None):
     )
     parser.add_argument("--start", type=float, default=0.0, help="start of the audio part to use, in seconds")
     parser.add_argument("--duration", type=float, help="length of the audio part to use, in seconds")
-    parser.add_argument("--size", type=int, default=256, help="output frame size in pixels (the model makes 128)")
+    parser.add_argument(
+        "--size", type=int, default=256, help="output frame size in pixels (the released model makes 128)"
+    )
     parser.add_argument("--save-frames", metavar="DIR", help="also save the frames as PNG files in DIR")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------------
-# Built-in inputs and model
+# Built-in model and inputs
 
-
-def builtin_identity(size=128) -> PIL.Image.Image:
-    """A simple drawn face on the green background of the training data."""
-    image = PIL.Image.new("RGB", (size, size), (0, 177, 64))
-    draw = PIL.ImageDraw.Draw(image)
-    c = size / 2
-    draw.ellipse([c - 34, c - 44, c + 34, c + 46], fill=(224, 172, 140))
-    draw.pieslice([c - 36, c - 50, c + 36, c + 6], 180, 360, fill=(70, 45, 30))
-    for dx in (-14, 14):
-        draw.ellipse([c + dx - 5, c - 10, c + dx + 5, c - 4], fill=(255, 255, 255))
-        draw.ellipse([c + dx - 2, c - 9, c + dx + 2, c - 5], fill=(40, 30, 20))
-    draw.ellipse([c - 12, c + 20, c + 12, c + 27], fill=(150, 60, 60))
-    return image
-
-
-def builtin_speech(seconds=1.6, rate=SAMPLING_RATE) -> np.ndarray:
-    """Syllable-like sounds: a voiced tone with formant-like harmonics under a 4 Hz syllable envelope."""
-    t = np.arange(int(seconds * rate)) / rate
-    pitch = 120 + 20 * np.sin(2 * np.pi * 0.7 * t)
-    phase = 2 * np.pi * np.cumsum(pitch) / rate
-    voice = sum(np.sin(k * phase) * np.exp(-((k * 120 - 700) ** 2) / 2e5) for k in range(1, 30))
-    envelope = np.clip(np.sin(2 * np.pi * 4 * t), 0, None) ** 2
-    return (0.3 * voice / np.abs(voice).max() * envelope).astype(np.float32)
-
-
-def builtin_pipeline():
-    """A small randomly initialised pipeline, so the tool runs end to end without downloaded weights."""
-    from diffusers import DDPMScheduler
-
-    from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
-    from pipeline_diffused_heads import DiffusedHeadsPipeline
-    from unet.unet_diffused_heads import DiffusedHeadsUNetModel
-
-    root = os.path.dirname(os.path.abspath(__file__))
-    torch.manual_seed(0)
-    unet = DiffusedHeadsUNetModel(
-        block_out_channels=(32, 64, 64),
-        attention_levels=(False, False, True),
-        attention_head_dim=32,
-        layers_per_block=1,
-        norm_num_groups=8,
-        audio_embedding_dim=256,
-    )
-    encoder = DiffusedHeadsAudioEncoder()
-    scheduler = DDPMScheduler.from_pretrained(os.path.join(root, "scheduler"))
-    return DiffusedHeadsPipeline(unet=unet.eval(), audio_encoder=encoder.eval(), scheduler=scheduler)
+ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILTIN_MODEL = os.path.join(ROOT, "builtin")
+EXAMPLE_IMAGE = os.path.join(ROOT, "examples", "identity.png")
+EXAMPLE_SPEECH = os.path.join(ROOT, "examples", "speech.wav")
+BUILTIN_STEPS = 10
 
 
 # --------------------------------------------------------------------------------------------------
@@ -131,8 +98,8 @@ def make_scheduler(name: str, config):
 
     if name == "ddpm":
         return diffusers.DDPMScheduler.from_config(config)
-    if name == "ddim":
-        return diffusers.DDIMScheduler.from_config(config)
+    if name == "ddim":  # DDIM's step assumes evenly spaced timesteps ending at 0 ("trailing")
+        return diffusers.DDIMScheduler.from_config(config, timestep_spacing="trailing")
     if name == "dpmsolver":
         return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
     if name == "unipc":
@@ -159,26 +126,25 @@ def check_output(args):
 
 
 def load_pipeline(args, device, dtype):
-    if args.model is None:
+    from pipeline_diffused_heads import DiffusedHeadsPipeline
+
+    model = args.model
+    if model is None:
         print(
-            "note: no --model given and no trained built-in model ships yet: using a small RANDOMLY "
-            "INITIALISED pipeline, so the video shows noise, not a talking face. Convert the released "
-            "weights with convert_checkpoint.py and pass --model DIR.",
+            "note: no --model given: using the built-in demo model (48x48, trained on synthetic drawn faces by "
+            "train_diffused_heads.py). For real faces convert the released weights with convert_checkpoint.py "
+            "and pass --model DIR.",
             file=sys.stderr,
         )
-        pipe = builtin_pipeline()
-        if dtype != torch.float32:
-            torch.nn.Module.to(pipe.unet, dtype)
-    else:
-        from pipeline_diffused_heads import DiffusedHeadsPipeline
-
-        try:
-            pipe = DiffusedHeadsPipeline.from_pretrained(args.model, torch_dtype=dtype)
-        except Exception as error:  # diffusers raises several kinds for a missing or broken folder
-            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-            raise UsageError(f"--model {args.model} could not be loaded: {message}") from None
-        torch.nn.Module.to(pipe.audio_encoder, torch.float32)  # small, runs once per clip
-    pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+        model = BUILTIN_MODEL
+    try:
+        pipe = DiffusedHeadsPipeline.from_pretrained(model, torch_dtype=dtype)
+    except Exception as error:  # diffusers raises several kinds for a missing or broken folder
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--model {model} could not be loaded: {message}") from None
+    torch.nn.Module.to(pipe.audio_encoder, torch.float32)  # small, runs once per clip
+    if args.scheduler is not None:
+        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     return pipe.to(device)
 
 
@@ -199,17 +165,17 @@ def run(args) -> str:
     else:
         if args.frame is not None or args.random_frame:
             raise UsageError("--frame and --random-frame need a video as --image")
-        log("note: no --image given: using the built-in drawn face")
-        identity = builtin_identity()
+        log(f"note: no --image given: using {os.path.relpath(EXAMPLE_IMAGE)}")
+        identity = load_identity_frame(EXAMPLE_IMAGE, log=log)
     if args.audio:
         audio = load_audio(args.audio, start=args.start, duration=args.duration, log=log)
     else:
-        log("note: no --audio given: using built-in syllable-like sounds")
-        audio = builtin_speech()
+        log(f"note: no --audio given: using {os.path.relpath(EXAMPLE_SPEECH)}")
+        audio = load_audio(EXAMPLE_SPEECH, start=args.start, duration=args.duration, log=log)
 
     pipe = load_pipeline(args, device, DTYPES[args.dtype])
     if args.steps is None:
-        args.steps = 10 if args.model is None else 100
+        args.steps = BUILTIN_STEPS if args.model is None else 100
     pipe.set_progress_bar_config(disable=True)
     num_frames = pipe.audio_encoder.num_frames(len(audio))
     bar = tqdm(total=num_frames * args.steps, unit="step", desc="generating", dynamic_ncols=True)
