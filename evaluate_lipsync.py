@@ -27,11 +27,11 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from generate import SCHEDULERS, make_scheduler
 from make_synthetic_dataset import MOUTH_INSIDE, speech_envelope
 from media import load_audio
+from train_diffused_heads import decode_video
 
 
 def mouth_opening(frames: np.ndarray, region) -> np.ndarray:
@@ -59,28 +59,27 @@ def psnr_outside(frames: np.ndarray, reference: np.ndarray, region) -> float:
     return float(10 * np.log10(1.0 / max(mse, 1e-12)))
 
 
-def read_clip(stem: str, size: int):
-    """Ground-truth frames `(F, size, size, 3)` in [0, 1], the 16 kHz speech and the clip's mouth region at `size`."""
-    import av
-
-    with av.open(stem + ".mp4") as container:
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-    with open(stem + ".json", encoding="utf-8") as f:
-        info = json.load(f)
-    tensor = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
-    if tensor.shape[-1] != size:
-        tensor = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    frames = tensor.clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    boxes = np.array(info["mouth_boxes"], np.float64) * size / info["size"]
+def mouth_region(boxes, source_size: float, size: int):
+    """The union of mouth `boxes` (`[x0, y0, x1, y1]` in pixels of a `source_size` frame; one box or one per
+    frame), widened by 6% of the size on every side, in pixels of a `size` frame."""
+    boxes = np.atleast_2d(np.asarray(boxes, np.float64)) * size / source_size
     margin = 0.06 * size
-    region = (
+    return (
         int(max(0, np.floor(boxes[:, 0].min() - margin))),
         int(max(0, np.floor(boxes[:, 1].min() - margin))),
         int(min(size, np.ceil(boxes[:, 2].max() + margin))),
         int(min(size, np.ceil(boxes[:, 3].max() + margin))),
     )
+
+
+def read_clip(stem: str, size: int):
+    """Ground-truth frames `(F, size, size, 3)` in [0, 1] (decoded as for training), the 16 kHz speech and the
+    clip's mouth region at `size`."""
+    frames = decode_video(stem + ".mp4", size).permute(0, 2, 3, 1).numpy().astype(np.float32) / 255.0
+    with open(stem + ".json", encoding="utf-8") as f:
+        info = json.load(f)
     waveform = load_audio(stem + ".wav", log=lambda message: None)
-    return frames, waveform, region
+    return frames, waveform, mouth_region(info["mouth_boxes"], info["size"], size)
 
 
 def evaluate(pipe, stems, steps: int, seed: int = 0, log=print):

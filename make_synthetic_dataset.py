@@ -33,12 +33,11 @@ import soundfile
 import torch
 from tqdm.auto import tqdm
 
-from media import FPS, SAMPLING_RATE, export_to_video_with_audio
+from media import FPS, SAMPLES_PER_FRAME, SAMPLING_RATE, export_to_video_with_audio
+from media import GREEN_BACKGROUND as GREEN
 from pipeline_diffused_heads import resample_audio
 
-GREEN = (0, 177, 64)
 MOUTH_INSIDE = (72, 18, 30)
-SAMPLES_PER_FRAME = SAMPLING_RATE // FPS
 SUPERSAMPLE = 4
 
 TRAIN_VOICES = [f"{lang}+{var}" for lang in ("en-us", "en-gb") for var in ("m1", "m2", "m3", "m4", "f1", "f2", "f3")]

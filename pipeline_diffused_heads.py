@@ -28,6 +28,22 @@ AudioInput = Union[np.ndarray, torch.Tensor]
 _LUMA = (0.2989, 0.587, 0.114)
 
 
+def to_motion_frame(frames: torch.Tensor, channels: int) -> torch.Tensor:
+    """`(B, 3, H, W)` frames in [-1, 1] as motion frames of `channels` channels (1: grayscale, 3: as they are)."""
+    if channels == 1:
+        weights = torch.tensor(_LUMA, dtype=frames.dtype, device=frames.device)
+        return (frames * weights[None, :, None, None]).sum(dim=1, keepdim=True)
+    return frames
+
+
+def audio_window(embeddings: torch.Tensor, frame_index: int, context: int) -> torch.Tensor:
+    """The `context` audio embeddings centred on video frame `frame_index`, clamped at the clip's ends.
+
+    `embeddings` is `(..., num_frames, dim)`; the result is `(..., context, dim)`."""
+    offsets = torch.arange(context, device=embeddings.device) - context // 2
+    return embeddings[..., (frame_index + offsets).clamp(0, embeddings.shape[-2] - 1), :]
+
+
 @dataclass
 class DiffusedHeadsPipelineOutput(BaseOutput):
     """
@@ -310,12 +326,6 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing='trailing')."
             )
 
-    def _to_motion_frame(self, frame: torch.Tensor) -> torch.Tensor:
-        if self.unet.config.motion_frame_channels == 1:
-            weights = torch.tensor(_LUMA, dtype=frame.dtype, device=frame.device)
-            return (frame * weights[None, :, None, None]).sum(dim=1, keepdim=True)
-        return frame
-
     def check_inputs(self, num_inference_steps, stabilize_every, output_type, sampling_rate, callback_inputs):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
@@ -443,8 +453,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["generator"] = generator
         context = self.unet.config.audio_context
-        offsets = torch.arange(context, device=device) - context // 2
-        identity_motion = self._to_motion_frame(identity)
+        motion_channels = self.unet.config.motion_frame_channels
+        identity_motion = to_motion_frame(identity, motion_channels)
         motion = [identity_motion, identity_motion]
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         steps_per_frame = len(self.scheduler.timesteps)
@@ -454,15 +464,14 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
                     motion[0] = identity_motion
                 motion_frames = torch.cat(motion, dim=1)
-                window = (frame_index + offsets).clamp(0, num_frames - 1)
-                audio_window = audio_embeddings[:, window]
+                audio_context = audio_window(audio_embeddings, frame_index, context)
 
                 # Multistep schedulers keep state: start every frame afresh.
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 sample = latents[:, frame_index] * self.scheduler.init_noise_sigma
                 for step_index, t in enumerate(self.scheduler.timesteps):
                     model_input = self.scheduler.scale_model_input(sample, t)
-                    model_output = self.unet(model_input, t, identity, motion_frames, audio_window).sample
+                    model_output = self.unet(model_input, t, identity, motion_frames, audio_context).sample
                     if not learns_variance:
                         model_output = model_output[:, :channels]
                     sample = self.scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
@@ -475,7 +484,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                     progress_bar.update()
 
                 frames.append(sample)
-                motion = [motion[1], self._to_motion_frame(sample)]
+                motion = [motion[1], to_motion_frame(sample, motion_channels)]
 
         self.maybe_free_model_hooks()
 

@@ -42,7 +42,7 @@ if ROOT not in sys.path:
 
 from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder  # noqa: E402
 from media import FPS, MediaError, load_audio  # noqa: E402
-from pipeline_diffused_heads import DiffusedHeadsPipeline  # noqa: E402
+from pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window, to_motion_frame  # noqa: E402
 from unet.unet_diffused_heads import NUM_MOTION_FRAMES, DiffusedHeadsUNetModel  # noqa: E402
 
 # Configurations a model can be made from. "crema" is the released model's; "builtin" is the small model
@@ -90,7 +90,8 @@ class Clip:
     mouth_boxes: Optional[torch.Tensor]  # (num_frames, 4) float, fractions of the size: x0, y0, x1, y1
 
 
-def _decode_video(path: str, size: int) -> torch.Tensor:
+def decode_video(path: str, size: int) -> torch.Tensor:
+    """All frames of a video as `(F, 3, size, size)` uint8, centre-cropped to a square and resized."""
     import av
 
     try:
@@ -127,7 +128,7 @@ def load_clips(folder: str, size: int, encoder: DiffusedHeadsAudioEncoder, log=p
     clips = []
     for path in paths:
         stem = os.path.splitext(path)[0]
-        frames = _decode_video(path, size)
+        frames = decode_video(path, size)
         audio_path = stem + ".wav" if os.path.exists(stem + ".wav") else path
         try:
             waveform = load_audio(audio_path, sampling_rate=rate, log=lambda message: None)
@@ -283,13 +284,6 @@ def mouth_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return (inside_y[:, :, None] & inside_x[:, None, :])[:, None].float()
 
 
-def to_motion(frames: torch.Tensor, channels: int) -> torch.Tensor:
-    if channels == 1:
-        weights = torch.tensor((0.2989, 0.587, 0.114), dtype=frames.dtype, device=frames.device)
-        return (frames * weights[None, :, None, None]).sum(1, keepdim=True)
-    return frames
-
-
 def sample_batch(clips: List[Clip], batch_size: int, generator: torch.Generator, motion_dropout: float = 0.0):
     """Pick (clip, target frame, identity frame) triples and gather the frames of a training batch."""
     picks = torch.randint(len(clips), (batch_size,), generator=generator).tolist()
@@ -317,12 +311,6 @@ def sample_batch(clips: List[Clip], batch_size: int, generator: torch.Generator,
     batch["motion"] = to_unit(torch.stack(batch["motion"]))  # (B, 2, 3, S, S)
     batch["boxes"] = torch.stack(batch["boxes"]) if all(b is not None for b in batch["boxes"]) else None
     return batch
-
-
-def audio_windows(embeddings: torch.Tensor, target: int, context: int) -> torch.Tensor:
-    """The `context` embeddings centred on frame `target`, clamped at the clip's ends (as the pipeline does)."""
-    offsets = torch.arange(context) - context // 2
-    return embeddings[(target + offsets).clamp(0, len(embeddings) - 1)]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -517,21 +505,17 @@ def train(args) -> str:
         x_start = batch["x_start"].to(device)
         identity = batch["identity"].to(device)
         motion = batch["motion"].to(device)
-        motion = torch.cat([to_motion(motion[:, k], motion_channels) for k in range(NUM_MOTION_FRAMES)], dim=1)
-        if args.train_audio_encoder:
-            windows = []
-            for index in sorted(set(batch["clip"])):  # one encoder pass per distinct clip
-                embeddings = encoder(clips[index].waveform[None].to(device)).audio_embeddings[0]
-                windows += [
-                    (i, audio_windows(embeddings, t, context))
-                    for i, (c, t) in enumerate(zip(batch["clip"], batch["target"]))
-                    if c == index
-                ]
-            audio = torch.stack([w for _, w in sorted(windows, key=lambda item: item[0])])
+        motion = torch.cat([to_motion_frame(motion[:, k], motion_channels) for k in range(NUM_MOTION_FRAMES)], 1)
+        if args.train_audio_encoder:  # one encoder pass per distinct clip of the batch
+            embeddings = {
+                index: encoder(clips[index].waveform[None].to(device)).audio_embeddings[0]
+                for index in sorted(set(batch["clip"]))
+            }
         else:
-            audio = torch.stack(
-                [audio_windows(frozen_embeddings[c], t, context) for c, t in zip(batch["clip"], batch["target"])]
-            ).to(device)
+            embeddings = frozen_embeddings
+        audio = torch.stack(
+            [audio_window(embeddings[c], t, context) for c, t in zip(batch["clip"], batch["target"])]
+        ).to(device)
         noise = torch.randn(x_start.shape, generator=state.generator).to(device)
         timesteps = torch.randint(objective.num_train_timesteps, (len(x_start),), generator=state.generator).to(device)
         x_t = objective.add_noise(x_start, noise, timesteps)

@@ -11,9 +11,9 @@ import torch
 from conftest import ROOT
 
 import generate
-from evaluate_lipsync import mouth_opening
-from make_synthetic_dataset import SAMPLES_PER_FRAME, FaceStyle, draw_face
-from media import load_identity_frame
+from evaluate_lipsync import mouth_opening, mouth_region
+from make_synthetic_dataset import FaceStyle, draw_face
+from media import SAMPLES_PER_FRAME, load_identity_frame
 from pipeline_diffused_heads import DiffusedHeadsPipeline
 
 BUILTIN = os.path.join(ROOT, "builtin")
@@ -37,11 +37,9 @@ def example_info():
         return json.load(f)
 
 
-def mouth_region(size):
+def example_mouth_region(size):
     info = example_info()
-    x0, y0, x1, y1 = np.array(info["mouth_box"], float) * size / info["size"]
-    margin = 0.06 * size
-    return (int(x0 - margin), int(y0 - margin), int(np.ceil(x1 + margin)), int(np.ceil(y1 + margin)))
+    return mouth_region(info["mouth_box"], info["size"], size)
 
 
 def test_weights_are_small_safetensors():
@@ -65,7 +63,7 @@ def test_loud_syllable_opens_the_mouth_more_than_silence(pipe, identity):
     silence = np.zeros_like(syllable)
 
     size = pipe.unet.config.sample_size
-    region = mouth_region(size)
+    region = example_mouth_region(size)
     frames = pipe(
         [identity, identity], [silence, syllable], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
     ).frames

@@ -14,7 +14,8 @@ from scipy.stats import norm
 
 import make_synthetic_dataset
 import train_diffused_heads as train
-from train_diffused_heads import Clip, DiffusionObjective, audio_windows, mouth_masks, sample_batch
+from pipeline_diffused_heads import audio_window
+from train_diffused_heads import Clip, DiffusionObjective, mouth_masks, sample_batch
 from unet.unet_diffused_heads import DiffusedHeadsUNetModel
 
 T = 1000
@@ -165,11 +166,11 @@ def test_batch_uses_previous_ground_truth_frames_and_identity_at_start():
     assert torch.equal(dropped["motion"][:, 1], dropped["identity"])
 
 
-def test_audio_windows_match_the_pipeline():
+def test_audio_window_is_centred_and_clamped():
     embeddings = torch.arange(10.0)[:, None]
-    assert audio_windows(embeddings, 0, 5)[:, 0].tolist() == [0, 0, 0, 1, 2]
-    assert audio_windows(embeddings, 5, 5)[:, 0].tolist() == [3, 4, 5, 6, 7]
-    assert audio_windows(embeddings, 9, 5)[:, 0].tolist() == [7, 8, 9, 9, 9]
+    assert audio_window(embeddings, 0, 5)[:, 0].tolist() == [0, 0, 0, 1, 2]
+    assert audio_window(embeddings, 5, 5)[:, 0].tolist() == [3, 4, 5, 6, 7]
+    assert audio_window(embeddings, 9, 5)[:, 0].tolist() == [7, 8, 9, 9, 9]
 
 
 def test_loss_decreases_on_a_tiny_batch():
