@@ -127,14 +127,21 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the model's own")
     parser.add_argument(
-        "--timestep-spacing",
-        choices=("linspace", "leading", "trailing"),
-        help="override the scheduler's timestep spacing (e.g. to measure DDIM with 'linspace')",
+        "--scheduler-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one entry of the scheduler config, e.g. variance_type=learned_range or "
+        "timestep_spacing=linspace (repeatable)",
     )
     parser.add_argument("--num-clips", type=int, help="evaluate only the first N clips")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the per-clip rows and the summary to this file")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for option in args.scheduler_option:
+        if "=" not in option:
+            parser.error(f"--scheduler-option takes KEY=VALUE, got {option!r}")
+    return args
 
 
 def main(argv=None) -> int:
@@ -151,12 +158,19 @@ def main(argv=None) -> int:
     pipe = DiffusedHeadsPipeline.from_pretrained(args.model)
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    if args.timestep_spacing is not None:
-        spacing = args.timestep_spacing
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, timestep_spacing=spacing)
+    if args.scheduler_option:
+        options = {}
+        for key, value in (option.split("=", 1) for option in args.scheduler_option):
+            try:
+                options[key] = json.loads(value)  # numbers and booleans
+            except ValueError:
+                options[key] = value
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
     rows, summary = evaluate(pipe, stems, args.steps, args.seed)
-    sampler = f"{type(pipe.scheduler).__name__} ({pipe.scheduler.config.timestep_spacing})"
+    config = pipe.scheduler.config
+    sampler = f"{type(pipe.scheduler).__name__} (timestep_spacing {config.timestep_spacing}"
+    sampler += f", variance_type {config.variance_type})" if pipe._learns_variance or "DDPM" in sampler else ")"
     print(
         f"\n{summary['clips']} clips, {summary['frames']} frames, {sampler} {args.steps} steps:\n"
         f"  mouth vs speech envelope  r = {summary['r_gen_env']:.3f} (ground truth {summary['r_gt_env']:.3f})\n"
