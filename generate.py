@@ -50,8 +50,8 @@ def parse_args(argv=None):
     parser.add_argument(
         "--scheduler",
         choices=SCHEDULERS,
-        help="default: the model's own (DDPM, the original sampler, for a converted model; DPM-Solver++ for the "
-        "built-in one)",
+        help="default: the model's own (DDPM: the original sampler for a converted model, DDPM with the "
+        "posterior variance for the built-in one)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
