@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Convert the released Diffused Heads TorchScript files into a verified diffusers model folder.
 
-    python convert_checkpoint.py --unet crema_script.pt --audio-encoder audio_encoder.pt --output-dir crema
+    diffused-heads convert --unet crema_script.pt --audio-encoder audio_encoder.pt --output-dir crema
+
+(`python convert_checkpoint.py ...` in a clone does the same, once the package is installed: `pip install .`.)
 
 The configuration is derived from the tensors; every source tensor is placed in exactly one target
 tensor; both converted components are then run against the TorchScript modules on the same random
@@ -26,21 +28,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
-from pipeline_diffused_heads import DiffusedHeadsPipeline
-from unet.unet_diffused_heads import AttentionBlock, DiffusedHeadsUNetModel
+from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+from diffused_heads.hub.pipeline_diffused_heads import ORIGINAL_SCHEDULER_CONFIG, DiffusedHeadsPipeline
+from diffused_heads.hub.unet.unet_diffused_heads import AttentionBlock, DiffusedHeadsUNetModel
 
 RELATIVE_TOLERANCE = 1e-4
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-SCHEDULER_CONFIG = dict(
-    num_train_timesteps=1000,
-    beta_schedule="squaredcos_cap_v2",
-    variance_type="learned_range",
-    clip_sample=True,
-    clip_sample_range=1.0,
-    prediction_type="epsilon",
-    timestep_spacing="linspace",
-)
+# What the authors say the released model handles (their README: videos up to about 9 s).
+TRAINED_CLIP_SECONDS = 9.0
 
 # Original sub-module names -> diffusers names, inside one residual or attention block.
 RESNET_KEYS = {
@@ -536,7 +531,12 @@ scheduler can be swapped in (`pipe.scheduler = DDIMScheduler.from_config(pipe.sc
 
 
 def write_model_folder(unet, audio_encoder, directory: str, report: ConversionReport, dtype: str, repo: str):
-    pipe = DiffusedHeadsPipeline(unet=unet, audio_encoder=audio_encoder, scheduler=DDPMScheduler(**SCHEDULER_CONFIG))
+    pipe = DiffusedHeadsPipeline(
+        unet=unet,
+        audio_encoder=audio_encoder,
+        scheduler=DDPMScheduler(**ORIGINAL_SCHEDULER_CONFIG),
+        trained_clip_seconds=TRAINED_CLIP_SECONDS,
+    )
     pipe.save_pretrained(directory)
     record = {
         "source_sha256": report.sha256,
@@ -667,7 +667,7 @@ def convert(
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="diffused-heads convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", required=True, help="the released UNet TorchScript file (crema_script.pt)")
     parser.add_argument("--audio-encoder", required=True, help="the released audio encoder file (audio_encoder.pt)")
     parser.add_argument("--output-dir", required=True, help="the diffusers model folder to write")

@@ -1,35 +1,43 @@
 #!/usr/bin/env bash
-# Rebuild the shipped demo model (builtin/) and the example inputs (examples/) from nothing:
-# synthetic data, training on the CPU (about 45 minutes on 2 cores), and the evaluation on held-out clips.
-# Needs the project's dependencies and, for the speech, espeak-ng (Debian: apt-get install espeak-ng);
-# without it the clips get synthetic syllable-like sounds and the result differs.
+# Rebuild the shipped demo model (src/diffused_heads/builtin) and the example inputs (src/diffused_heads/examples)
+# from nothing: synthetic data, training on the CPU (about 45 minutes on 2 cores), and the evaluation on held-out
+# clips. Needs the package installed (pip install -e . --config-settings editable_mode=strict, or pip install .)
+# and, for the speech, espeak-ng (Debian: apt-get install espeak-ng); without it the clips get synthetic
+# syllable-like sounds and the result differs.
 set -euo pipefail
 cd "$(dirname "$0")"
+package=src/diffused_heads
 
-python make_synthetic_dataset.py --examples --output examples
-python make_synthetic_dataset.py --output data/train --num-clips 600 --split train --size 64
-python make_synthetic_dataset.py --output data/eval --num-clips 40 --split eval --size 64
+diffused-heads make-dataset --examples --output "$package/examples"
+diffused-heads make-dataset --output data/train --num-clips 600 --split train --size 64
+diffused-heads make-dataset --output data/eval --num-clips 40 --split eval --size 64
 
-python train_diffused_heads.py --data data/train --output-dir runs/builtin --checkpoint-dir runs/builtin-checkpoints \
+diffused-heads train --data data/train --output-dir runs/builtin --checkpoint-dir runs/builtin-checkpoints \
   --preset builtin --train-audio-encoder --prediction-type v_prediction --max-steps 2500 --batch-size 12 --learning-rate 2e-4 --lr-warmup-steps 200 \
   --lip-loss-weight 0.5 --motion-dropout 0.25 --ema-decay 0.999 --checkpoint-every 250 --seed 0
 
-# The weights and configurations only: the code lives in this repository (save_pretrained from a loaded
-# pipeline writes a self-contained copy for the Hub).
-rm -rf builtin
-mkdir -p builtin
-cp runs/builtin/model_index.json builtin/
+# Weights and configurations, with links to the one copy of the code (the wheel stores the files themselves),
+# so that the folder loads with DiffusionPipeline.from_pretrained(..., trust_remote_code=True) as well.
+builtin="$package/builtin"
+rm -rf "$builtin"
+mkdir -p "$builtin"
+cp runs/builtin/model_index.json "$builtin/"
+ln -s ../../../pipeline_diffused_heads.py "$builtin/pipeline_diffused_heads.py"
 for part in unet audio_encoder scheduler; do
-  mkdir -p "builtin/$part"
-  cp runs/builtin/$part/*.json "builtin/$part/"
-  cp runs/builtin/$part/*.safetensors "builtin/$part/" 2>/dev/null || true
+  mkdir -p "$builtin/$part"
+  cp runs/builtin/$part/*.json "$builtin/$part/"
+  cp runs/builtin/$part/*.safetensors "$builtin/$part/" 2>/dev/null || true
 done
+ln -s ../../../../unet/unet_diffused_heads.py "$builtin/unet/unet_diffused_heads.py"
+ln -s ../../../../audio_encoder/audio_encoder_diffused_heads.py "$builtin/audio_encoder/audio_encoder_diffused_heads.py"
 # Sample with the posterior variance (fixed_small) rather than the learned one: the learned variance gets only
 # the 1e-4-weighted L_vlb and is still poor after 2500 steps (README: "The built-in demo model").
-python - <<'PY'
+python - "$builtin/scheduler" <<'PY'
+import sys
+
 from diffusers import DDPMScheduler
 
-DDPMScheduler.from_pretrained("builtin/scheduler", variance_type="fixed_small").save_config("builtin/scheduler")
+DDPMScheduler.from_pretrained(sys.argv[1], variance_type="fixed_small").save_config(sys.argv[1])
 PY
 
-python evaluate_lipsync.py --model builtin --data data/eval --num-clips 12 --steps 10 --json runs/builtin-eval.json
+diffused-heads evaluate --model "$builtin" --data data/eval --num-clips 12 --steps 10 --json runs/builtin-eval.json

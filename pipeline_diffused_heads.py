@@ -44,6 +44,18 @@ def audio_window(embeddings: torch.Tensor, frame_index: int, context: int) -> to
     return embeddings[..., (frame_index + offsets).clamp(0, embeddings.shape[-2] - 1), :]
 
 
+# The released sampler (REFERENCE: the original `sample.py`) as a diffusers DDPMScheduler configuration.
+ORIGINAL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_schedule="squaredcos_cap_v2",
+    variance_type="learned_range",
+    clip_sample=True,
+    clip_sample_range=1.0,
+    prediction_type="epsilon",
+    timestep_spacing="linspace",
+)
+
+
 @dataclass
 class DiffusedHeadsPipelineOutput(BaseOutput):
     """
@@ -97,13 +109,18 @@ def resample_audio(
     return resampled.to(waveform.dtype).reshape(*shape, num_out)
 
 
-def _local_component_classes() -> Optional[Dict[str, type]]:
-    """The component classes of a clone of the repository, when this file is imported from one."""
+def _package_component_classes() -> Optional[Dict[str, type]]:
+    """The component classes of the installed `diffused_heads` package, when this file is imported from it.
+
+    Loaded as remote code (`trust_remote_code=True`) this file stands alone and the classes come from the
+    files stored beside the weights instead."""
     import importlib
 
+    if not __package__:
+        return None
     try:
-        unet_module = importlib.import_module("unet.unet_diffused_heads")
-        encoder_module = importlib.import_module("audio_encoder.audio_encoder_diffused_heads")
+        unet_module = importlib.import_module(".unet.unet_diffused_heads", __package__)
+        encoder_module = importlib.import_module(".audio_encoder.audio_encoder_diffused_heads", __package__)
     except ImportError:
         return None
     return {"unet": unet_module.DiffusedHeadsUNetModel, "audio_encoder": encoder_module.DiffusedHeadsAudioEncoder}
@@ -195,27 +212,37 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         scheduler ([`SchedulerMixin`]): [`DDPMScheduler`] with the learned-range variance reproduces the
             original sampler; any other diffusers scheduler can be used (it is then given the first three output
             channels only: the noise, or v for a model trained with v-prediction).
+        trained_clip_seconds (`float`, *optional*): The longest clip the model is known to handle (about 9 s for
+            the released model, the length of its training clips for a model trained here); longer audio without
+            `stabilize_every` gets a warning.
     """
 
     model_cpu_offload_seq = "audio_encoder->unet"
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet, audio_encoder, scheduler: Union[SchedulerMixin, KarrasDiffusionSchedulers]):
+    def __init__(
+        self,
+        unet,
+        audio_encoder,
+        scheduler: Union[SchedulerMixin, KarrasDiffusionSchedulers],
+        trained_clip_seconds: Optional[float] = None,
+    ):
         super().__init__()
         self.register_modules(unet=unet, audio_encoder=audio_encoder, scheduler=scheduler)
+        self.register_to_config(trained_clip_seconds=trained_clip_seconds)
 
     # --- loading and saving: a folder that loads again, with the code of the pipeline and both components ---
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
-        """Load a saved pipeline with the classes of this code base (no `trust_remote_code` needed).
+        """Load a saved pipeline with the classes of the installed package (no `trust_remote_code` needed).
 
-        Used when this module is imported from a clone of the repository; `DiffusionPipeline.from_pretrained(
-        path, trust_remote_code=True)` loads the code stored with the weights instead. Components passed as
+        `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` loads the code stored with the weights
+        instead. Components passed as
         keyword arguments replace the stored ones; `torch_dtype`, `variant`, `revision`, `token`, `cache_dir`
         and `local_files_only` are passed on to the components.
         """
-        classes = _local_component_classes()
+        classes = _package_component_classes()
         if classes is None:
             kwargs.setdefault("trust_remote_code", True)
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -238,9 +265,10 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             components["scheduler"] = scheduler_class.from_pretrained(
                 pretrained_model_name_or_path, subfolder="scheduler", **shared
             )
-        unknown = set(kwargs) - {"unet", "audio_encoder", "scheduler"}
+        unknown = set(kwargs) - {"unet", "audio_encoder", "scheduler", "trained_clip_seconds"}
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
+        components["trained_clip_seconds"] = config.get("trained_clip_seconds")
         return cls(**{**components, **kwargs})
 
     def register_modules(self, **kwargs):
@@ -436,6 +464,13 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         audio_embeddings = self.audio_encoder(waveforms.to(device=device, dtype=encoder_dtype)).audio_embeddings
         audio_embeddings = audio_embeddings.to(dtype)
         batch_size, num_frames = audio_embeddings.shape[:2]
+        longest = self.config.get("trained_clip_seconds")
+        seconds = waveforms.shape[-1] / self.audio_encoder.config.sampling_rate
+        if longest and seconds > longest and not stabilize_every:
+            logger.warning(
+                f"the audio is {seconds:.1f} s long; this model was trained on clips up to about {longest:g} s and "
+                "may drift on longer ones: pass stabilize_every (e.g. 15) to put the identity frame back regularly"
+            )
 
         # 2. Initial noise for every frame.
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size

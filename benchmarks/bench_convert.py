@@ -3,10 +3,11 @@
     python benchmarks/bench_convert.py
 
 Builds a traced UNet with the released file's structure and random weights (and a scripted audio encoder)
-in a temporary folder, then runs `convert_checkpoint.py` on them in a child process and reports its wall
+in a temporary folder, then runs `diffused-heads convert` on them in a child process and reports its wall
 time and peak resident memory (the released UNet file is 864 MB).
 """
 
+import argparse
 import os
 import resource
 import subprocess
@@ -21,6 +22,8 @@ from original_model import scripted_audio_encoder, traced_unet  # noqa: E402
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Takes no options.")
+    parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         unet_path, encoder_path = os.path.join(folder, "crema_script.pt"), os.path.join(folder, "audio_encoder.pt")
         traced_unet(unet_path, size=128)
@@ -30,7 +33,9 @@ def main():
         result = subprocess.run(
             [
                 sys.executable,
-                os.path.join(ROOT, "convert_checkpoint.py"),
+                "-m",
+                "diffused_heads",
+                "convert",
                 "--unet",
                 unet_path,
                 "--audio-encoder",
@@ -38,7 +43,6 @@ def main():
                 "--output-dir",
                 os.path.join(folder, "out"),
             ],
-            cwd=ROOT,
             capture_output=True,
             text=True,
         )

@@ -18,23 +18,17 @@ against the baseline frames made from the same noise.
 
 import argparse
 import math
-import os
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler  # noqa: E402
-
-from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder  # noqa: E402
-from pipeline_diffused_heads import DiffusedHeadsPipeline  # noqa: E402
-from unet.unet_diffused_heads import AttentionBlock, DiffusedHeadsUNetModel  # noqa: E402
+from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+from diffused_heads.hub.pipeline_diffused_heads import ORIGINAL_SCHEDULER_CONFIG, DiffusedHeadsPipeline
+from diffused_heads.hub.unet.unet_diffused_heads import AttentionBlock, DiffusedHeadsUNetModel
 
 SMALL = dict(block_out_channels=(64, 128, 192), attention_head_dim=32, sample_size=64)
 SCHEDULERS = {
@@ -166,9 +160,7 @@ def main():
     torch.manual_seed(0)
     unet = DiffusedHeadsUNetModel(**config).eval().to(device)
     encoder = DiffusedHeadsAudioEncoder().eval().to(device)
-    scheduler = SCHEDULERS[args.scheduler].from_config(
-        DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler")).config
-    )
+    scheduler = SCHEDULERS[args.scheduler].from_config(DDPMScheduler(**ORIGINAL_SCHEDULER_CONFIG).config)
     size = unet.config.sample_size
     samples = args.frames * 640
     rng = np.random.RandomState(0)

@@ -1,21 +1,17 @@
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
+
+from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
+
+from original_model import randomize_  # noqa: F401  (shared: gives weights non-trivial values)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from diffusers import DDPMScheduler  # noqa: E402
-from original_model import randomize_  # noqa: E402,F401  (shared: gives weights non-trivial values)
-
-from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder  # noqa: E402
-from pipeline_diffused_heads import DiffusedHeadsPipeline  # noqa: E402
-from unet.unet_diffused_heads import DiffusedHeadsUNetModel  # noqa: E402
-
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 TINY_UNET = dict(
@@ -60,7 +56,7 @@ def tiny_audio_encoder(seed=1, **overrides):
 
 
 def ddpm_scheduler():
-    return DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler"))
+    return DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler"))  # the repository's own config
 
 
 def tiny_pipeline(seed=0, unet=None, **unet_overrides):

@@ -1,9 +1,10 @@
 import numpy as np
 import pytest
 import torch
-from conftest import read_manifest, speech_like, tiny_audio_encoder
 
-from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+
+from conftest import read_manifest, speech_like, tiny_audio_encoder
 
 
 def per_window_protocol(encoder, waveform):

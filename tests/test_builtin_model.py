@@ -2,22 +2,22 @@
 
 import json
 import os
+import subprocess
 
 import av
 import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import ROOT
 
-import generate
-from evaluate_lipsync import mouth_opening, mouth_region
-from make_synthetic_dataset import FaceStyle, draw_face
-from media import SAMPLES_PER_FRAME, load_identity_frame
-from pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads import builtin_model_path, example_image_path
+from diffused_heads.evaluate import mouth_opening, mouth_region
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads.media import SAMPLES_PER_FRAME, load_identity_frame
+from diffused_heads.synthetic_data import FaceStyle, draw_face
 
-BUILTIN = os.path.join(ROOT, "builtin")
-EXAMPLES = os.path.join(ROOT, "examples")
+BUILTIN = builtin_model_path()
+EXAMPLES = os.path.dirname(example_image_path())
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +84,15 @@ def test_loud_syllable_opens_the_mouth_more_than_silence(pipe, identity):
     assert 10 * np.log10(1 / mse) > 23
 
 
-def test_generate_with_no_arguments_uses_the_builtin_model_and_examples(tmp_path, capsys):
-    out = tmp_path / "demo.mp4"
-    assert generate.main(["--output", str(out), "--duration", "0.4"]) == 0, capsys.readouterr().err
-    err = capsys.readouterr().err
-    assert "built-in demo model" in err and "examples/identity.png" in err
-    with av.open(str(out)) as container:
+def test_installed_command_uses_the_builtin_model_and_examples_from_any_folder(tmp_path):
+    # The package data (model and example inputs) is found wherever the command runs.
+    result = subprocess.run(
+        ["diffused-heads", "generate", "--output", "demo.mp4", "--duration", "0.4"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "built-in demo model" in result.stderr and "built-in example face" in result.stderr
+    with av.open(str(tmp_path / "demo.mp4")) as container:
         assert container.streams.video[0].frames == 10 and container.streams.audio

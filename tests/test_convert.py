@@ -6,13 +6,14 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from conftest import read_manifest, speech_like
 from diffusers import DiffusionPipeline
-from original_model import scripted_audio_encoder, traced_unet
 
-import convert_checkpoint
-from convert_checkpoint import convert, derive_audio_encoder_config, derive_unet_config, main
-from unet.unet_diffused_heads import DiffusedHeadsUNetModel
+from diffused_heads.hub import convert_checkpoint
+from diffused_heads.hub.convert_checkpoint import convert, derive_audio_encoder_config, derive_unet_config, main
+from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
+
+from conftest import read_manifest, speech_like
+from original_model import scripted_audio_encoder, traced_unet
 
 TINY_ORIGINAL_UNET = dict(channels=16, mult=(1, 2), blocks=1, attn_levels=(1,), head_dim=8, groups=4, audio_in=40)
 TINY_ORIGINAL_ENCODER = dict(
@@ -106,7 +107,7 @@ def test_config_from_the_full_crema_manifest_equals_the_defaults():
         default = DiffusedHeadsUNetModel()
         derived = DiffusedHeadsUNetModel(**config)
     assert derived.to_json_string() == default.to_json_string()
-    from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+    from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
 
     assert DiffusedHeadsAudioEncoder(**encoder_config).to_json_string() == DiffusedHeadsAudioEncoder().to_json_string()
     # Every released tensor lands in exactly one tensor of the same size.

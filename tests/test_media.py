@@ -1,6 +1,5 @@
 import os
 import subprocess
-import sys
 from fractions import Fraction
 
 import av
@@ -9,8 +8,8 @@ import PIL.Image
 import pytest
 import soundfile
 
-import generate
-from media import MediaError, export_to_video_with_audio, load_audio, load_identity_frame, save_frames
+from diffused_heads import generate
+from diffused_heads.media import MediaError, export_to_video_with_audio, load_audio, load_identity_frame, save_frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,19 +80,23 @@ def test_audio_formats_rates_and_channels(kind, rate, channels, tmp_path):
     assert 0.25 < np.abs(audio[4000:12000]).max() < 0.75
 
 
-def test_start_duration_and_warnings(tmp_path):
+def test_start_duration_and_silence_warnings(tmp_path):
     path = tmp_path / "long.wav"
     soundfile.write(path, sine(16000, seconds=10.0), 16000)
     messages = []
     part = load_audio(str(path), start=1.0, duration=0.5, log=messages.append)
     assert len(part) == 8000 and not messages
-    load_audio(str(path), log=messages.append)
-    assert any("stabilize-every" in m for m in messages)
+    assert len(load_audio(str(path), log=messages.append)) == 160000 and not messages  # length is the model's call
     silent = tmp_path / "silent.wav"
     soundfile.write(silent, np.zeros((16000, 1), np.float32), 16000)
-    messages.clear()
     assert len(load_audio(str(silent), log=messages.append)) == 16000
-    assert any("silent" in m for m in messages)
+    assert messages == [f"warning: {silent} is silent; the face will not speak"]
+    # Only the selected part is silent: the warning names that part, not the whole file.
+    gap = tmp_path / "gap.wav"
+    soundfile.write(gap, np.concatenate([sine(16000, 1.0)[:, 0], np.zeros(16000, np.float32)]), 16000)
+    messages.clear()
+    load_audio(str(gap), start=1.25, duration=0.5, log=messages.append)
+    assert messages == [f"warning: the part of {gap} from 1.25s to 1.75s is silent; the face will not speak"]
 
 
 @pytest.mark.parametrize(
@@ -259,7 +262,9 @@ def test_cli_end_to_end_on_a_tiny_model(tiny_model, tmp_path, capsys):
         ("empty_audio", "empty"),
         ("exists", "exists"),
         ("bad_folder", "does not exist"),
-        ("bad_model", "could not be loaded"),
+        ("bad_model", "no such folder"),
+        ("empty_model_folder", "not a diffusers model folder"),
+        ("broken_model", "could not be loaded"),
         ("not_mp4", "must end in .mp4"),
     ],
 )
@@ -284,6 +289,13 @@ def test_cli_bad_input(setup, message, tiny_model, tmp_path, capsys):
         out = tmp_path / "missing" / "out.mp4"
     elif setup == "bad_model":
         model = tmp_path / "no-model"
+    elif setup == "empty_model_folder":
+        model = tmp_path / "empty-model"
+        model.mkdir()
+    elif setup == "broken_model":
+        model = tmp_path / "broken-model"
+        model.mkdir()
+        (model / "model_index.json").write_text("{ not json")
     elif setup == "not_mp4":
         out = tmp_path / "out.avi"
     code = cli("--image", image, "--audio", sound, "--model", model, "--output", out, "--steps", 1)
@@ -299,7 +311,7 @@ def test_cli_bad_input(setup, message, tiny_model, tmp_path, capsys):
 
 
 def test_cli_help_documents_every_option():
-    result = subprocess.run([sys.executable, "generate.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(["diffused-heads", "generate", "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     for option in (
         "--image",

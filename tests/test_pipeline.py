@@ -2,7 +2,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import ddpm_scheduler, speech_like, tiny_audio_encoder, tiny_pipeline, tiny_unet
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -13,7 +12,9 @@ from diffusers import (
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+
+from conftest import ddpm_scheduler, speech_like, tiny_audio_encoder, tiny_pipeline, tiny_unet
 
 
 class RecordingUNet(torch.nn.Module):
@@ -212,7 +213,7 @@ def warnings_of(pipe, identity_image) -> str:
 
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
-    logger = diffusers_logging.get_logger("pipeline_diffused_heads")
+    logger = diffusers_logging.get_logger(type(pipe).__module__)
     logger.addHandler(handler)
     try:
         run(pipe, identity_image, num_inference_steps=3)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy.signal import resample_poly
 
-from pipeline_diffused_heads import resample_audio
+from diffused_heads.hub.pipeline_diffused_heads import resample_audio
 
 
 def dominant_frequency(x, rate):

@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import torch
+
 from conftest import ddpm_scheduler
 
 

@@ -3,10 +3,11 @@ import os
 
 import numpy as np
 import torch
-from conftest import speech_like, tiny_pipeline
 from diffusers import DDIMScheduler, DiffusionPipeline
 
-from pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+
+from conftest import speech_like, tiny_pipeline
 
 
 def frames(pipe, identity):
@@ -76,8 +77,8 @@ def test_repository_root_is_a_model_folder_without_weights():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     index = json.loads(open(os.path.join(root, "model_index.json")).read())
     assert index["_class_name"] == ["pipeline_diffused_heads", "DiffusedHeadsPipeline"]
-    from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
-    from unet.unet_diffused_heads import DiffusedHeadsUNetModel
+    from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+    from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 
     with torch.device("meta"):
         for cls, folder in ((DiffusedHeadsUNetModel, "unet"), (DiffusedHeadsAudioEncoder, "audio_encoder")):

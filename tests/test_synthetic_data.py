@@ -5,8 +5,8 @@ import json
 import numpy as np
 import soundfile
 
-import make_synthetic_dataset as data
-from evaluate_lipsync import mouth_opening, pearson
+from diffused_heads import synthetic_data as data
+from diffused_heads.evaluate import mouth_opening, pearson
 
 
 def test_envelope_is_zero_in_silence_and_high_in_speech():

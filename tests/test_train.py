@@ -7,16 +7,17 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_ENCODER, TINY_UNET, tiny_pipeline
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from scipy.stats import norm
 
-import make_synthetic_dataset
-import train_diffused_heads as train
-from pipeline_diffused_heads import audio_window
-from train_diffused_heads import Clip, DiffusionObjective, mouth_masks, sample_batch
-from unet.unet_diffused_heads import DiffusedHeadsUNetModel
+from diffused_heads import synthetic_data as make_synthetic_dataset
+from diffused_heads import train
+from diffused_heads.hub.pipeline_diffused_heads import audio_window
+from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
+from diffused_heads.train import Clip, DiffusionObjective, mouth_masks, sample_batch
+
+from conftest import TINY_ENCODER, TINY_UNET, tiny_pipeline
 
 T = 1000
 
@@ -273,7 +274,7 @@ def test_resume_continues_where_it_stopped(clip_folder, tiny_config, tmp_path):
 
 
 def test_result_loads_in_the_pipeline(clip_folder, tiny_config, tmp_path):
-    from pipeline_diffused_heads import DiffusedHeadsPipeline
+    from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
     assert (
         run(clip_folder, tmp_path / "model", "--max-steps", "2", "--config", str(tiny_config), "--train-audio-encoder")

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Train the Diffused Heads UNet (and optionally the audio encoder) on a folder of talking-face clips.
 
-    python train_diffused_heads.py --data data/train --output-dir my-model --preset builtin --train-audio-encoder
-    accelerate launch train_diffused_heads.py --data clips/ --init-from ./diffused-heads-crema --output-dir tuned
+    diffused-heads train --data data/train --output-dir my-model --preset builtin --train-audio-encoder
+    accelerate launch -m diffused_heads train --data clips/ --init-from ./diffused-heads-crema --output-dir tuned
 
 The objective is the original one: L_simple (MSE on the noise) + 1e-4 · L_vlb (the variational bound term of
 the sampled timestep, which trains the learned variance; the predicted noise is detached in it) + 0.2 · lip
@@ -13,7 +12,7 @@ as in the original; `--train-audio-encoder` trains it jointly (needed for a mode
 
 A clip is `NAME.mp4` (or any video PyAV reads) with its audio track or a `NAME.wav` beside it, and optionally
 `NAME.json` with `"mouth_boxes"`: one `[x0, y0, x1, y1]` box in pixels of the video frame per frame (what
-`make_synthetic_dataset.py` writes). All clips are decoded once and held in memory at the model's resolution.
+`diffused-heads make-dataset` writes). All clips are decoded once and held in memory at the model's resolution.
 
 Checkpoints (`--checkpoint-every`, in `--checkpoint-dir`) hold the model, optimiser, EMA, learning-rate and
 random states; `--resume latest` continues a run exactly where it stopped. Losses are logged to
@@ -36,14 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder  # noqa: E402
-from media import FPS, MediaError, load_audio  # noqa: E402
-from pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window, to_motion_frame  # noqa: E402
-from unet.unet_diffused_heads import NUM_MOTION_FRAMES, DiffusedHeadsUNetModel  # noqa: E402
+from .hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+from .hub.pipeline_diffused_heads import (
+    ORIGINAL_SCHEDULER_CONFIG,
+    DiffusedHeadsPipeline,
+    audio_window,
+    to_motion_frame,
+)
+from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES, DiffusedHeadsUNetModel
+from .media import FPS, MediaError, load_audio
 
 # Configurations a model can be made from. "crema" is the released model's; "builtin" is the small model
 # shipped in `builtin/` (48×48, about 3.5 M UNet parameters).
@@ -334,6 +334,7 @@ class TrainingState:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
+        prog="diffused-heads train",
         description="Train the Diffused Heads UNet on talking-face clips (see the module docstring).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -396,7 +397,8 @@ def build_components(args):
         except (OSError, ValueError) as error:
             reason = " ".join(str(error).split())
             raise TrainingError(f"--init-from {args.init_from} could not be loaded: {reason}") from None
-        return pipe.unet, pipe.audio_encoder, DDPMScheduler.from_config(pipe.scheduler.config)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return pipe.unet, pipe.audio_encoder, scheduler, pipe.config.get("trained_clip_seconds")
     if not args.train_audio_encoder:
         raise TrainingError(
             "a new model has an untrained audio encoder: pass --train-audio-encoder, or --init-from a pipeline "
@@ -417,8 +419,8 @@ def build_components(args):
         encoder = DiffusedHeadsAudioEncoder(**preset.get("audio_encoder", {}))
     except (TypeError, ValueError) as error:
         raise TrainingError(f"invalid model configuration: {error}") from None
-    scheduler = DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler"), prediction_type=args.prediction_type)
-    return unet, encoder, scheduler
+    scheduler = DDPMScheduler(**{**ORIGINAL_SCHEDULER_CONFIG, "prediction_type": args.prediction_type})
+    return unet, encoder, scheduler, None
 
 
 def _checkpoints(folder: str) -> List[str]:
@@ -436,7 +438,7 @@ def train(args) -> str:
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     log = accelerator.print
-    unet, encoder, noise_scheduler = build_components(args)
+    unet, encoder, noise_scheduler, trained_clip_seconds = build_components(args)
     if unet.config.audio_embedding_dim != encoder.config.hidden_size:
         raise TrainingError("the UNet's audio_embedding_dim differs from the audio encoder's hidden_size")
     if unet.config.out_channels not in (unet.config.in_channels, 2 * unet.config.in_channels):
@@ -446,6 +448,9 @@ def train(args) -> str:
     num_frames = sum(len(c.frames) for c in clips)
     with_boxes = sum(c.mouth_boxes is not None for c in clips)
     log(f"{len(clips)} clips, {num_frames} frames ({num_frames / FPS / 60:.1f} min), {with_boxes} with mouth boxes")
+    # The saved model warns about audio longer than what it has seen (or than its starting point had seen).
+    longest_clip = max(len(c.frames) for c in clips) / FPS
+    trained_clip_seconds = max(longest_clip, trained_clip_seconds or 0.0)
     if args.lip_loss_weight and 0 < with_boxes < len(clips):
         raise TrainingError("some clips have mouth boxes and some do not; give boxes for all or none")
 
@@ -567,7 +572,12 @@ def train(args) -> str:
             ema_encoder.copy_to(encoder.parameters())
         unet.requires_grad_(False)
         encoder.requires_grad_(False)
-        pipe = DiffusedHeadsPipeline(unet=unet.to("cpu"), audio_encoder=encoder.to("cpu"), scheduler=noise_scheduler)
+        pipe = DiffusedHeadsPipeline(
+            unet=unet.to("cpu"),
+            audio_encoder=encoder.to("cpu"),
+            scheduler=noise_scheduler,
+            trained_clip_seconds=round(trained_clip_seconds, 2),
+        )
         pipe.save_pretrained(args.output_dir)
         log(f"saved the pipeline to {args.output_dir} after {state.step} steps ({time.time() - started:.0f} s)")
     accelerator.end_training()

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Measure how well a model moves the mouth with the speech and keeps the face, on synthetic clips.
 
-python evaluate_lipsync.py --model builtin --data data/eval --steps 10
+    diffused-heads evaluate --data data/eval --steps 10
 
-For every clip of `--data` (made by `make_synthetic_dataset.py --split eval`: identities and voices not
+For every clip of `--data` (made by `diffused-heads make-dataset --split eval`: identities and voices not
 used in training) the model animates the clip's first frame with the clip's speech. Reported per clip and
 on average:
 
@@ -28,10 +27,11 @@ import time
 import numpy as np
 import torch
 
-from generate import SCHEDULERS, make_scheduler
-from make_synthetic_dataset import MOUTH_INSIDE, speech_envelope
-from media import load_audio
-from train_diffused_heads import decode_video
+from . import builtin_model_path
+from .generate import SCHEDULERS, make_scheduler
+from .media import load_audio
+from .synthetic_data import MOUTH_INSIDE, speech_envelope
+from .train import decode_video
 
 
 def mouth_opening(frames: np.ndarray, region) -> np.ndarray:
@@ -119,11 +119,12 @@ def evaluate(pipe, stems, steps: int, seed: int = 0, log=print):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        prog="diffused-heads evaluate",
         description="Lip-sync and identity figures of a model on synthetic evaluation clips.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--model", default="builtin", help="pipeline folder")
-    parser.add_argument("--data", required=True, help="folder made by make_synthetic_dataset.py --split eval")
+    parser.add_argument("--model", help="pipeline folder (default: the built-in demo model)")
+    parser.add_argument("--data", required=True, help="folder made by diffused-heads make-dataset --split eval")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the model's own")
     parser.add_argument(
@@ -146,7 +147,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from pipeline_diffused_heads import DiffusedHeadsPipeline
+    from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
     stems = sorted(p[: -len(".json")] for p in glob.glob(os.path.join(args.data, "*.json")))
     stems = [s for s in stems if os.path.exists(s + ".mp4") and os.path.exists(s + ".wav")]
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         return 1
     if args.num_clips:
         stems = stems[: args.num_clips]
-    pipe = DiffusedHeadsPipeline.from_pretrained(args.model)
+    pipe = DiffusedHeadsPipeline.from_pretrained(args.model or builtin_model_path())
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     if args.scheduler_option:

@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Make a synthetic talking-face data set: drawn faces whose mouths follow real or synthetic speech.
 
-python make_synthetic_dataset.py --output data/train --num-clips 400 --split train
-python make_synthetic_dataset.py --output data/eval --num-clips 40 --split eval
+    diffused-heads make-dataset --output data/train --num-clips 400 --split train
+    diffused-heads make-dataset --output data/eval --num-clips 40 --split eval
 
 Every clip is a square face on the green background of the original training data, 25 fps, with 16 kHz
 mono speech. Identities vary in face shape, skin, hair and eye colours, eye spacing and mouth size; the
@@ -33,9 +32,9 @@ import soundfile
 import torch
 from tqdm.auto import tqdm
 
-from media import FPS, SAMPLES_PER_FRAME, SAMPLING_RATE, export_to_video_with_audio
-from media import GREEN_BACKGROUND as GREEN
-from pipeline_diffused_heads import resample_audio
+from .hub.pipeline_diffused_heads import resample_audio
+from .media import FPS, SAMPLES_PER_FRAME, SAMPLING_RATE, export_to_video_with_audio
+from .media import GREEN_BACKGROUND as GREEN
 
 MOUTH_INSIDE = (72, 18, 30)
 SUPERSAMPLE = 4
@@ -354,6 +353,7 @@ def make_examples(folder: str, size: int = 128) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        prog="diffused-heads make-dataset",
         description="Make synthetic talking-face clips (video + 16 kHz speech + mouth boxes).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Make a talking-head video from one face image (or video) and a speech recording.
 
-python generate.py --image face.png --audio speech.m4a --model ./diffused-heads-crema --output out.mp4
+diffused-heads generate --image face.png --audio speech.m4a --model ./diffused-heads-crema --output out.mp4
 """
 
 import argparse
@@ -12,7 +11,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from media import (
+from . import builtin_model_path, example_audio_path, example_image_path
+from .media import (
     SAMPLING_RATE,
     MediaError,
     export_to_video_with_audio,
@@ -29,20 +29,32 @@ class UsageError(Exception):
     pass
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not "(default: None)" after a help text that says it)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        prog="diffused-heads generate",
         description="Generate a talking-head video (25 fps, H.264 + AAC) with the Diffused Heads pipeline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "--image", help="identity image (PNG, JPEG, WebP, BMP) or video; default: examples/identity.png"
+        "--image", help="identity image (PNG, JPEG, WebP, BMP) or video; default: the built-in example face"
     )
     parser.add_argument(
-        "--audio", help="speech: wav, flac, ogg, mp3, m4a/aac or the audio of a video; default: examples/speech.wav"
+        "--audio",
+        help="speech: wav, flac, ogg, mp3, m4a/aac or the audio of a video; default: the built-in example sentence",
     )
     parser.add_argument("--output", default="output.mp4", help="the .mp4 file to write")
     parser.add_argument(
-        "--model", help="model folder or Hub id (made by convert_checkpoint.py); default: the built-in demo model"
+        "--model",
+        help="model folder or Hub id (made by 'diffused-heads convert'); default: the built-in demo model",
     )
     parser.add_argument(
         "--steps", type=int, help="denoising steps per frame (default: 100; 10 for the built-in model)"
@@ -80,17 +92,7 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-# --------------------------------------------------------------------------------------------------
-# Built-in model and inputs
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-BUILTIN_MODEL = os.path.join(ROOT, "builtin")
-EXAMPLE_IMAGE = os.path.join(ROOT, "examples", "identity.png")
-EXAMPLE_SPEECH = os.path.join(ROOT, "examples", "speech.wav")
 BUILTIN_STEPS = 10
-
-
-# --------------------------------------------------------------------------------------------------
 
 
 def make_scheduler(name: str, config):
@@ -125,18 +127,71 @@ def check_output(args):
         raise UsageError(f"--size must be an even number of at least 16, got {args.size}")
 
 
+def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(model: str) -> str:
+    """Check that `--model` is a model folder, or a Hub id that can be had (cached, or the Hub reachable).
+
+    Without this a mistyped folder name is taken for a Hub id, retried for half a minute and reported as a
+    missing `model_index.json`."""
+    if os.path.isdir(model):
+        if not os.path.isfile(os.path.join(model, "model_index.json")):
+            raise UsageError(f"--model {model} is a folder but not a diffusers model folder (no model_index.json)")
+        return model
+    if os.path.exists(model):
+        raise UsageError(f"--model {model} is a file; give the model folder (with model_index.json) or a Hub id")
+    if (
+        os.path.isabs(model)
+        or model.startswith((".", "~"))
+        or model.count("/") > 1
+        or os.sep != "/"
+        and os.sep in model
+    ):
+        raise UsageError(f"--model {model}: no such folder")
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model, "model_index.json")
+    except ValueError:  # not a valid repository id either
+        raise UsageError(f"--model {model} is neither a folder here nor a valid Hub model id") from None
+    if isinstance(cached, str):
+        return model
+    if constants.HF_HUB_OFFLINE:
+        raise UsageError(
+            f"--model {model} is neither a folder here nor a Hub model in the local cache, and the Hub is switched "
+            "off (HF_HUB_OFFLINE); check the folder name or download the model first"
+        )
+    if not _hub_reachable(constants.ENDPOINT):
+        raise UsageError(
+            f"--model {model} is neither a folder here nor reachable on the Hub ({constants.ENDPOINT} cannot be "
+            "reached); check the folder name or the network"
+        )
+    return model
+
+
 def load_pipeline(args, device, dtype):
-    from pipeline_diffused_heads import DiffusedHeadsPipeline
+    from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
     model = args.model
     if model is None:
         print(
-            "note: no --model given: using the built-in demo model (48x48, trained on synthetic drawn faces by "
-            "train_diffused_heads.py). For real faces convert the released weights with convert_checkpoint.py "
-            "and pass --model DIR.",
+            "note: no --model given: using the built-in demo model (48x48, trained on synthetic drawn faces). For "
+            "real faces convert the released weights with 'diffused-heads convert' and pass --model DIR.",
             file=sys.stderr,
         )
-        model = BUILTIN_MODEL
+        model = builtin_model_path()
+    model = resolve_model(model)
     try:
         pipe = DiffusedHeadsPipeline.from_pretrained(model, torch_dtype=dtype)
     except Exception as error:  # diffusers raises several kinds for a missing or broken folder
@@ -165,13 +220,13 @@ def run(args) -> str:
     else:
         if args.frame is not None or args.random_frame:
             raise UsageError("--frame and --random-frame need a video as --image")
-        log(f"note: no --image given: using {os.path.relpath(EXAMPLE_IMAGE)}")
-        identity = load_identity_frame(EXAMPLE_IMAGE, log=log)
+        log("note: no --image given: using the built-in example face")
+        identity = load_identity_frame(example_image_path(), log=log)
     if args.audio:
         audio = load_audio(args.audio, start=args.start, duration=args.duration, log=log)
     else:
-        log(f"note: no --audio given: using {os.path.relpath(EXAMPLE_SPEECH)}")
-        audio = load_audio(EXAMPLE_SPEECH, start=args.start, duration=args.duration, log=log)
+        log("note: no --audio given: using the built-in example sentence")
+        audio = load_audio(example_audio_path(), start=args.start, duration=args.duration, log=log)
 
     pipe = load_pipeline(args, device, DTYPES[args.dtype])
     if args.steps is None:

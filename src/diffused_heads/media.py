@@ -16,12 +16,11 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-from pipeline_diffused_heads import resample_audio
+from .hub.pipeline_diffused_heads import resample_audio
 
 SAMPLING_RATE = 16000
 FPS = 25
 SAMPLES_PER_FRAME = SAMPLING_RATE // FPS
-TRAINED_SECONDS = 9.0
 # The background of the CREMA-D crops the model was trained on; transparent pixels are filled with it.
 GREEN_BACKGROUND = (0, 177, 64)
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
@@ -176,8 +175,8 @@ def load_audio(
     """Speech from any common audio or video file as mono float32 at `sampling_rate` (16 kHz by default).
 
     Channels are averaged; other sample rates are converted with a band-limited resampler. `start` and
-    `duration` (seconds) select a part. Silence is allowed but reported; audio longer than the ~9 s the model
-    was trained on is reported with a hint to use `stabilize_every`.
+    `duration` (seconds) select a part. Silence is allowed but reported. (How long a clip the model handles
+    well is the model's business: the pipeline warns about audio longer than its `trained_clip_seconds`.)
     """
     _check_file(path, "audio file")
     if start < 0 or (duration is not None and duration <= 0):
@@ -201,12 +200,11 @@ def load_audio(
     if len(waveform) < SAMPLES_PER_FRAME * sampling_rate // SAMPLING_RATE:
         raise MediaError(f"{path} is too short ({seconds * 1000:.0f} ms); one video frame needs 40 ms of audio")
     if np.abs(waveform).max() < 1e-4:
-        log(f"warning: {path} is silent; the face will not speak")
-    if seconds > TRAINED_SECONDS:
-        log(
-            f"warning: the audio is {seconds:.1f}s long; the model was trained on clips up to about "
-            f"{TRAINED_SECONDS:g}s and may drift on longer ones (try --stabilize-every 15)"
-        )
+        if first > 0 or last < len(samples):
+            part = f"the part of {path} from {first / rate:g}s to {last / rate:g}s"
+        else:
+            part = path
+        log(f"warning: {part} is silent; the face will not speak")
     return waveform
 
 
@@ -248,6 +246,13 @@ def _atomic_output(path: str, overwrite: bool) -> str:
     if not os.access(directory, os.W_OK):
         raise PermissionError(f"cannot write in {directory}")
     return directory
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0o666 less the process umask (temporary files are made 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def export_to_video_with_audio(
@@ -300,6 +305,7 @@ def export_to_video_with_audio(
                         container.mux(packet)
                 for packet in audio_stream.encode(None):
                     container.mux(packet)
+        os.chmod(temporary, default_file_mode())
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):

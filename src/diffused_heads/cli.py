@@ -1,0 +1,54 @@
+"""The `diffused-heads` command: one entry point, a subcommand per tool, each with its own `--help`."""
+
+import importlib
+import sys
+from typing import List, Optional
+
+# subcommand -> (module defining `main(argv)`, one-line summary); modules are imported only when run.
+COMMANDS = {
+    "generate": (".generate", "make a talking-head video from a face image and speech"),
+    "convert": (".hub.convert_checkpoint", "convert the released TorchScript files into a verified model folder"),
+    "train": (".train", "train a model (or fine-tune one) on talking-face clips; runs under accelerate launch"),
+    "evaluate": (".evaluate", "lip-sync and identity figures of a model on synthetic held-out clips"),
+    "make-dataset": (".synthetic_data", "make synthetic talking-face clips for training and evaluation"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [
+        "usage: diffused-heads <command> [options]",
+        "",
+        "Diffused Heads talking-face generation (diffusers). Commands:",
+        "",
+    ]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += [
+        "",
+        "'diffused-heads <command> --help' describes a command's options. Under accelerate:",
+        "  accelerate launch [accelerate options] -m diffused_heads <command> ...",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"diffused-heads {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        print(f"\nerror: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0], __package__)
+    return module.main(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
