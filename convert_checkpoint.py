@@ -569,6 +569,8 @@ def convert(
     if os.path.exists(output_dir) and not overwrite:
         raise ConversionError(f"--output-dir {output_dir} exists; pass --overwrite to replace it")
     parent = os.path.dirname(output_dir)
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise ConversionError(f"--output-dir: {parent} is a file, not a folder")
     if not os.path.isdir(parent):
         raise ConversionError(f"--output-dir: parent folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
@@ -637,6 +639,9 @@ def convert(
 
     temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes 0o700; give the folder the mode os.mkdir would
         write_model_folder(unet, audio_encoder, temporary, report, dtype, push_to_hub or output_dir)
         if os.path.exists(output_dir):
             old = temporary + ".old"

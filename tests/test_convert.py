@@ -217,16 +217,40 @@ def test_existing_output_needs_overwrite(released, tmp_path, capsys):
     ]
 
 
-def test_unwritable_output_is_reported(released, tmp_path, capsys):
+def test_unusable_output_locations_are_reported(released, tmp_path, capsys):
     assert _cli(released, tmp_path / "no" / "such" / "parent", extra=["--no-verify"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    locked = tmp_path / "locked"
-    locked.mkdir()
-    locked.chmod(0o500)
+    regular = tmp_path / "regular-file"
+    regular.write_text("not a folder")
+    assert _cli(released, regular / "out", extra=["--no-verify"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --output-dir: {regular} is a file, not a folder"
+    assert sorted(os.listdir(tmp_path)) == ["regular-file"]
+
+
+@pytest.mark.parametrize("failure", ["verification", "writing"])
+def test_failed_conversion_with_overwrite_keeps_the_old_folder(failure, released, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    if failure == "verification":
+        monkeypatch.setattr(convert_checkpoint, "legacy_qkv_to_grouped", lambda t, d: t)
+        monkeypatch.setattr(convert_checkpoint, "attention_head_dim_from_module", lambda *a: 8)
+    else:
+
+        def disk_full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(convert_checkpoint, "write_model_folder", disk_full)
+    assert _cli(released, out, extra=["--overwrite"]) == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert sorted(os.listdir(tmp_path)) == ["out"] and (out / "keep.txt").read_text() == "mine"
+
+
+def test_output_folder_gets_the_mode_mkdir_would_give(released, tmp_path):
+    previous = os.umask(0o027)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere")
-        assert _cli(released, locked / "out", extra=["--no-verify"]) == 1
-        assert "cannot write" in capsys.readouterr().err
+        assert _cli(released, tmp_path / "out", extra=["--no-verify"]) == 0
     finally:
-        locked.chmod(0o700)
+        os.umask(previous)
+    assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o750

@@ -1,5 +1,6 @@
 import os
 import subprocess
+import time
 from fractions import Fraction
 
 import av
@@ -200,10 +201,61 @@ def test_video_written_and_read_back(tmp_path):
     assert len(paths) == 3 and PIL.Image.open(paths[0]).size == (16, 16)
 
 
-def test_failed_write_leaves_no_file(tmp_path):
+def test_bad_frame_size_is_refused_before_any_file_exists(tmp_path):
     with pytest.raises(ValueError):
         export_to_video_with_audio(np.zeros((2, 15, 15, 3), np.float32), None, str(tmp_path / "x.mp4"), size=None)
     assert os.listdir(tmp_path) == []
+
+
+def test_encoder_failure_mid_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    calls = []
+    real = av.VideoFrame.from_ndarray
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing)
+    frames = np.zeros((6, 16, 16, 3), np.float32)
+    with pytest.raises(RuntimeError, match="No space"):
+        export_to_video_with_audio(frames, None, str(tmp_path / "new.mp4"), size=None)
+    assert len(calls) == 3 and os.listdir(tmp_path) == []
+    old = tmp_path / "old.mp4"
+    old.write_bytes(b"previous video")
+    calls.clear()
+    with pytest.raises(RuntimeError, match="No space"):
+        export_to_video_with_audio(frames, None, str(old), size=None, overwrite=True)
+    assert os.listdir(tmp_path) == ["old.mp4"] and old.read_bytes() == b"previous video"
+
+
+def test_video_is_encoded_under_another_name_then_renamed(tmp_path, monkeypatch):
+    final = tmp_path / "out.mp4"
+    final.write_bytes(b"previous video")
+    opened = []
+    real_open = av.open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append((str(path), final.read_bytes()))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(av, "open", recording_open)
+    export_to_video_with_audio(np.zeros((3, 16, 16, 3), np.float32), None, str(final), size=None, overwrite=True)
+    [(path, final_content_meanwhile)] = opened
+    assert os.path.dirname(path) == str(tmp_path) and path != str(final)
+    assert final_content_meanwhile == b"previous video"
+    assert os.listdir(tmp_path) == ["out.mp4"] and final.read_bytes() != b"previous video"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_written_video_gets_the_mode_open_would_give(umask, mode, tmp_path):
+    previous = os.umask(umask)
+    try:
+        export_to_video_with_audio(np.zeros((2, 16, 16, 3), np.float32), None, str(tmp_path / "v.mp4"), size=None)
+    finally:
+        os.umask(previous)
+    assert os.stat(tmp_path / "v.mp4").st_mode & 0o777 == mode
 
 
 # --- the command-line tool ---
@@ -334,3 +386,54 @@ def test_cli_help_documents_every_option():
         "--overwrite",
     ):
         assert option in result.stdout
+
+
+def test_a_model_name_that_is_no_folder_fails_at_once_when_the_hub_cannot_be_had(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    args = ("--model", "nope-model", "--output", tmp_path / "o.mp4", "--duration", "0.2")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    assert cli(*args) == 1
+    assert time.perf_counter() - started < 10
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "nope-model is neither a folder here nor a Hub model in the local cache" in line
+    assert "HF_HUB_OFFLINE" in line
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    assert cli(*args) == 1
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "nope-model is neither a folder here nor reachable on the Hub" in line
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def decoded_frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_generate_passes_its_options_to_the_pipeline(tiny_model, tmp_path, monkeypatch):
+    from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+
+    calls = []
+    real_call = DiffusedHeadsPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusedHeadsPipeline, "__call__", recording_call)
+    sound = tmp_path / "speech.wav"
+    soundfile.write(sound, sine(16000, seconds=0.3), 16000)
+    common = ("--model", tiny_model, "--audio", sound, "--steps", 2)
+    assert cli(*common, "--output", tmp_path / "a.mp4", "--seed", 1, "--stabilize-every", 3, "--size", 48) == 0
+    assert cli(*common, "--output", tmp_path / "b.mp4", "--seed", 1, "--size", 48) == 0
+    assert cli(*common, "--output", tmp_path / "c.mp4", "--seed", 2, "--size", 48) == 0
+    assert [c["stabilize_every"] for c in calls] == [3, None, None]
+    assert [c["num_inference_steps"] for c in calls] == [2, 2, 2]
+    a, b, c = (decoded_frames(tmp_path / name) for name in ("a.mp4", "b.mp4", "c.mp4"))
+    assert a.shape[1:] == (48, 48, 3)  # --size sets the width and height
+    seeds_differ = np.abs(b.astype(int) - c.astype(int)).mean()
+    assert seeds_differ > 5, seeds_differ  # --seed changes the noise
+    assert cli(*common, "--output", tmp_path / "b2.mp4", "--seed", 1, "--size", 48) == 0
+    assert np.array_equal(decoded_frames(tmp_path / "b2.mp4"), b)  # and the same seed gives the same video

@@ -205,7 +205,7 @@ def test_scheduler_swaps_on_a_random_unet(name, identity_image):
     assert not pipe._learns_variance  # only DDPM uses the variance channels
 
 
-def warnings_of(pipe, identity_image) -> str:
+def warnings_of(pipe, identity_image, **kwargs) -> str:
     import io
     import logging
 
@@ -216,7 +216,7 @@ def warnings_of(pipe, identity_image) -> str:
     logger = diffusers_logging.get_logger(type(pipe).__module__)
     logger.addHandler(handler)
     try:
-        run(pipe, identity_image, num_inference_steps=3)
+        run(pipe, identity_image, **{"num_inference_steps": 3, **kwargs})
     finally:
         logger.removeHandler(handler)
     return stream.getvalue()
@@ -309,3 +309,19 @@ def test_model_cpu_offload_path_runs(identity_image):
     expected = run(pipe, identity_image).frames
     pipe.enable_model_cpu_offload(device="cpu")
     np.testing.assert_allclose(run(pipe, identity_image).frames, expected, atol=1e-6)
+
+
+def test_long_audio_warning_follows_the_models_training_clip_length(identity_image, tmp_path):
+    pipe = tiny_pipeline()
+    assert warnings_of(pipe, identity_image) == ""  # no length stored: nothing to compare with
+    pipe.register_to_config(trained_clip_seconds=0.1)
+    pipe.save_pretrained(tmp_path)
+    loaded = DiffusedHeadsPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.trained_clip_seconds == 0.1
+    warning = warnings_of(loaded, identity_image)  # 0.2 s of speech
+    assert "the audio is 0.2 s long; this model was trained on clips up to about 0.1 s" in warning
+    assert "stabilize_every" in warning
+    assert warnings_of(loaded, identity_image, stabilize_every=3) == ""
+    loaded.register_to_config(trained_clip_seconds=0.3)
+    assert warnings_of(loaded, identity_image) == ""

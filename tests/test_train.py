@@ -13,7 +13,7 @@ from scipy.stats import norm
 
 from diffused_heads import synthetic_data as make_synthetic_dataset
 from diffused_heads import train
-from diffused_heads.hub.pipeline_diffused_heads import audio_window
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 from diffused_heads.train import Clip, DiffusionObjective, mouth_masks, sample_batch
 
@@ -150,7 +150,7 @@ def test_batch_uses_previous_ground_truth_frames_and_identity_at_start():
     frames = torch.arange(6, dtype=torch.uint8)[:, None, None, None].expand(6, 3, 2, 2).contiguous() * 40
     clip = Clip("c", frames, torch.zeros(6 * 640), None)
     g = torch.Generator().manual_seed(0)
-    seen_start = seen_middle = False
+    seen_start = seen_middle = seen_other_identity = False
     for _ in range(60):
         batch = sample_batch([clip], 1, g)
         level = lambda x: round((x.flatten()[0].item() + 1) * 127.5 / 40)  # noqa: E731
@@ -161,7 +161,8 @@ def test_batch_uses_previous_ground_truth_frames_and_identity_at_start():
         assert newer == (target - 1 if target >= 1 else identity)
         seen_start |= target == 0
         seen_middle |= target >= 2
-    assert seen_start and seen_middle
+        seen_other_identity |= identity != target
+    assert seen_start and seen_middle and seen_other_identity  # the identity is a random frame, not the target
     dropped = sample_batch([clip], 8, torch.Generator().manual_seed(1), motion_dropout=1.0)
     assert torch.equal(dropped["motion"][:, 0], dropped["identity"])
     assert torch.equal(dropped["motion"][:, 1], dropped["identity"])
@@ -274,16 +275,91 @@ def test_resume_continues_where_it_stopped(clip_folder, tiny_config, tmp_path):
 
 
 def test_result_loads_in_the_pipeline(clip_folder, tiny_config, tmp_path):
-    from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
-
     assert (
-        run(clip_folder, tmp_path / "model", "--max-steps", "2", "--config", str(tiny_config), "--train-audio-encoder")
+        run(
+            clip_folder,
+            tmp_path / "model",
+            *("--max-steps", "2", "--config", str(tiny_config), "--train-audio-encoder"),
+            *("--prediction-type", "v_prediction"),
+        )
         == 0
     )
     pipe = DiffusedHeadsPipeline.from_pretrained(tmp_path / "model")
     pipe.set_progress_bar_config(disable=True)
     out = pipe(np.zeros((16, 16, 3), np.uint8), np.zeros(3200, np.float32), num_inference_steps=2)
     assert out.frames.shape == (1, 5, 16, 16, 3)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    # The longest clip made by the fixture (--max-seconds 1.0) is what the model knows.
+    assert 0.5 <= pipe.config.trained_clip_seconds <= 1.0
+
+
+def recorded_run(monkeypatch, clip_folder, output, *extra):
+    """Run the training script, recording the clips it loads, the batches it draws and what the UNet receives."""
+    record = {"clips": None, "batches": [], "unet_inputs": []}
+    real_load, real_sample, real_forward = train.load_clips, train.sample_batch, DiffusedHeadsUNetModel.forward
+
+    def load_clips(*args, **kwargs):
+        record["clips"] = real_load(*args, **kwargs)
+        return record["clips"]
+
+    def sample(*args, **kwargs):
+        record["batches"].append(real_sample(*args, **kwargs))
+        return record["batches"][-1]
+
+    def forward(self, sample, timestep, identity_frame, motion_frames, audio_context, **kwargs):
+        record["unet_inputs"].append(
+            {
+                "identity": identity_frame.detach().clone(),
+                "motion": motion_frames.detach().clone(),
+                "audio": audio_context.detach().clone(),
+            }
+        )
+        return real_forward(self, sample, timestep, identity_frame, motion_frames, audio_context, **kwargs)
+
+    monkeypatch.setattr(train, "load_clips", load_clips)
+    monkeypatch.setattr(train, "sample_batch", sample)
+    monkeypatch.setattr(DiffusedHeadsUNetModel, "forward", forward)
+    assert run(clip_folder, output, *extra) == 0
+    assert len(record["batches"]) == len(record["unet_inputs"]) > 0
+    return record
+
+
+def test_unet_gets_the_audio_window_of_the_target_frame(clip_folder, tmp_path, monkeypatch):
+    start = tmp_path / "start"
+    tiny_pipeline().save_pretrained(start)
+    extra = ("--max-steps", "3", "--init-from", str(start), "--ema-decay", "0", "--batch-size", "3")
+    record = recorded_run(monkeypatch, clip_folder, tmp_path / "tuned", *extra)
+    encoder = DiffusedHeadsPipeline.from_pretrained(start).audio_encoder  # frozen during training
+    with torch.no_grad():
+        embeddings = [encoder(clip.waveform[None]).audio_embeddings[0] for clip in record["clips"]]
+    for batch, inputs in zip(record["batches"], record["unet_inputs"]):
+        expected = torch.stack([audio_window(embeddings[c], t, 5) for c, t in zip(batch["clip"], batch["target"])])
+        torch.testing.assert_close(inputs["audio"], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(inputs["identity"], batch["identity"])
+
+
+def test_full_motion_dropout_gives_the_unet_the_identity_as_motion_frames(
+    clip_folder, tiny_config, tmp_path, monkeypatch
+):
+    extra = ("--max-steps", "2", "--config", str(tiny_config), "--train-audio-encoder", "--motion-dropout", "1.0")
+    record = recorded_run(monkeypatch, clip_folder, tmp_path / "model", *extra)
+    for inputs in record["unet_inputs"]:
+        identity, motion = inputs["identity"], inputs["motion"]
+        assert torch.equal(motion[:, :3], identity) and torch.equal(motion[:, 3:], identity)
+
+
+@pytest.mark.parametrize("ema_decay", ["0.9", "0"])
+def test_saved_pipeline_holds_the_ema_weights(ema_decay, clip_folder, tiny_config, tmp_path):
+    extra = ("--max-steps", "2", "--config", str(tiny_config), "--train-audio-encoder", "--ema-decay", ema_decay)
+    assert run(clip_folder, tmp_path / "model", *extra) == 0
+    saved = load_file(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors")
+    raw = load_file(tmp_path / "model-checkpoints" / "checkpoint-2" / "model.safetensors")  # the trained weights
+    assert saved.keys() == raw.keys()
+    differing = [k for k in saved if not torch.equal(saved[k], raw[k])]
+    if ema_decay == "0":
+        assert differing == []
+    else:
+        assert len(differing) > len(saved) // 2  # EMA of 2 steps: between the start and the trained weights
 
 
 def test_audio_encoder_is_frozen_by_default(clip_folder, tmp_path):

@@ -1,5 +1,6 @@
 """The `diffused-heads` command: one entry point, a subcommand per tool, each with its own `--help`."""
 
+import argparse
 import importlib
 import sys
 from typing import List, Optional
@@ -12,6 +13,15 @@ COMMANDS = {
     "evaluate": (".evaluate", "lip-sync and identity figures of a model on synthetic held-out clips"),
     "make-dataset": (".synthetic_data", "make synthetic talking-face clips for training and evaluation"),
 }
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not "(default: None)" after a help text that says it)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def usage() -> str:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from . import builtin_model_path
+from .cli import HelpFormatter
 from .generate import SCHEDULERS, make_scheduler
 from .media import load_audio
 from .synthetic_data import MOUTH_INSIDE, speech_envelope
@@ -121,7 +122,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="diffused-heads evaluate",
         description="Lip-sync and identity figures of a model on synthetic evaluation clips.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", help="pipeline folder (default: the built-in demo model)")
     parser.add_argument("--data", required=True, help="folder made by diffused-heads make-dataset --split eval")

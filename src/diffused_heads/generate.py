@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import builtin_model_path, example_audio_path, example_image_path
+from .cli import HelpFormatter
 from .media import (
     SAMPLING_RATE,
     MediaError,
@@ -27,15 +28,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class UsageError(Exception):
     pass
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one to show (not "(default: None)" after a help text that says it)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def parse_args(argv=None):

@@ -32,6 +32,7 @@ import soundfile
 import torch
 from tqdm.auto import tqdm
 
+from .cli import HelpFormatter
 from .hub.pipeline_diffused_heads import resample_audio
 from .media import FPS, SAMPLES_PER_FRAME, SAMPLING_RATE, export_to_video_with_audio
 from .media import GREEN_BACKGROUND as GREEN
@@ -355,7 +356,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="diffused-heads make-dataset",
         description="Make synthetic talking-face clips (video + 16 kHz speech + mouth boxes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output", required=True, help="folder to write the clips to (created)")
     parser.add_argument("--examples", action="store_true", help="write the example image and speech instead")

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cli import HelpFormatter
 from .hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
 from .hub.pipeline_diffused_heads import (
     ORIGINAL_SCHEDULER_CONFIG,
@@ -336,7 +337,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         prog="diffused-heads train",
         description="Train the Diffused Heads UNet on talking-face clips (see the module docstring).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", required=True, help="folder of clips: NAME.mp4 [+ NAME.wav] [+ NAME.json mouth boxes]")
     p.add_argument("--output-dir", required=True, help="where the trained pipeline is saved (save_pretrained)")
