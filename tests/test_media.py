@@ -437,3 +437,40 @@ def test_generate_passes_its_options_to_the_pipeline(tiny_model, tmp_path, monke
     assert seeds_differ > 5, seeds_differ  # --seed changes the noise
     assert cli(*common, "--output", tmp_path / "b2.mp4", "--seed", 1, "--size", 48) == 0
     assert np.array_equal(decoded_frames(tmp_path / "b2.mp4"), b)  # and the same seed gives the same video
+
+
+def test_stereo_loads_as_the_mean_of_its_channels(tmp_path):
+    left, right = sine(16000, freq=440.0)[:, 0], 0.5 * sine(16000, freq=1000.0)[:, 0]
+    path = tmp_path / "stereo.wav"
+    soundfile.write(path, np.stack([left, right], axis=1), 16000, subtype="FLOAT")
+    np.testing.assert_allclose(load_audio(str(path)), (left + right) / 2, atol=1e-6)
+
+
+def test_start_and_duration_are_seconds_of_the_file_at_its_own_rate(tmp_path):
+    from scipy.signal import chirp, resample_poly
+
+    rate = 44100
+    t = np.arange(2 * rate) / rate
+    signal = (0.5 * chirp(t, f0=100, t1=2.0, f1=3000)).astype(np.float32)  # every segment sounds different
+    path = tmp_path / "chirp.wav"
+    soundfile.write(path, signal, rate, subtype="FLOAT")
+    part = load_audio(str(path), start=0.75, duration=0.5)
+    assert len(part) == 8000
+    expected = resample_poly(signal[int(0.75 * rate) : int(1.25 * rate)].astype(np.float64), 160, 441)
+    np.testing.assert_allclose(part[400:-400], expected[400:-400], atol=2e-3)  # away from the cut edges
+
+
+@pytest.mark.parametrize("size", [(60, 40), (40, 60), (61, 40)])
+def test_non_square_images_are_cropped_at_the_centre(size, tmp_path):
+    width, height = size
+    image = PIL.Image.new("RGB", size, (255, 0, 0))
+    side = min(size)
+    left, top = (width - side) // 2, (height - side) // 2
+    image.paste((0, 0, 255), (left, top, left + side, top + side))  # the centre square is blue, the rest red
+    path = tmp_path / "face.png"
+    image.save(path)
+    frame = np.asarray(load_identity_frame(str(path), log=lambda m: None))
+    assert frame.shape == (side, side, 3)
+    assert (frame == (0, 0, 255)).all()
+    stretched = np.asarray(load_identity_frame(str(path), resize="stretch", log=lambda m: None))
+    assert stretched.shape == (height, width, 3)

@@ -39,10 +39,12 @@ def test_output_shape_and_values():
     out = unet(**_unet_inputs(unet))
     assert out.sample.shape == (2, 6, 16, 16)
     assert torch.isfinite(out.sample).all()
-    # Conditioning matters: another audio window or identity gives another prediction.
-    inputs = _unet_inputs(unet)
-    inputs["audio_embeddings"] = inputs["audio_embeddings"] + 1.0
-    assert (unet(**inputs).sample - out.sample).abs().max() > 1e-3
+    # Conditioning matters: another audio window, identity frame or motion frame gives another prediction.
+    for name in ("audio_embeddings", "identity_frame", "motion_frames"):
+        inputs = _unet_inputs(unet)
+        inputs[name] = inputs[name].flip(0)  # the other batch item's conditioning
+        changed = (unet(**inputs).sample - out.sample).abs().amax(dim=(1, 2, 3))
+        assert (changed > 1e-3).all(), (name, changed)
     assert unet(**_unet_inputs(unet), return_dict=False)[0].shape == (2, 6, 16, 16)
 
 
