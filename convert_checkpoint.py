@@ -71,14 +71,80 @@ class ConversionReport:
     audio_encoder_config: dict = field(default_factory=dict)
     verification: Dict[str, Dict[str, float]] = field(default_factory=dict)
     sha256: Dict[str, str] = field(default_factory=dict)
+    # What the files say about how they were made: the devices written into their code, the modules saved in
+    # training mode, and what that means for the conversion.
+    source: Dict[str, dict] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
 # Loading
 
+# A device a trace baked into the code, e.g. `torch.arange(..., device=torch.device("cuda:0"))`.
+DEVICE_IN_CODE = re.compile(r'torch\.device\("([^"]+)"\)')
+# Dropout recorded by a trace made in training mode: `torch.dropout(x, 0.1, True)` (the last argument is `train`).
+TRAINING_DROPOUT = re.compile(r"(torch\.(?:feature_|alpha_)?dropout\([^()]*?, [0-9.eE+-]+, )True\)")
 
-def load_torchscript(path: str, what: str) -> torch.jit.ScriptModule:
-    """Load a TorchScript archive on the CPU, with clear errors for files that are not one."""
+
+@dataclass
+class ArchiveCode:
+    """What the code stored in a TorchScript archive fixes at the time it was saved."""
+
+    devices: List[str]
+    training_dropouts: int
+
+    @property
+    def needs_rewrite(self) -> bool:
+        return any(d != "cpu" for d in self.devices) or self.training_dropouts > 0
+
+
+def read_archive_code(path: str) -> ArchiveCode:
+    devices, dropouts = set(), 0
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            if re.search(r"(^|/)code/.*\.py$", name):
+                text = archive.read(name).decode("utf-8", errors="replace")
+                devices.update(DEVICE_IN_CODE.findall(text))
+                dropouts += len(TRAINING_DROPOUT.findall(text))
+    return ArchiveCode(sorted(devices), dropouts)
+
+
+def write_cpu_archive(path: str, destination: str) -> None:
+    """Copy a TorchScript archive with every device in its code set to the CPU and its dropout switched off.
+
+    Only the code changes (the weights are copied as they are); the debug tables, which point into the old code,
+    are left out."""
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(destination, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            if info.filename.endswith(".debug_pkl"):
+                continue
+            if re.search(r"(^|/)code/.*\.py$", info.filename):
+                text = source.read(info).decode("utf-8")
+                text = DEVICE_IN_CODE.sub('torch.device("cpu")', text)
+                text = TRAINING_DROPOUT.sub(r"\1False)", text)
+                target.writestr(info, text.encode("utf-8"))
+            else:
+                with source.open(info) as reader, target.open(info, "w") as writer:
+                    shutil.copyfileobj(reader, writer, 1 << 24)
+
+
+def training_modules(module: torch.jit.ScriptModule) -> List[Tuple[str, str]]:
+    """(name, kind) of the submodules saved in training mode whose output depends on it."""
+    found = []
+    for name, submodule in module.named_modules():
+        kind = getattr(submodule, "original_name", type(submodule).__name__)
+        if submodule.training and re.match(r"(BatchNorm|Dropout|InstanceNorm)", kind):
+            found.append((name, kind))
+    return found
+
+
+def load_torchscript(path: str, what: str, scratch: Optional[str] = None) -> Tuple[torch.jit.ScriptModule, dict]:
+    """Load a TorchScript archive on the CPU, with clear errors for files that are not one.
+
+    Returns the module, as saved (its training flags kept), and what its code says about how it was made.
+    A file traced on a GPU holds that device in its code, which `map_location` does not move: such a file (or
+    one traced in training mode, whose dropout is part of the graph) is loaded from a copy in `scratch` whose
+    code runs on the CPU without dropout.
+    """
     if not os.path.exists(path):
         raise ConversionError(f"{what}: file not found: {path}")
     if not os.path.isfile(path):
@@ -96,10 +162,41 @@ def load_torchscript(path: str, what: str) -> torch.jit.ScriptModule:
             "checkpoint is not accepted)"
         )
     try:
-        return torch.jit.load(path, map_location="cpu").eval()
+        code = read_archive_code(path)
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{what}: {path} is a damaged archive ({error})") from None
+    source = path
+    if code.needs_rewrite:
+        handle, source = tempfile.mkstemp(prefix="cpu-", suffix=".pt", dir=scratch)
+        os.close(handle)
+        try:
+            write_cpu_archive(path, source)
+        except BaseException:
+            os.remove(source)
+            raise
+    try:
+        module = torch.jit.load(source, map_location="cpu")
     except Exception as error:  # torch raises RuntimeError with multi-line messages for damaged archives
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"{what}: {path} could not be loaded as TorchScript: {first_line}") from None
+        raise ConversionError(f"{what}: {path} could not be loaded as TorchScript: {_one_line(error)}") from None
+    finally:
+        if source != path:
+            os.remove(source)
+    facts = {
+        "devices_in_code": code.devices,
+        "traced_on": next((d for d in code.devices if d != "cpu"), "cpu" if code.devices else "unknown"),
+        "training_mode_modules": [f"{name} ({kind})" for name, kind in training_modules(module)],
+        "training_dropout_in_graph": code.training_dropouts,
+    }
+    return module, facts
+
+
+def _one_line(error: BaseException) -> str:
+    """The telling line of an exception: TorchScript errors put a traceback first and the reason last."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    for line in lines:
+        if re.match(r"^[A-Za-z.]*(Error|Exception): ", line):
+            return line
+    return lines[0] if lines else type(error).__name__
 
 
 def sha256_of(path: str) -> str:
@@ -131,7 +228,10 @@ def _require(state, keys: List[str], what: str):
 
 
 def derive_unet_config(
-    state: Dict[str, torch.Tensor], audio_embedding_dim: Optional[int] = None, attention_head_dim: int = 64
+    state: Dict[str, torch.Tensor],
+    audio_embedding_dim: Optional[int] = None,
+    attention_head_dim: int = 64,
+    sample_size: int = 128,
 ) -> dict:
     """The UNet configuration, read off the released state dict's shapes."""
     _require(
@@ -179,7 +279,7 @@ def derive_unet_config(
             f"{audio_embedding_dim}-d embeddings"
         )
     return dict(
-        sample_size=128,
+        sample_size=sample_size,
         in_channels=in_channels,
         out_channels=out_channels,
         motion_frame_channels=motion_frame_channels,
@@ -441,6 +541,66 @@ def attention_head_dim_from_module(module: torch.jit.ScriptModule, state, config
     return None
 
 
+def batch_norm_statistics(module: torch.jit.ScriptModule, facts: dict, log=print) -> str:
+    """ "window" when the encoder's BatchNorm layers were saved in training mode, else "running".
+
+    The original sampler never switches the encoder to eval mode, so a file saved in training mode normalises
+    each window (it is called with one window at a time) with that window's own statistics; the converted
+    encoder is set up to compute the same."""
+    norms = [
+        (name, submodule.training)
+        for name, submodule in module.named_modules()
+        if getattr(submodule, "original_name", "").startswith("BatchNorm")
+    ]
+    training = [name for name, flag in norms if flag]
+    if not training:
+        return "running"
+    if len(training) != len(norms):
+        raise ConversionError(
+            f"--audio-encoder: some BatchNorm layers were saved in training mode ({', '.join(training)}) and some "
+            "not; the original computation cannot be restated with one setting"
+        )
+    log(
+        "The audio encoder was saved in training mode and the original sampler never calls .eval(): its BatchNorm "
+        "layers normalise each window with that window's own statistics. The converted encoder does the same "
+        '(batch_norm_statistics="window"), verified against the file run that way'
+    )
+    facts["meaning"] = "BatchNorm uses per-window statistics, as the original sampler computed"
+    return "window"
+
+
+def explain_unet_training_mode(facts: dict, log=print) -> None:
+    """Say what a UNet traced in training mode means: GroupNorm is the same in both modes, dropout is not."""
+    if facts["training_dropout_in_graph"]:
+        facts["meaning"] = (
+            f"traced in training mode: {facts['training_dropout_in_graph']} dropout layers were active in the graph, "
+            "so the original sampler's predictions were randomised by dropout at every step; the converted UNet "
+            "runs without dropout (inference), verified against the file with its dropout switched off; "
+            "pipe.unet.train() would restore the dropout"
+        )
+        log(f"The UNet file was {facts['meaning']}")
+    elif facts["training_mode_modules"]:
+        facts["meaning"] = (
+            "saved with training-mode flags, but its graph holds no dropout in training mode and its GroupNorm "
+            "layers compute the same in both modes: nothing changes"
+        )
+        log(f"The UNet file was {facts['meaning']}")
+
+
+def _checked(verification, what: str, module, model) -> Dict[str, float]:
+    """Run one verification; any failure inside TorchScript or our model becomes one line that says what to try."""
+    try:
+        return verification(module, model)
+    except ConversionError:
+        raise
+    except Exception as error:
+        raise ConversionError(
+            f"verification of {what} failed to run ({_one_line(error)}); nothing was written. The file may need "
+            "what it was made with (a device, an input size: see --sample-size); --no-verify converts without "
+            "the check"
+        ) from None
+
+
 def verify_unet(module, model: DiffusedHeadsUNetModel, seed: int = 0) -> Dict[str, float]:
     cfg = model.config
     g = torch.Generator().manual_seed(seed)
@@ -542,6 +702,7 @@ def write_model_folder(unet, audio_encoder, directory: str, report: ConversionRe
         "source_sha256": report.sha256,
         "tensors_converted": {"unet": report.unet_tensors, "audio_encoder": report.audio_encoder_tensors},
         "verification_float32": report.verification,
+        "source_files": report.source,
         "saved_dtype": dtype,
     }
     card = MODEL_CARD.replace("{repo}", repo).replace("{dtype}", f"torch.{dtype}")
@@ -560,11 +721,17 @@ def convert(
     push_to_hub: Optional[str] = None,
     private: bool = False,
     hub_api=None,
+    sample_size: int = 128,
     log=print,
 ) -> ConversionReport:
-    """Convert, verify and write the model folder; returns what was measured. Raises `ConversionError`."""
+    """Convert, verify and write the model folder; returns what was measured. Raises `ConversionError`.
+
+    `sample_size` is the frame size the UNet was trained at (128 for the released CREMA-D model); the weights do
+    not store it."""
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if not isinstance(sample_size, int) or sample_size < 8 or sample_size % 4:
+        raise ConversionError(f"--sample-size must be a multiple of 4 of at least 8, got {sample_size!r}")
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
         raise ConversionError(f"--output-dir {output_dir} exists; pass --overwrite to replace it")
@@ -578,8 +745,11 @@ def convert(
 
     report = ConversionReport()
     log(f"Loading {unet_path} and {audio_encoder_path}")
-    unet_module = load_torchscript(unet_path, "--unet")
-    encoder_module = load_torchscript(audio_encoder_path, "--audio-encoder")
+    unet_module, report.source["unet"] = load_torchscript(unet_path, "--unet")
+    encoder_module, report.source["audio_encoder"] = load_torchscript(audio_encoder_path, "--audio-encoder")
+    for name, facts in report.source.items():
+        if facts["traced_on"] not in ("cpu", "unknown"):
+            log(f"The {name} file was traced on {facts['traced_on']}; its code is run on the CPU here")
     unet_state = unet_module.state_dict()
     encoder_state = encoder_module.state_dict()
     if _has(unet_state, "rnn") and not _has(unet_state, "time_embed"):
@@ -590,7 +760,13 @@ def convert(
         )
 
     encoder_config = derive_audio_encoder_config(encoder_state, encoder_module)
-    unet_config = derive_unet_config(unet_state, audio_embedding_dim=encoder_config["hidden_size"])
+    encoder_config["batch_norm_statistics"] = batch_norm_statistics(
+        encoder_module, report.source["audio_encoder"], log
+    )
+    unet_config = derive_unet_config(
+        unet_state, audio_embedding_dim=encoder_config["hidden_size"], sample_size=sample_size
+    )
+    explain_unet_training_mode(report.source["unet"], log)
     groups = norm_groups_from_module(unet_module, unet_state)
     if groups is None:
         log("Could not run the output GroupNorm alone; assuming 32 groups")
@@ -613,8 +789,10 @@ def convert(
 
     if verify:
         start = time.perf_counter()
-        report.verification["unet"] = verify_unet(unet_module, unet)
-        report.verification["audio_encoder"] = verify_audio_encoder(encoder_module, audio_encoder)
+        report.verification["unet"] = _checked(verify_unet, "the UNet", unet_module, unet)
+        report.verification["audio_encoder"] = _checked(
+            verify_audio_encoder, "the audio encoder", encoder_module, audio_encoder
+        )
         for name, diff in report.verification.items():
             log(f"Verified {name}: max abs diff {diff['max_abs']:.3e}, max rel diff {diff['max_rel']:.3e}")
         log(f"Verification took {time.perf_counter() - start:.1f} s")
@@ -684,6 +862,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub model repository")
     parser.add_argument("--private", action="store_true", help="with --push-to-hub: create a private repository")
+    parser.add_argument(
+        "--sample-size",
+        type=int,
+        default=128,
+        help="frame size the UNet was trained at; not stored in the weights (128 for the released CREMA-D model)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip running both models on the same inputs")
     parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     return parser.parse_args(argv)
@@ -701,6 +885,7 @@ def main(argv=None) -> int:
             overwrite=args.overwrite,
             push_to_hub=args.push_to_hub,
             private=args.private,
+            sample_size=args.sample_size,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -51,6 +51,10 @@ class DiffusedHeadsAudioEncoder(ModelMixin, ConfigMixin):
             spans what is left of the window) and Tanh.
         hidden_size (`int`, defaults to 256): Size of the GRU state and of the audio embeddings.
         num_gru_layers (`int`, defaults to 2): Layers of the GRU.
+        batch_norm_statistics (`str`, defaults to `"running"`): What the BatchNorm layers normalise with:
+            `"running"`, their stored running statistics (a module in eval mode), or `"window"`, each window's own
+            mean and variance, which is what a file scripted in training mode computes when it is called one
+            window at a time, as the original sampler does.
     """
 
     @register_to_config
@@ -66,8 +70,11 @@ class DiffusedHeadsAudioEncoder(ModelMixin, ConfigMixin):
         code_size: int = 256,
         hidden_size: int = 256,
         num_gru_layers: int = 2,
+        batch_norm_statistics: str = "running",
     ):
         super().__init__()
+        if batch_norm_statistics not in ("running", "window"):
+            raise ValueError(f"batch_norm_statistics must be 'running' or 'window', got {batch_norm_statistics!r}")
         if not len(conv_channels) == len(conv_kernel_sizes) == len(conv_strides) == len(conv_paddings):
             raise ValueError(
                 "conv_channels, conv_kernel_sizes, conv_strides and conv_paddings must have equal lengths"
@@ -107,8 +114,14 @@ class DiffusedHeadsAudioEncoder(ModelMixin, ConfigMixin):
     def encode_windows(self, windows: torch.Tensor) -> torch.Tensor:
         """The convolution stack: `(num_windows, window_length)` → `(num_windows, code_size)`."""
         hidden = windows[:, None]
+        per_window = self.config.batch_norm_statistics == "window"
         for conv, norm in zip(self.convs, self.norms):
-            hidden = F.relu(norm(conv(hidden)))
+            hidden = conv(hidden)
+            if per_window:  # batch statistics of a batch of one window: a per-window, per-channel normalisation
+                hidden = F.instance_norm(hidden, weight=norm.weight, bias=norm.bias, eps=norm.eps)
+            else:
+                hidden = norm(hidden)
+            hidden = F.relu(hidden)
         return torch.tanh(self.code_conv(hidden)).squeeze(-1)
 
     def forward(

@@ -6,6 +6,8 @@ under test.
 """
 
 import math
+import shutil
+import zipfile
 
 import torch
 from torch import nn
@@ -202,8 +204,8 @@ def randomize_(module, seed=0, scale=0.2):
     return module.eval()
 
 
-def traced_unet(path, seed=0, size=16, **kwargs):
-    model = randomize_(OriginalUNet(**kwargs), seed)
+def traced_unet(path, seed=0, size=16, training=False, **kwargs):
+    model = randomize_(OriginalUNet(**kwargs), seed).train(training)
     motion = model.input_blocks[0][0].in_channels - 6
     audio_in = model.audio_embed[0].in_features
     example = (
@@ -218,7 +220,20 @@ def traced_unet(path, seed=0, size=16, **kwargs):
     return model
 
 
-def scripted_audio_encoder(path, seed=1, **kwargs):
-    model = randomize_(OriginalAudioEncoder(**kwargs), seed)
+def scripted_audio_encoder(path, seed=1, training=False, **kwargs):
+    model = randomize_(OriginalAudioEncoder(**kwargs), seed).train(training)
     torch.jit.script(model).save(str(path))
     return model
+
+
+def as_if_traced_on(path, device="cuda:0"):
+    """Rewrite a CPU trace in place so that its code names `device`, as a trace made on that GPU does."""
+    temporary = str(path) + ".tmp"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(temporary, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            if "/code/" in info.filename and info.filename.endswith(".py"):
+                data = data.replace(b'torch.device("cpu")', f'torch.device("{device}")'.encode())
+            if not info.filename.endswith(".debug_pkl"):
+                target.writestr(info, data)
+    shutil.move(temporary, path)

@@ -13,7 +13,7 @@ from diffused_heads.hub.convert_checkpoint import convert, derive_audio_encoder_
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 
 from conftest import read_manifest, speech_like
-from original_model import scripted_audio_encoder, traced_unet
+from original_model import as_if_traced_on, scripted_audio_encoder, traced_unet
 
 TINY_ORIGINAL_UNET = dict(channels=16, mult=(1, 2), blocks=1, attn_levels=(1,), head_dim=8, groups=4, audio_in=40)
 TINY_ORIGINAL_ENCODER = dict(
@@ -254,3 +254,111 @@ def test_output_folder_gets_the_mode_mkdir_would_give(released, tmp_path):
     finally:
         os.umask(previous)
     assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o750
+
+
+# --- files made on a GPU or saved in training mode ---
+
+
+def _unet_example(size=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(1, 3, size, size, generator=g),
+        torch.tensor([500]),
+        torch.randn(1, 3, size, size, generator=g),
+        torch.randn(1, 6, size, size, generator=g),
+        torch.randn(1, 5, 8, generator=g),
+    )
+
+
+def test_a_trace_made_on_a_gpu_converts_and_verifies_on_the_cpu(released, tmp_path):
+    folder = tmp_path / "gpu"
+    folder.mkdir()
+    traced_unet(folder / "crema_script.pt", size=128, **TINY_ORIGINAL_UNET)
+    as_if_traced_on(folder / "crema_script.pt", "cuda:0")
+    (folder / "audio_encoder.pt").write_bytes((released[0] / "audio_encoder.pt").read_bytes())
+    # The file as it is cannot run here: its code sends tensors to the GPU.
+    with pytest.raises(Exception):
+        torch.jit.load(str(folder / "crema_script.pt"), map_location="cpu")(*_unet_example())
+    report, messages = run_convert((folder,), tmp_path / "model")
+    assert report.source["unet"]["traced_on"] == "cuda:0" and report.source["audio_encoder"]["traced_on"] != "cuda:0"
+    assert any("traced on cuda:0" in m for m in messages)
+    assert report.verification["unet"]["max_rel"] < 1e-5
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert '"traced_on": "cuda:0"' in card
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu", "model"]  # the CPU copy is gone
+
+
+def test_a_device_error_inside_verification_is_one_line(released, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "gpu"
+    folder.mkdir()
+    traced_unet(folder / "crema_script.pt", size=128, **TINY_ORIGINAL_UNET)
+    as_if_traced_on(folder / "crema_script.pt", "cuda:0")
+    (folder / "audio_encoder.pt").write_bytes((released[0] / "audio_encoder.pt").read_bytes())
+    monkeypatch.setattr(convert_checkpoint.ArchiveCode, "needs_rewrite", property(lambda self: False))
+    assert _cli((folder,), tmp_path / "model") == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: verification of the UNet failed to run (")
+    assert "--no-verify" in err and not (tmp_path / "model").exists()
+
+
+def test_sample_size_sets_the_frame_size(released, tmp_path, capsys):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    traced_unet(folder / "crema_script.pt", size=64, **TINY_ORIGINAL_UNET)
+    (folder / "audio_encoder.pt").write_bytes((released[0] / "audio_encoder.pt").read_bytes())
+    report, _ = run_convert((folder,), tmp_path / "model", sample_size=64)
+    assert report.verification["unet"]["max_rel"] < 1e-5
+    assert json.loads((tmp_path / "model" / "unet" / "config.json").read_text())["sample_size"] == 64
+    assert _cli((folder,), tmp_path / "odd", extra=["--sample-size", "30"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --sample-size must be a multiple of 4 of at least 8, got 30"
+
+
+def test_a_shape_error_inside_verification_is_one_line(released, tmp_path, capsys, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (1x40 and 1280x64)\nmore detail")
+
+    monkeypatch.setattr(DiffusedHeadsUNetModel, "forward", broken)
+    assert _cli(released, tmp_path / "model") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: verification of the UNet failed to run (mat1 and mat2 shapes cannot be multiplied")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "model").exists()
+
+
+def test_an_audio_encoder_saved_in_training_mode_is_reproduced(released, tmp_path):
+    folder = tmp_path / "train-mode"
+    folder.mkdir()
+    (folder / "crema_script.pt").write_bytes((released[0] / "crema_script.pt").read_bytes())
+    scripted_audio_encoder(folder / "audio_encoder.pt", training=True, **TINY_ORIGINAL_ENCODER)
+    report, messages = run_convert((folder,), tmp_path / "model")
+    assert report.audio_encoder_config["batch_norm_statistics"] == "window"
+    assert any(m.startswith("The audio encoder was saved in training mode") for m in messages)
+    assert report.verification["audio_encoder"]["max_rel"] < 1e-5
+    # What the original sampler computes with this file: one window per call, the module as saved.
+    module = torch.jit.load(str(folder / "audio_encoder.pt"))
+    assert module.training
+    encoder = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True).audio_encoder
+    waveform = torch.from_numpy(speech_like(1.0))
+    state, original = torch.zeros(2, 1, 8), []
+    with torch.no_grad():
+        for window in encoder.windows(waveform[None])[0]:
+            embedding, _, state = module(window.reshape(1, 1, -1), torch.LongTensor([3200]), init_state=state)
+            original.append(embedding.reshape(-1))
+        original = torch.stack(original)
+        ours = encoder(waveform[None]).audio_embeddings[0]
+        torch.testing.assert_close(ours, original, rtol=1e-4, atol=1e-5)
+        # Running statistics instead would change the embeddings a lot: the setting matters.
+        encoder.register_to_config(batch_norm_statistics="running")
+        changed = encoder(waveform[None]).audio_embeddings[0]
+    assert (changed - original).abs().max() > 0.1 * original.abs().max()
+
+
+def test_a_unet_traced_in_training_mode_is_explained_and_verified_without_dropout(released, tmp_path):
+    folder = tmp_path / "train-mode"
+    folder.mkdir()
+    traced_unet(folder / "crema_script.pt", size=128, training=True, **TINY_ORIGINAL_UNET)
+    (folder / "audio_encoder.pt").write_bytes((released[0] / "audio_encoder.pt").read_bytes())
+    report, messages = run_convert((folder,), tmp_path / "model")
+    assert report.source["unet"]["training_dropout_in_graph"] == 10  # one per residual block of the tiny UNet
+    assert "dropout" in report.source["unet"]["meaning"]
+    assert any("randomised by dropout" in m for m in messages)
+    assert report.verification["unet"]["max_rel"] < 1e-5
