@@ -36,12 +36,20 @@ def to_motion_frame(frames: torch.Tensor, channels: int) -> torch.Tensor:
     return frames
 
 
-def audio_window(embeddings: torch.Tensor, frame_index: int, context: int) -> torch.Tensor:
+def audio_window(
+    embeddings: torch.Tensor, frame_index: int, context: int, num_frames: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """The `context` audio embeddings centred on video frame `frame_index`, clamped at the clip's ends.
 
-    `embeddings` is `(..., num_frames, dim)`; the result is `(..., context, dim)`."""
+    `embeddings` is `(..., num_frames, dim)`; the result is `(..., context, dim)`. For a batch `(batch_size,
+    frames, dim)` of clips of different lengths, `num_frames` `(batch_size,)` clamps each clip at its own end."""
     offsets = torch.arange(context, device=embeddings.device) - context // 2
-    return embeddings[..., (frame_index + offsets).clamp(0, embeddings.shape[-2] - 1), :]
+    indices = (frame_index + offsets).clamp(0, embeddings.shape[-2] - 1)
+    if num_frames is None:
+        return embeddings[..., indices, :]
+    last = num_frames.to(embeddings.device)[:, None] - 1
+    indices = torch.minimum(indices[None], last)
+    return torch.gather(embeddings, 1, indices[..., None].expand(-1, -1, embeddings.shape[-1]))
 
 
 # The released sampler (REFERENCE: the original `sample.py`) as a diffusers DDPMScheduler configuration.
@@ -63,13 +71,13 @@ class DiffusedHeadsPipelineOutput(BaseOutput):
         frames (`np.ndarray`, `torch.Tensor` or `List[List[PIL.Image.Image]]`):
             The generated videos: for `"np"` a float32 array `(batch_size, num_frames, height, width, 3)` in
             [0, 1]; for `"pt"` a tensor `(batch_size, num_frames, 3, height, width)` in [0, 1]; for `"pil"` one
-            list of images per video.
+            list of images per video. For clips of different lengths, a list with one array (or tensor) per video.
         audio (`np.ndarray`): The 16 kHz mono audio the videos were made from, `(batch_size, num_samples)`,
-            25 frames per second of it.
+            25 frames per second of it (a list of 1-D arrays for clips of different lengths).
     """
 
-    frames: Union[np.ndarray, torch.Tensor, List[List[PIL.Image.Image]]]
-    audio: np.ndarray
+    frames: Union[np.ndarray, torch.Tensor, List[np.ndarray], List[torch.Tensor], List[List[PIL.Image.Image]]]
+    audio: Union[np.ndarray, List[np.ndarray]]
 
 
 def resample_audio(
@@ -368,16 +376,19 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
 
     def prepare_inputs(self, identity_image, audio, sampling_rate):
-        """Identity frames `(B, 3, S, S)` in [-1, 1] and 16 kHz waveforms `(B, N)`, with batch broadcasting."""
+        """Identity frames `(B, 3, S, S)` in [-1, 1], 16 kHz waveforms `(B, N)` zero-padded to the longest, and
+        each waveform's own length, with batch broadcasting."""
         size = self.unet.config.sample_size
         identities = [preprocess_identity_image(image, size) for image in _as_list(identity_image)]
         target_rate = self.audio_encoder.config.sampling_rate
         waveforms = [preprocess_audio(clip, sampling_rate, target_rate) for clip in _as_list(audio)]
         if not identities or not waveforms:
             raise ValueError("identity_image and audio must not be empty lists")
-        lengths = {w.shape[-1] for w in waveforms}
-        if len(lengths) > 1:
-            raise ValueError(f"all audio clips of a batch must have the same length, got lengths {sorted(lengths)}")
+        for index, waveform in enumerate(waveforms):
+            if self.audio_encoder.num_frames(waveform.shape[-1]) < 1:
+                seconds = waveform.shape[-1] / target_rate
+                which = f"audio clip {index} " if len(waveforms) > 1 else "audio "
+                raise ValueError(f"{which}is too short ({seconds * 1000:.1f} ms) to make one video frame")
         batch = max(len(identities), len(waveforms))
         for name, items in (("identity_image", identities), ("audio", waveforms)):
             if len(items) not in (1, batch):
@@ -386,11 +397,12 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                     f"or one of either ({name} does not fit)"
                 )
         identities = torch.stack(identities * (batch // len(identities)))
-        waveforms = torch.stack(waveforms * (batch // len(waveforms)))
-        if self.audio_encoder.num_frames(waveforms.shape[-1]) < 1:
-            seconds = waveforms.shape[-1] / target_rate
-            raise ValueError(f"audio is too short ({seconds * 1000:.1f} ms) to make one video frame")
-        return identities, waveforms
+        waveforms = waveforms * (batch // len(waveforms))
+        lengths = [w.shape[-1] for w in waveforms]
+        # Zeros after a clip change none of its windows (the encoder pads with zeros) nor, the GRU being causal,
+        # its embeddings; each clip's audio window is clamped at its own end in the loop.
+        waveforms = torch.stack([F.pad(w, (0, max(lengths) - w.shape[-1])) for w in waveforms])
+        return identities, waveforms, lengths
 
     def postprocess(self, frames: torch.Tensor, output_type: str):
         """`(B, F, 3, H, W)` frames in [-1, 1] to the requested output type, in [0, 1]."""
@@ -427,15 +439,17 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 The face to animate: a PIL image, an HxWxC uint8 array, or a CHW tensor in [-1, 1]. It is resized
                 (stretched) to the UNet's `sample_size`. A list makes a batch.
             audio (`np.ndarray`, `torch.Tensor` or a list of them):
-                Mono speech, 1-D, at `sampling_rate`. A list of clips of equal length makes a batch; a single
-                identity or a single clip is shared by the whole batch.
+                Mono speech, 1-D, at `sampling_rate`. A list of clips makes a batch; a single identity or a single
+                clip is shared by the whole batch. Clips of different lengths are run together (the shorter ones
+                padded, each clamped at its own end) and each video keeps its own length: `frames` and `audio` are
+                then lists with one entry per video.
             sampling_rate (`int`, defaults to 16000): Sample rate of `audio`; resampled to 16 kHz if different.
             num_inference_steps (`int`, defaults to 100): Denoising steps per frame.
             stabilize_every (`int`, *optional*): Every this many frames, replace the older motion frame with the
                 identity frame, which limits drift on long clips (15 in the authors' training configuration).
             generator (`torch.Generator` or a list of them, *optional*): Makes generation deterministic.
             latents (`torch.Tensor`, *optional*): Initial noise `(batch_size, num_frames, 3, height, width)`, one
-                image per frame; drawn with `generator` if not given.
+                image per frame (`num_frames` of the longest clip); drawn with `generator` if not given.
             output_type (`str`, defaults to `"np"`): `"np"`, `"pt"` or `"pil"`.
             return_dict (`bool`, defaults to `True`): Return a [`DiffusedHeadsPipelineOutput`] or a tuple.
             callback_on_step_end (`Callable`, *optional*): Called after every denoising step as
@@ -458,12 +472,14 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
 
         # 1. Inputs: identity frames in [-1, 1] and one audio embedding per video frame.
-        identity, waveforms = self.prepare_inputs(identity_image, audio, sampling_rate)
+        identity, waveforms, lengths = self.prepare_inputs(identity_image, audio, sampling_rate)
         identity = identity.to(device=device, dtype=dtype)
         encoder_dtype = self.audio_encoder.dtype
         audio_embeddings = self.audio_encoder(waveforms.to(device=device, dtype=encoder_dtype)).audio_embeddings
         audio_embeddings = audio_embeddings.to(dtype)
         batch_size, num_frames = audio_embeddings.shape[:2]
+        frame_counts = torch.tensor([self.audio_encoder.num_frames(n) for n in lengths])
+        ragged = len(set(lengths)) > 1
         longest = self.config.get("trained_clip_seconds")
         seconds = waveforms.shape[-1] / self.audio_encoder.config.sampling_rate
         if longest and seconds > longest and not stabilize_every:
@@ -475,11 +491,20 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         # 2. Initial noise for every frame.
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
         shape = (batch_size, num_frames, channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size} videos; give one per video")
+        # The samples and the scheduler's update stay in float32 whatever the UNet's dtype: in half precision the
+        # update's small differences of large terms would lose most of their digits.
+        if latents is None and isinstance(generator, list) and ragged:
+            # Each clip's noise drawn as a run of that clip alone draws it, so batching does not change it.
+            latents = torch.zeros(shape, device=device)
+            for k, count in enumerate(frame_counts.tolist()):
+                latents[k, :count] = randn_tensor((1, count, *shape[2:]), generator=generator[k], device=device)[0]
+        elif latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=dtype)
+        latents = latents.to(device=device, dtype=torch.float32)
 
         # 3. Frame by frame.
         learns_variance = self._learns_variance
@@ -499,14 +524,14 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
                     motion[0] = identity_motion
                 motion_frames = torch.cat(motion, dim=1)
-                audio_context = audio_window(audio_embeddings, frame_index, context)
+                audio_context = audio_window(audio_embeddings, frame_index, context, frame_counts if ragged else None)
 
                 # Multistep schedulers keep state: start every frame afresh.
                 self.scheduler.set_timesteps(num_inference_steps, device=device)
                 sample = latents[:, frame_index] * self.scheduler.init_noise_sigma
                 for step_index, t in enumerate(self.scheduler.timesteps):
-                    model_input = self.scheduler.scale_model_input(sample, t)
-                    model_output = self.unet(model_input, t, identity, motion_frames, audio_context).sample
+                    model_input = self.scheduler.scale_model_input(sample, t).to(dtype)
+                    model_output = self.unet(model_input, t, identity, motion_frames, audio_context).sample.float()
                     if not learns_variance:
                         model_output = model_output[:, :channels]
                     sample = self.scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
@@ -519,13 +544,16 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                     progress_bar.update()
 
                 frames.append(sample)
-                motion = [motion[1], to_motion_frame(sample, motion_channels)]
+                motion = [motion[1], to_motion_frame(sample.to(dtype), motion_channels)]
 
         self.maybe_free_model_hooks()
 
         # 4. Output.
         video = self.postprocess(torch.stack(frames, dim=1), output_type)
         audio_out = waveforms.cpu().numpy()
+        if ragged:  # each video and its audio at their own length
+            video = [item[:count] for item, count in zip(video, frame_counts.tolist())]
+            audio_out = [item[:length] for item, length in zip(audio_out, lengths)]
         if not return_dict:
             return (video, audio_out)
         return DiffusedHeadsPipelineOutput(frames=video, audio=audio_out)

@@ -78,6 +78,14 @@ def speech_like(seconds=0.4, rate=16000, seed=0):
     return (0.3 * envelope * tone + 0.01 * rng.randn(len(t))).astype(np.float32)
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """The command-line tools set torch's thread count for their process; keep each test's change to itself."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def identity_image():
     rng = np.random.RandomState(0)

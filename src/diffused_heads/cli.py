@@ -8,6 +8,7 @@ from typing import List, Optional
 # subcommand -> (module defining `main(argv)`, one-line summary); modules are imported only when run.
 COMMANDS = {
     "generate": (".generate", "make a talking-head video from a face image and speech"),
+    "generate-batch": (".batch", "make many videos from a jobs file or a folder of clips; runs under accelerate"),
     "convert": (".hub.convert_checkpoint", "convert the released TorchScript files into a verified model folder"),
     "train": (".train", "train a model (or fine-tune one) on talking-face clips; runs under accelerate launch"),
     "evaluate": (".evaluate", "lip-sync and identity figures of a model on synthetic held-out clips"),

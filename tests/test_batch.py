@@ -1,0 +1,153 @@
+"""generate-batch: jobs files, clip folders, several processes through accelerate, resuming and failures."""
+
+import json
+import os
+import socket
+import subprocess
+
+import av
+import numpy as np
+import PIL.Image
+import pytest
+import soundfile
+
+from diffused_heads.batch import clip_jobs, read_jobs
+from diffused_heads.generate import UsageError
+from diffused_heads.media import export_to_video_with_audio
+
+from conftest import speech_like, tiny_pipeline
+
+SECONDS = (0.3, 0.5, 0.2, 0.4)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("batch")
+    tiny_pipeline().save_pretrained(folder / "model")
+    rows = ["image,audio,output,seed"]
+    for k, seconds in enumerate(SECONDS):
+        image = np.random.RandomState(k).randint(0, 256, (20, 20, 3), dtype=np.uint8)
+        PIL.Image.fromarray(image).save(folder / f"face{k}.png")
+        soundfile.write(folder / f"speech{k}.wav", speech_like(seconds, seed=k), 16000)
+        rows.append(f"face{k}.png,speech{k}.wav,clip{k}.mp4,{k}")
+    (folder / "broken.wav").write_bytes(b"RIFF but not a wave file")
+    rows.insert(3, "face0.png,broken.wav,broken.mp4,7")
+    (folder / "jobs.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def generate_batch(workspace, output, *extra, processes=1):
+    arguments = ["--jobs", "jobs.csv", "--output-dir", output, "--model", "model", "--steps", "2", "--size", "32"]
+    if processes == 1:
+        command = ["diffused-heads", "generate-batch"]
+    else:  # accelerate starts the processes through torchrun; without a GPU they talk over gloo
+        command = ["accelerate", "launch", "--multi_gpu", "--num_processes", str(processes)]
+        command += ["--main_process_port", str(free_port()), "-m", "diffused_heads", "generate-batch"]
+    result = subprocess.run(command + arguments + list(extra), cwd=workspace, capture_output=True, text=True)
+    summary = json.loads((workspace / output / "summary.json").read_text())
+    return result, summary
+
+
+def decoded(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_two_processes_give_the_videos_of_one_and_resume_without_regenerating(workspace):
+    single, summary = generate_batch(workspace, "one", "--batch-size", "4")
+    assert single.returncode == 1  # one job failed
+    assert summary["summary"]["processes"] == 1
+    assert (summary["summary"]["done"], summary["summary"]["failed"]) == (4, 1)
+    assert "done 4, skipped 0, failed 1 of 5 jobs" in single.stdout
+
+    double, summary = generate_batch(workspace, "two", "--batch-size", "4", processes=2)
+    assert double.returncode != 0
+    assert summary["summary"]["processes"] == 2
+    [failed] = [job for job in summary["jobs"] if job["status"] == "failed"]
+    assert failed["output"].endswith("broken.mp4") and "broken.wav" in failed["error"]
+    assert sorted(os.listdir(workspace / "two")) == [
+        "clip0.mp4",
+        "clip1.mp4",
+        "clip2.mp4",
+        "clip3.mp4",
+        "summary.json",
+    ]
+    for k, seconds in enumerate(SECONDS):
+        one, two = decoded(workspace / "one" / f"clip{k}.mp4"), decoded(workspace / "two" / f"clip{k}.mp4")
+        assert len(one) == (int(seconds * 16000) + 2560 - 3200) // 640 + 1
+        assert np.array_equal(one, two), k
+
+    stamps = {name: os.stat(workspace / "two" / name).st_mtime_ns for name in os.listdir(workspace / "two")}
+    again, summary = generate_batch(workspace, "two", "--batch-size", "4", processes=2)
+    counts = summary["summary"]
+    assert (counts["done"], counts["skipped"], counts["failed"]) == (0, 4, 1)
+    for name, stamp in stamps.items():
+        if name != "summary.json":
+            assert os.stat(workspace / "two" / name).st_mtime_ns == stamp, name
+    assert not (workspace / "two" / ".diffused-heads-progress").exists()
+
+
+def test_batch_size_does_not_change_a_clip(workspace):
+    alone, summary = generate_batch(workspace, "alone", "--batch-size", "1")
+    assert summary["summary"]["done"] == 4
+    together, _ = generate_batch(workspace, "together", "--batch-size", "4")
+    for k in range(4):
+        one, four = decoded(workspace / "alone" / f"clip{k}.mp4"), decoded(workspace / "together" / f"clip{k}.mp4")
+        assert one.shape == four.shape
+        assert np.abs(one.astype(int) - four.astype(int)).mean() < 0.5, k
+
+
+def test_a_clip_folder_animates_each_video_with_its_own_audio(workspace, tmp_path):
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for k, seconds in enumerate((0.4, 0.24)):
+        frames = np.random.RandomState(k).rand(round(seconds * 25), 32, 32, 3).astype(np.float32)
+        export_to_video_with_audio(frames, speech_like(seconds, seed=k), str(clips / f"take{k}.mp4"), size=None)
+    (clips / "notes.txt").write_text("not a video")
+    jobs = clip_jobs(str(clips), str(tmp_path / "out"), default_seed=3)
+    assert [os.path.basename(j.image) for j in jobs] == ["take0.mp4", "take1.mp4"]
+    assert all(j.image == j.audio and j.seed == 3 for j in jobs)
+    command = ["diffused-heads", "generate-batch", "--clips", str(clips), "--output-dir", str(tmp_path / "out")]
+    command += ["--model", str(workspace / "model"), "--steps", "1", "--size", "32", "--random-frame"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for k, seconds in enumerate((0.4, 0.24)):  # as many frames as the source clip (10 and 6)
+        assert len(decoded(tmp_path / "out" / f"take{k}.mp4")) == len(decoded(clips / f"take{k}.mp4"))
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("image\nface.png\n", "header row with at least image,audio"),
+        ("image,audio,colour\nface.png,a.wav,red\n", "unknown fields ['colour']"),
+        ("image,audio,scheduler\nface.png,a.wav,turbo\n", "scheduler 'turbo' is not one of"),
+        ("image,audio,seed\nface.png,a.wav,one\n", "seed, frame and steps must be whole numbers"),
+        ("image,audio\nface.png,a.wav\nface.png,a.wav\n", "would both write"),
+        ("image,audio\n,a.wav\n", "image and audio are required"),
+    ],
+)
+def test_bad_jobs_files_are_named(content, message, tmp_path):
+    path = tmp_path / "jobs.csv"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_jobs(str(path), str(tmp_path / "out"), default_seed=0)
+
+
+def test_json_lines_jobs_and_their_defaults(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    lines = [
+        {"image": "a.png", "audio": "speech/one.wav", "seed": 5, "steps": 3, "scheduler": "ddim"},
+        {"image": "/abs/b.png", "audio": "two.flac", "output": "named"},
+    ]
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n\n")
+    first, second = read_jobs(str(path), str(tmp_path / "out"), default_seed=11)
+    assert first.image == str(tmp_path / "a.png") and first.audio == str(tmp_path / "speech" / "one.wav")
+    assert (first.seed, first.steps, first.scheduler) == (5, 3, "ddim")
+    assert first.output == str(tmp_path / "out" / "one.mp4")
+    assert second.image == "/abs/b.png" and second.seed == 11 and second.output == str(tmp_path / "out" / "named.mp4")
