@@ -690,7 +690,9 @@ scheduler can be swapped in (`pipe.scheduler = DDIMScheduler.from_config(pipe.sc
 """
 
 
-def write_model_folder(unet, audio_encoder, directory: str, report: ConversionReport, dtype: str, repo: str):
+def write_model_folder(
+    unet, audio_encoder, directory: str, report: ConversionReport, dtype: str, repo: str, template=None
+):
     pipe = DiffusedHeadsPipeline(
         unet=unet,
         audio_encoder=audio_encoder,
@@ -705,6 +707,9 @@ def write_model_folder(unet, audio_encoder, directory: str, report: ConversionRe
         "source_files": report.source,
         "saved_dtype": dtype,
     }
+    if template is not None:  # where prepare-face puts the face, measured on a real frame of the training data
+        template.save(directory)
+        record["identity_template"] = template.source
     card = MODEL_CARD.replace("{repo}", repo).replace("{dtype}", f"torch.{dtype}")
     card = card.replace("{record}", "```json\n" + json.dumps(record, indent=2) + "\n```")
     with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
@@ -722,6 +727,7 @@ def convert(
     private: bool = False,
     hub_api=None,
     sample_size: int = 128,
+    reference_video: Optional[str] = None,
     log=print,
 ) -> ConversionReport:
     """Convert, verify and write the model folder; returns what was measured. Raises `ConversionError`.
@@ -742,6 +748,17 @@ def convert(
         raise ConversionError(f"--output-dir: parent folder {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise ConversionError(f"--output-dir: cannot write in {parent}")
+
+    template = None
+    if reference_video is not None:
+        from diffused_heads.faces import template_from_reference
+        from diffused_heads.media import MediaError
+
+        try:
+            template = template_from_reference(reference_video)
+        except MediaError as error:
+            raise ConversionError(f"--reference-video: {error}") from None
+        log(f"Identity template measured on {reference_video}: background {template.background}")
 
     report = ConversionReport()
     log(f"Loading {unet_path} and {audio_encoder_path}")
@@ -820,7 +837,7 @@ def convert(
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes 0o700; give the folder the mode os.mkdir would
-        write_model_folder(unet, audio_encoder, temporary, report, dtype, push_to_hub or output_dir)
+        write_model_folder(unet, audio_encoder, temporary, report, dtype, push_to_hub or output_dir, template)
         if os.path.exists(output_dir):
             old = temporary + ".old"
             os.rename(output_dir, old)
@@ -868,6 +885,12 @@ def parse_args(argv=None):
         default=128,
         help="frame size the UNet was trained at; not stored in the weights (128 for the released CREMA-D model)",
     )
+    parser.add_argument(
+        "--reference-video",
+        metavar="CLIP",
+        help="a preprocessed clip of the training data: its face framing and background colour are stored with the "
+        "model, and face preparation for it uses them (needs the faces extra)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip running both models on the same inputs")
     parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
     return parser.parse_args(argv)
@@ -886,6 +909,7 @@ def main(argv=None) -> int:
             push_to_hub=args.push_to_hub,
             private=args.private,
             sample_size=args.sample_size,
+            reference_video=args.reference_video,
         )
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -26,6 +26,8 @@ _EXPORTS = {
     "export_to_video_with_audio": ".media",
     "save_frames": ".media",
     "MediaError": ".media",
+    "prepare_identity": ".faces",
+    "IdentityTemplate": ".faces",
 }
 
 __all__ = sorted(_EXPORTS) + ["builtin_model_path", "example_image_path", "example_audio_path", "__version__"]

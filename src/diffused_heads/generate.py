@@ -20,7 +20,9 @@ from .media import (
     export_to_video_with_audio,
     load_audio,
     load_identity_frame,
+    random_frame_index,
     save_frames,
+    save_image,
 )
 
 SCHEDULERS = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
@@ -73,6 +75,15 @@ def parse_args(argv=None):
     )
     parser.add_argument("--frame", type=int, help="with a video as --image: the frame to use (default 0)")
     parser.add_argument("--random-frame", action="store_true", help="with a video as --image: a random frame")
+    parser.add_argument(
+        "--no-prepare",
+        action="store_true",
+        help="use --image as it is; by default a photo that is not a model-ready crop (or any photo, when the model "
+        "has a calibrated template) is aligned and put on the training green (needs the faces extra)",
+    )
+    parser.add_argument("--save-prepared", metavar="FILE", help="also save the identity frame used, as an image")
+    parser.add_argument("--reference", help="a real frame of the training data to calibrate the face framing from")
+    parser.add_argument("--face", default="largest", help="with several faces: 'largest' or an index from the largest")
     parser.add_argument(
         "--resize",
         choices=("crop", "stretch"),
@@ -177,6 +188,45 @@ def resolve_model(model: str) -> str:
     return model
 
 
+def identity_frame(args, log):
+    """The identity frame of `--image`: prepared (aligned, on green) when the model has a calibrated template or
+    the image is not already a model-ready crop (square, with a border of the training green), else as it is."""
+    from . import faces
+
+    model_folder = args.model if args.model and os.path.isdir(args.model) else None
+    template = faces.resolve_template(model_folder, args.reference) if args.reference or model_folder else None
+    frame = args.frame
+    if args.random_frame:
+        frame = random_frame_index(args.image, args.seed)
+    prepare = False
+    if not args.no_prepare:
+        if template is not None:
+            prepare = True
+        else:
+            preview = load_identity_frame(args.image, frame=frame, resize="stretch", log=lambda m: None)
+            prepare = not faces.looks_prepared(preview)
+        if prepare and not faces.faces_available():
+            if args.reference:
+                raise UsageError(faces.FACES_EXTRA)
+            log(f"warning: the image is not a model-ready crop (a face on the training green); {faces.FACES_EXTRA}")
+            prepare = False
+    if not prepare:
+        return load_identity_frame(args.image, frame=frame, resize=args.resize, log=log)
+    face = args.face if args.face == "largest" else int(args.face)
+    try:
+        identity = faces.prepare_identity(args.image, template=template, face=face, frame=frame, log=log)
+    except MediaError as error:
+        if template is not None or not str(error).startswith("no face found"):
+            raise
+        # Preparing was our idea, not the user's: an image without a detectable face (a drawing, say) is used
+        # as it is.
+        log(f"warning: {error}; using the image as it is (--no-prepare says so without looking)")
+        return load_identity_frame(args.image, frame=frame, resize=args.resize, log=log)
+    source = template.source if template is not None else "the default template"
+    log(f"note: prepared the face (aligned with {source}, background replaced); --no-prepare uses the image as it is")
+    return identity
+
+
 def configure_threads(threads: Optional[int] = None, processes_per_node: int = 1) -> int:
     """Set torch's CPU threads: `threads`, or this process's fair share of the cores that are free.
 
@@ -239,14 +289,14 @@ def run(args) -> str:
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     if args.image:
-        identity = load_identity_frame(
-            args.image, frame=args.frame, random_frame=args.random_frame, resize=args.resize, seed=args.seed, log=log
-        )
+        identity = identity_frame(args, log)
     else:
         if args.frame is not None or args.random_frame:
             raise UsageError("--frame and --random-frame need a video as --image")
         log("note: no --image given: using the built-in example face")
         identity = load_identity_frame(example_image_path(), log=log)
+    if args.save_prepared:
+        save_image(identity, args.save_prepared)
     if args.audio:
         audio = load_audio(args.audio, start=args.start, duration=args.duration, log=log)
     else:

@@ -43,8 +43,14 @@ def _check_file(path: str, what: str) -> None:
 # Identity frame
 
 
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Any PIL image as 8-bit RGB, upright (EXIF orientation), transparency filled with the training green."""
     image = PIL.ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # 16-bit (and 32-bit) grey: scale to 8 bits rather than clip at 255.
+        array = np.asarray(image.convert("F") if image.mode != "F" else image, np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return PIL.Image.fromarray((array / top * 255.0).round().clip(0, 255).astype(np.uint8)).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = PIL.Image.new("RGBA", rgba.size, GREEN_BACKGROUND + (255,))
@@ -64,6 +70,23 @@ def _square(image: PIL.Image.Image, resize: str, log: Callable[[str], None]) -> 
     return image.crop((left, top, left + side, top + side))
 
 
+def random_frame_index(path: str, seed: Optional[int]) -> int:
+    """The frame `random_frame=True` takes from a video: drawn with `seed` among all its frames."""
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path} has no video stream")
+            stream = container.streams.video[0]
+            total = stream.frames or sum(1 for _ in container.decode(stream))
+    except av.FFmpegError as error:
+        raise MediaError(f"{path} could not be read as a video: {error}") from None
+    if total < 1:
+        raise MediaError(f"{path} has no video frames")
+    return random.Random(seed).randrange(total)
+
+
 def _video_frame(path: str, frame: Optional[int], random_frame: bool, seed: Optional[int]) -> PIL.Image.Image:
     import av
 
@@ -73,12 +96,7 @@ def _video_frame(path: str, frame: Optional[int], random_frame: bool, seed: Opti
                 raise MediaError(f"{path} has no video stream")
             stream = container.streams.video[0]
             if random_frame:
-                total = stream.frames or sum(1 for _ in container.decode(stream))
-                if total < 1:
-                    raise MediaError(f"{path} has no video frames")
-                frame = random.Random(seed).randrange(total)
-                container.seek(0)
-                stream = container.streams.video[0]
+                frame = random_frame_index(path, seed)
             wanted, count = frame or 0, 0
             for decoded in container.decode(stream):
                 if count == wanted:
@@ -87,6 +105,39 @@ def _video_frame(path: str, frame: Optional[int], random_frame: bool, seed: Opti
             raise MediaError(f"{path} has no frame {wanted} (it has {count} frames)")
     except av.FFmpegError as error:
         raise MediaError(f"{path} could not be read as a video: {error}") from None
+
+
+def read_image(path: str) -> PIL.Image.Image:
+    """An image file as 8-bit RGB, upright, whatever its mode (see `to_rgb`); `MediaError` if it is none."""
+    _check_file(path, "image")
+    try:
+        with PIL.Image.open(path) as opened:
+            opened.load()
+            return to_rgb(opened)
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise MediaError(f"{path} is not an image that can be read ({error})") from None
+
+
+def read_video_frames(path: str, start: int = 0, count: int = 1) -> List[PIL.Image.Image]:
+    """Up to `count` frames of a video from frame `start` on (at least that one, or `MediaError`)."""
+    import av
+
+    _check_file(path, "video")
+    frames = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise MediaError(f"{path} has no video stream")
+            for index, decoded in enumerate(container.decode(video=0)):
+                if index >= start:
+                    frames.append(decoded.to_image().convert("RGB"))
+                if len(frames) == count:
+                    break
+    except av.FFmpegError as error:
+        raise MediaError(f"{path} could not be read as a video: {error}") from None
+    if not frames:
+        raise MediaError(f"{path} has no frame {start}")
+    return frames
 
 
 def load_identity_frame(
@@ -116,7 +167,7 @@ def load_identity_frame(
         try:
             with PIL.Image.open(path) as opened:
                 opened.load()
-                image = _to_rgb(opened)
+                image = to_rgb(opened)
         except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
             try:
                 image = _video_frame(path, frame, random_frame, seed)
@@ -305,6 +356,25 @@ def export_to_video_with_audio(
                         container.mux(packet)
                 for packet in audio_stream.encode(None):
                     container.mux(packet)
+        os.chmod(temporary, default_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
+def save_image(image: PIL.Image.Image, path: str) -> str:
+    """Save an image under a temporary name and rename it when complete (the format from the file's ending)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"the folder for {path} does not exist: {directory}")
+    extension = os.path.splitext(path)[1].lower() or ".png"
+    handle, temporary = tempfile.mkstemp(suffix=extension, prefix=".partial-", dir=directory)
+    os.close(handle)
+    try:
+        image.save(temporary)
         os.chmod(temporary, default_file_mode())
         os.replace(temporary, path)
     except BaseException:

@@ -1,0 +1,455 @@
+"""Turn a photo (or a video frame) into a model-ready identity frame: aligned like the training crops, on green.
+
+    from diffused_heads import prepare_identity
+    frame = prepare_identity("photo.jpg")          # 128x128 PIL image, face aligned, background green
+
+The released model saw only CREMA-D crops: one face, aligned, on a plain green background. The recipe is the
+one the authors point to (DinoMan/face-processor): five stable landmarks (the nose base and the four eye
+corners) are mapped onto the same points of a template face by the least-squares similarity transform
+(rotation, uniform scale, shift), the photo is warped bilinearly, the person is segmented and composited onto
+the training green. Landmarks and segmentation come from MediaPipe 0.10.14, whose wheel ships its models, so
+nothing is downloaded (the `faces` extra: `pip install "diffused-heads-diffusers[faces]"`).
+
+The default template is reconstructed from the published recipe (the mean face of face-processor's README
+commands at the scale that gives its 96x128 crop, widened to a square with the face centred). The exact square
+framing of the Diffused Heads clips was not published: a real frame of the training data (`reference=`)
+settles it, and a model folder can carry such a calibrated template (`identity_template.json`).
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import PIL.Image
+
+from .media import GREEN_BACKGROUND, VIDEO_EXTENSIONS, MediaError, read_image, read_video_frames
+
+TEMPLATE_FILE = "identity_template.json"
+FACES_EXTRA = (
+    'face preparation needs the faces extra: pip install "diffused-heads-diffusers[faces]" (MediaPipe 0.10.14, '
+    "Python 3.9 to 3.12); or pass --no-prepare to use the image as it is"
+)
+
+# The five stable points of the 68-point iBUG scheme, in this order: nose base (33), right eye outer (36) and
+# inner (39) corner, left eye inner (42) and outer (45) corner; and the MediaPipe face-mesh points at them.
+STABLE_POINTS = ("nose base", "right eye outer", "right eye inner", "left eye inner", "left eye outer")
+MESH_INDICES = (2, 33, 133, 362, 263)
+# face-processor's mean face (the repository-root mean_face.npy of its README commands): the five points and
+# the bounding box of all 68 points, and its crop recipe (scale and offsets of the README's commands).
+MEAN_FACE_POINTS = np.array(
+    [(116.950, 123.796), (45.512, 43.462), (84.545, 45.623), (143.671, 43.024), (182.164, 39.638)]
+)
+MEAN_FACE_BOX = ((0.19, 0.187), (224.49, 244.16))
+CROP_SCALE, OFFSET_X, OFFSET_TOP, OFFSET_BOTTOM = 0.3525, 0.11, 0.335, 0.155
+DETECTION_SIDE = 1280  # photos are searched for faces at most this large
+SMALL_FACE_EYES = 40  # outer eye corners closer than this in the photo (48 in the frame): a warning
+
+
+@dataclass
+class IdentityTemplate:
+    """Where the five stable points go in a `size` x `size` identity frame, and the background colour."""
+
+    points: List[Tuple[float, float]]
+    size: int = 128
+    background: Tuple[int, int, int] = GREEN_BACKGROUND
+    source: str = "reconstructed from the published face-processor recipe"
+
+    def scaled(self, size: int) -> np.ndarray:
+        return np.asarray(self.points, dtype=np.float64) * (size / self.size)
+
+    def save(self, folder: str) -> str:
+        path = os.path.join(folder, TEMPLATE_FILE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({**asdict(self), "points_are": list(STABLE_POINTS)}, f, indent=2)
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "IdentityTemplate":
+        if os.path.isdir(path):
+            path = os.path.join(path, TEMPLATE_FILE)
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return cls(
+            points=[tuple(p) for p in data["points"]],
+            size=int(data["size"]),
+            background=tuple(int(c) for c in data["background"]),
+            source=data.get("source", path),
+        )
+
+
+def default_template() -> IdentityTemplate:
+    """The face-processor framing (96x128 at 128 px high) widened to a square with the face centred."""
+    (left, top), (right, bottom) = np.asarray(MEAN_FACE_BOX) * CROP_SCALE
+    left, top, right, bottom = int(left), int(top), int(right), int(bottom)
+    width, height = right - left, bottom - top
+    points = MEAN_FACE_POINTS * CROP_SCALE + (int(OFFSET_X * width) - left, int(OFFSET_TOP * height) - top)
+    crop_width, crop_height = int(width * (1 + 2 * OFFSET_X)), int(height * (1 + OFFSET_TOP + OFFSET_BOTTOM))
+    points[:, 0] += (crop_height - crop_width) / 2  # centre the crop in a square as high as it is
+    return IdentityTemplate(points=[tuple(map(float, p)) for p in points], size=crop_height)
+
+
+def model_template(model_folder: Optional[str]) -> Optional[IdentityTemplate]:
+    """The calibrated template stored with a model, if it has one."""
+    if model_folder and os.path.isfile(os.path.join(model_folder, TEMPLATE_FILE)):
+        return IdentityTemplate.load(model_folder)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Landmarks
+
+
+class FaceModels:
+    """MediaPipe's face detector, face mesh and person segmenter, created once and reused."""
+
+    _shared = None
+
+    def __init__(self):
+        try:
+            import mediapipe
+        except ImportError:
+            raise MediaError(FACES_EXTRA) from None
+        solutions = mediapipe.solutions
+        self.detector = solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.5)
+        self.mesh = solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, min_detection_confidence=0.3)
+        self.segmenter = solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+
+    @classmethod
+    def shared(cls) -> "FaceModels":
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+
+def faces_available() -> bool:
+    try:
+        import mediapipe  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _boxes(models: FaceModels, rgb: np.ndarray) -> List[Tuple[float, float, float, float]]:
+    """Face boxes (x0, y0, x1, y1) in pixels, largest first."""
+    height, width = rgb.shape[:2]
+    found = models.detector.process(rgb).detections or []
+    boxes = []
+    for detection in found:
+        box = detection.location_data.relative_bounding_box
+        boxes.append(
+            (box.xmin * width, box.ymin * height, (box.xmin + box.width) * width, (box.ymin + box.height) * height)
+        )
+    return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
+
+
+def _mesh_points(models: FaceModels, rgb: np.ndarray, box) -> Optional[np.ndarray]:
+    """The five stable points of the face in `box`, from the face mesh run on a crop around it."""
+    height, width = rgb.shape[:2]
+    x0, y0, x1, y1 = box
+    side = 2.2 * max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+    right, bottom = int(min(width, cx + side / 2)), int(min(height, cy + side / 2))
+    crop = np.ascontiguousarray(rgb[top:bottom, left:right])
+    result = models.mesh.process(crop).multi_face_landmarks
+    if not result:
+        return None
+    landmarks = result[0].landmark
+    return np.array(
+        [(landmarks[i].x * crop.shape[1] + left, landmarks[i].y * crop.shape[0] + top) for i in MESH_INDICES]
+    )
+
+
+ROTATIONS = {
+    0: None,
+    90: PIL.Image.Transpose.ROTATE_90,
+    180: PIL.Image.Transpose.ROTATE_180,
+    270: PIL.Image.Transpose.ROTATE_270,
+}
+
+
+def find_landmarks(
+    image: PIL.Image.Image, face: Union[str, int] = "largest", log: Callable[[str], None] = print
+) -> np.ndarray:
+    """The five stable points `(5, 2)` of one face in `image` (pixels), trying the photo turned if it must.
+
+    `face` is "largest" or the index of a face counted from the largest. Raises `MediaError` if there is none."""
+    models = FaceModels.shared()
+    factor = min(1.0, DETECTION_SIDE / max(image.size))
+    small = (
+        image
+        if factor == 1.0
+        else image.resize(
+            (max(1, round(image.width * factor)), max(1, round(image.height * factor))), PIL.Image.BILINEAR
+        )
+    )
+    for angle, transpose in ROTATIONS.items():
+        turned = small if transpose is None else small.transpose(transpose)
+        rgb = np.asarray(turned)
+        boxes = _boxes(models, rgb)
+        if not boxes:
+            continue
+        index = 0 if face == "largest" else int(face)
+        if index >= len(boxes):
+            raise MediaError(f"face {index} was asked for, but the photo shows {len(boxes)} face(s)")
+        if len(boxes) > 1:
+            chosen = "the largest" if index == 0 else f"face {index} (counted from the largest)"
+            log(f"warning: the photo shows {len(boxes)} faces; using {chosen}")
+        points = _mesh_points(models, rgb, boxes[index])
+        if points is None:
+            continue
+        if angle:
+            log(f"note: the face was found with the photo turned by {angle} degrees")
+            points = _unturn(points, angle, turned.size)
+        return points / factor
+    raise MediaError("no face found in the photo (also looked with it turned by 90, 180 and 270 degrees)")
+
+
+def _unturn(points: np.ndarray, angle: int, turned_size: Tuple[int, int]) -> np.ndarray:
+    """Map points found in the photo turned counter-clockwise by `angle` back to the photo itself."""
+    width, height = turned_size
+    x, y = points[:, 0], points[:, 1]
+    if angle == 90:
+        return np.stack([height - y, x], axis=1)
+    if angle == 180:
+        return np.stack([width - x, height - y], axis=1)
+    return np.stack([y, width - x], axis=1)
+
+
+def smoothed_video_landmarks(frames: Sequence[PIL.Image.Image], face="largest", log=print) -> np.ndarray:
+    """The five points averaged over the frames given (face-processor averages a forward window of 7)."""
+    found = []
+    for index, frame in enumerate(frames):
+        try:
+            found.append(find_landmarks(frame, face=face, log=log if index == 0 else (lambda m: None)))
+        except MediaError:
+            if index == 0:
+                raise
+    return np.mean(found, axis=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Alignment and background
+
+
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The 2x3 matrix of the least-squares similarity (rotation, uniform scale, shift) taking source to target."""
+    source, target = np.asarray(source, np.float64), np.asarray(target, np.float64)
+    source_mean, target_mean = source.mean(0), target.mean(0)
+    s, t = source - source_mean, target - target_mean
+    u, singular, vt = np.linalg.svd(t.T @ s / len(s))
+    d = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])
+    rotation = u @ d @ vt
+    scale = np.trace(np.diag(singular) @ d) / (s**2).sum(1).mean()
+    shift = target_mean - scale * rotation @ source_mean
+    return np.hstack([scale * rotation, shift[:, None]])
+
+
+def _warp(image: PIL.Image.Image, matrix: np.ndarray, size: int, fill=(0, 0, 0)) -> PIL.Image.Image:
+    inverse = np.linalg.inv(np.vstack([matrix, (0, 0, 1)]))[:2]
+    return image.transform(
+        (size, size), PIL.Image.AFFINE, inverse.ravel().tolist(), PIL.Image.BILINEAR, fillcolor=fill
+    )
+
+
+def prepare_identity(
+    image: Union[str, PIL.Image.Image, np.ndarray],
+    template: Optional[IdentityTemplate] = None,
+    size: Optional[int] = None,
+    face: Union[str, int] = "largest",
+    scale: float = 1.0,
+    background: Optional[Tuple[int, int, int]] = None,
+    keep_background: bool = False,
+    frame: Optional[int] = None,
+    log: Callable[[str], None] = print,
+) -> PIL.Image.Image:
+    """A photo (or a frame of a video) as a model-ready identity frame: aligned, on the training background.
+
+    Args:
+        image: A path (image or video), a PIL image or an HxWx3 uint8 array.
+        template: Where the stable points go (default: the reconstruction of the published recipe; see
+            `template_from_reference` and `model_template`).
+        size: Output size (default: the template's, 128).
+        face: "largest" (default; a warning names how many faces there are) or the index of a face from the largest.
+        scale: Framing: below 1 shows more around the face, above 1 less.
+        background: Colour put behind the person (default: the template's, the training green).
+        keep_background: Only align; keep the photo's background.
+        frame: For a video, the frame to use (its landmarks are averaged with the next 6 frames').
+    """
+    template = template or default_template()
+    size = size or template.size
+    if not scale > 0:
+        raise ValueError(f"scale must be positive, got {scale}")
+    background = tuple(background or template.background)
+    if isinstance(image, str) and os.path.splitext(image)[1].lower() in VIDEO_EXTENSIONS:
+        frames = read_video_frames(image, start=frame or 0, count=7)
+        photo, points = frames[0], smoothed_video_landmarks(frames, face=face, log=log)
+    else:
+        photo = read_image(image) if isinstance(image, str) else _as_rgb_image(image)
+        points = find_landmarks(photo, face=face, log=log)
+    eyes = float(np.linalg.norm(points[4] - points[1]))
+    if eyes < SMALL_FACE_EYES:
+        log(
+            f"warning: the face is small ({eyes:.0f} px between the outer eye corners); the frame is enlarged from it "
+            "and will look blurry"
+        )
+
+    # Work at a few times the output size, then shrink with a good filter.
+    work = max(size, 512)
+    target = template.scaled(work)
+    centre = np.array([work / 2, work / 2])
+    target = centre + (target - centre) * scale
+    matrix = similarity_transform(points, target)
+    zoom = math.hypot(*matrix[:, 0])  # output pixels per photo pixel
+    reduce = max(1, int(1 / (2 * zoom)))  # keep at least 2 photo pixels per working pixel
+    if reduce > 1:
+        photo = photo.reduce(reduce)
+        matrix = matrix @ np.diag([reduce, reduce, 1.0])
+    aligned = _warp(photo, matrix, work)
+    inside = np.asarray(_warp(PIL.Image.new("L", photo.size, 255), matrix, work, fill=0), np.float32) / 255.0
+    if inside.mean() < 0.97 and inside[work // 8 : -work // 8, work // 8 : -work // 8].min() < 0.5:
+        log("warning: the face is cut by the photo's edge; the missing part is filled with the background")
+    if keep_background:
+        result = aligned
+    else:
+        models = FaceModels.shared()
+        mask = models.segmenter.process(np.asarray(aligned)).segmentation_mask
+        mask = np.clip(np.asarray(mask, np.float32), 0.0, 1.0) * inside
+        colour = np.array(background, np.float32)
+        blended = np.asarray(aligned, np.float32) * mask[..., None] + colour * (1.0 - mask[..., None])
+        result = PIL.Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
+    return result.resize((size, size), PIL.Image.LANCZOS) if work != size else result
+
+
+def _as_rgb_image(image: Union[PIL.Image.Image, np.ndarray]) -> PIL.Image.Image:
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(f"an image array must be HxWx3 uint8, got {image.dtype} {image.shape}")
+        return PIL.Image.fromarray(image)
+    if isinstance(image, PIL.Image.Image):
+        from .media import to_rgb
+
+        return to_rgb(image)
+    raise TypeError(f"image must be a path, a PIL image or an array, got {type(image).__name__}")
+
+
+def template_from_reference(reference: str, frame: Optional[int] = None, size: int = 128) -> IdentityTemplate:
+    """A template measured on a real frame of the training data (an image, or a frame of a clip).
+
+    The stable points of the reference face become the template; the background colour is the median colour
+    of the frame's border (the training crops' plain green)."""
+    if os.path.splitext(reference)[1].lower() in VIDEO_EXTENSIONS:
+        frames = read_video_frames(reference, start=frame or 0, count=7)
+        photo, points = frames[0], smoothed_video_landmarks(frames)
+    else:
+        photo = read_image(reference)
+        points = find_landmarks(photo)
+    pixels = np.asarray(photo)
+    border = np.concatenate(
+        [
+            pixels[:2].reshape(-1, 3),
+            pixels[-2:].reshape(-1, 3),
+            pixels[:, :2].reshape(-1, 3),
+            pixels[:, -2:].reshape(-1, 3),
+        ]
+    )
+    colour = tuple(int(c) for c in np.median(border, axis=0))
+    factor = size / max(photo.size)
+    offset = ((size - photo.width * factor) / 2, (size - photo.height * factor) / 2)
+    scaled = points * factor + offset
+    return IdentityTemplate(
+        points=[tuple(map(float, p)) for p in scaled],
+        size=size,
+        background=colour,
+        source=f"measured on {os.path.basename(reference)}",
+    )
+
+
+def looks_prepared(image: PIL.Image.Image, background=GREEN_BACKGROUND, tolerance: float = 60.0) -> bool:
+    """Whether an image already looks like a model-ready crop: square, with a border of the training green."""
+    if abs(image.width - image.height) > 0.05 * max(image.size):
+        return False
+    pixels = np.asarray(image.convert("RGB"), np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    distance = np.linalg.norm(border - np.array(background, np.float32), axis=1)
+    return bool((distance < tolerance).mean() > 0.6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv=None):
+    import argparse
+
+    from .cli import HelpFormatter
+
+    parser = argparse.ArgumentParser(
+        prog="diffused-heads prepare-face",
+        description="Align a face photo (or a video frame) and put it on the training green, as a model-ready "
+        "identity frame.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--image", required=True, help="a photo, or a video (its --frame)")
+    parser.add_argument("--output", required=True, help="the PNG file to write")
+    parser.add_argument("--model", help="a model folder whose calibrated template to use, if it has one")
+    parser.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
+    parser.add_argument("--frame", type=int, help="with a video: the frame to use (default 0)")
+    parser.add_argument("--face", default="largest", help="'largest' or the index of a face counted from the largest")
+    parser.add_argument("--scale", type=float, default=1.0, help="framing: below 1 shows more around the face")
+    parser.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
+    parser.add_argument("--keep-background", action="store_true", help="only align; keep the photo's background")
+    parser.add_argument("--size", type=int, help="output size in pixels (default: the template's, 128)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    return parser.parse_args(argv)
+
+
+def parse_colour(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
+    if text is None:
+        return None
+    try:
+        colour = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        colour = ()
+    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+        raise ValueError(f"--background takes R,G,B with values from 0 to 255, got {text!r}")
+    return colour
+
+
+def resolve_template(model: Optional[str], reference: Optional[str]) -> Optional[IdentityTemplate]:
+    if reference:
+        return template_from_reference(reference)
+    return model_template(model)
+
+
+def main(argv=None) -> int:
+    import sys
+
+    args = parse_args(argv)
+    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
+    try:
+        if os.path.exists(args.output) and not args.overwrite:
+            raise ValueError(f"--output {args.output} exists; pass --overwrite to replace it")
+        face = args.face if args.face == "largest" else int(args.face)
+        frame = prepare_identity(
+            args.image,
+            template=resolve_template(args.model, args.reference),
+            size=args.size,
+            face=face,
+            scale=args.scale,
+            background=parse_colour(args.background),
+            keep_background=args.keep_background,
+            frame=args.frame,
+            log=log,
+        )
+        from .media import save_image
+
+        save_image(frame, args.output)
+    except (MediaError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Wrote {args.output} ({frame.width}x{frame.height})")
+    return 0
