@@ -57,7 +57,16 @@ def test_command_lists_its_subcommands(tmp_path):
     result = subprocess.run(["diffused-heads", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     listed = re.findall(r"^  (\S+)  ", result.stdout, flags=re.MULTILINE)
-    assert listed == ["generate", "generate-batch", "prepare-face", "convert", "train", "evaluate", "make-dataset"]
+    assert listed == [
+        "generate",
+        "generate-batch",
+        "prepare-face",
+        "app",
+        "convert",
+        "train",
+        "evaluate",
+        "make-dataset",
+    ]
     unknown = subprocess.run(["diffused-heads", "nope"], cwd=tmp_path, capture_output=True, text=True)
     assert unknown.returncode == 2 and "unknown command 'nope'" in unknown.stderr
 

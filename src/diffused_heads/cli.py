@@ -10,6 +10,7 @@ COMMANDS = {
     "generate": (".generate", "make a talking-head video from a face image and speech"),
     "generate-batch": (".batch", "make many videos from a jobs file or a folder of clips; runs under accelerate"),
     "prepare-face": (".faces", "align a face photo and put it on the training green (the faces extra)"),
+    "app": (".app", "serve a web page: photo and voice in, talking video out (the app extra)"),
     "convert": (".hub.convert_checkpoint", "convert the released TorchScript files into a verified model folder"),
     "train": (".train", "train a model (or fine-tune one) on talking-face clips; runs under accelerate launch"),
     "evaluate": (".evaluate", "lip-sync and identity figures of a model on synthetic held-out clips"),

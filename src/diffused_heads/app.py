@@ -1,0 +1,251 @@
+"""A web page for Diffused Heads: a face photo (or video) and speech in, a talking-head video out.
+
+    pip install "diffused-heads-diffusers[app,faces]"
+    diffused-heads app                      # http://127.0.0.1:7860
+    diffused-heads app --model diffused-heads-crema --port 8000
+
+Gradio Blocks: inputs on the left, the result on the right, the built-in example below. Requests are queued and
+run one at a time; each model is loaded once and kept for the next request.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+# Gradio would otherwise report usage and look for updates over the network at start-up.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import torch  # noqa: E402
+
+from . import example_audio_path, example_image_path  # noqa: E402
+from .cli import HelpFormatter  # noqa: E402
+from .generate import SCHEDULERS, UsageError, identity_frame, load_pipeline, make_scheduler  # noqa: E402
+from .media import SAMPLING_RATE, MediaError, export_to_video_with_audio, load_audio  # noqa: E402
+
+OWN_SCHEDULER = "the model's own"
+APP_EXTRA = 'the web page needs the app extra: pip install "diffused-heads-diffusers[app]"'
+
+
+class Models:
+    """Pipelines by model folder, each loaded once; the device is chosen once."""
+
+    def __init__(self, default_model: Optional[str]):
+        self.default_model = default_model
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.pipelines = {}
+        self.lock = threading.Lock()
+
+    def get(self, model: Optional[str]):
+        key = (model or self.default_model or "").strip() or None
+        with self.lock:
+            if key not in self.pipelines:
+                options = argparse.Namespace(model=key, scheduler=None, compile=False)
+                pipe = load_pipeline(options, self.device, torch.float32, announce=False)
+                pipe.set_progress_bar_config(disable=True)
+                self.pipelines[key] = pipe
+            return key, self.pipelines[key]
+
+
+def run_request(
+    models: Models,
+    face: Optional[str],
+    speech: Optional[str],
+    model: Optional[str],
+    steps: int,
+    scheduler: str,
+    seed: int,
+    stabilize_every: int,
+    prepare: bool,
+    max_seconds: float,
+    output_dir: str,
+    progress=None,
+):
+    """One generation, as the page runs it. Returns (video path, identity frame, notes); raises UsageError,
+    MediaError or ValueError with a readable message for bad input."""
+    notes = []
+    if not face:
+        raise UsageError("add a face photo (or a video) first")
+    if not speech:
+        raise UsageError("add speech first: upload a recording or record one")
+    steps, seed = int(steps), int(seed or 0)
+    if steps < 1:
+        raise UsageError("steps must be at least 1")
+    key, pipe = models.get(model)
+    options = argparse.Namespace(
+        image=face,
+        model=key,
+        reference=None,
+        no_prepare=not prepare,
+        frame=None,
+        random_frame=False,
+        seed=seed,
+        face="largest",
+        resize="crop",
+    )
+    identity = identity_frame(options, notes.append)
+    audio = load_audio(speech, log=notes.append)
+    seconds = len(audio) / SAMPLING_RATE
+    if seconds > max_seconds:
+        raise UsageError(
+            f"the speech is {seconds:.1f} s long; this page takes up to {max_seconds:g} s (the command line "
+            "'diffused-heads generate' takes any length)"
+        )
+    num_frames = pipe.audio_encoder.num_frames(len(audio))
+    if num_frames < 2:
+        raise UsageError(f"the speech is too short ({seconds * 1000:.0f} ms); say at least a few words")
+    default_scheduler = pipe.scheduler
+    if scheduler and scheduler != OWN_SCHEDULER:
+        pipe.scheduler = make_scheduler(scheduler, default_scheduler.config)
+    started = time.perf_counter()
+
+    def on_step(pipeline, step, timestep, callback_kwargs):
+        if progress is not None:
+            frame = step // steps + 1
+            elapsed = time.perf_counter() - started
+            left = elapsed / (step + 1) * (num_frames * steps - step - 1)
+            progress((step + 1, num_frames * steps), desc=f"frame {frame}/{num_frames}, about {left:.0f} s left")
+        return callback_kwargs
+
+    try:
+        generator = torch.Generator(models.device).manual_seed(seed)
+        output = pipe(
+            identity,
+            audio,
+            sampling_rate=SAMPLING_RATE,
+            num_inference_steps=steps,
+            stabilize_every=int(stabilize_every) or None,
+            generator=generator,
+            callback_on_step_end=on_step,
+        )
+    finally:
+        pipe.scheduler = default_scheduler
+    path = os.path.join(tempfile.mkdtemp(dir=output_dir), "talking-head.mp4")
+    export_to_video_with_audio(output.frames[0], output.audio[0], path)
+    return path, identity, notes
+
+
+def _readable(error: Exception, *uploads: Optional[str]) -> str:
+    """The error's message with the server's copies of the uploads named by their file names."""
+    message = str(error)
+    for path in uploads:
+        if path:
+            message = message.replace(path, os.path.basename(path))
+    return message
+
+
+def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
+    """The Gradio page (a `gradio.Blocks`), not yet launched."""
+    try:
+        import gradio as gr
+    except ImportError:
+        raise UsageError(APP_EXTRA) from None
+
+    models = Models(default_model)
+    output_dir = tempfile.mkdtemp(prefix="diffused-heads-app-")
+
+    def generate(face, speech, model, steps, scheduler, seed, stabilize_every, prepare, progress=gr.Progress()):
+        try:
+            path, identity, notes = run_request(
+                models,
+                face,
+                speech,
+                model,
+                steps,
+                scheduler,
+                seed,
+                stabilize_every,
+                prepare,
+                max_seconds,
+                output_dir,
+                progress,
+            )
+        except (UsageError, MediaError, ValueError) as error:
+            raise gr.Error(_readable(error, face, speech), title="Cannot make this video") from None
+        for note in notes:
+            if note.startswith("warning:"):
+                gr.Warning(note[len("warning: ") :])
+        return path, identity
+
+    def preview(face, model, prepare):
+        if not face:
+            return None
+        try:
+            key = (model or default_model or "").strip() or None
+            options = argparse.Namespace(
+                image=face,
+                model=key,
+                reference=None,
+                no_prepare=not prepare,
+                frame=None,
+                random_frame=False,
+                seed=0,
+                face="largest",
+                resize="crop",
+            )
+            return identity_frame(options, lambda message: None)
+        except (UsageError, MediaError, ValueError) as error:
+            raise gr.Error(_readable(error, face), title="Cannot use this face") from None
+
+    with gr.Blocks(title="Diffused Heads") as page:
+        gr.Markdown(
+            "# Diffused Heads\nA face and a voice in, a talking head out (Diffused Heads, WACV 2024, as a "
+            "diffusers pipeline). Without a model folder the built-in demo model is used: it knows only drawn "
+            "faces on green."
+        )
+        with gr.Row():
+            with gr.Column():
+                face = gr.File(label="Face photo or video", file_types=["image", "video"], type="filepath")
+                speech = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath")
+                prepare = gr.Checkbox(value=True, label="Prepare the face (align it, green background)")
+                with gr.Accordion("Settings", open=False):
+                    model = gr.Textbox(label="Model folder", placeholder="the built-in demo model")
+                    steps = gr.Slider(1, 100, value=10, step=1, label="Denoising steps per frame")
+                    scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Sampler")
+                    seed = gr.Number(value=0, precision=0, label="Seed")
+                    stabilize = gr.Number(value=0, precision=0, label="Stabilise every N frames (0: off)")
+                button = gr.Button("Generate", variant="primary")
+            with gr.Column():
+                video = gr.Video(label="Talking head", buttons=["download"])
+                identity = gr.Image(label="Identity frame used", type="pil", height=200)
+        gr.Examples(
+            examples=[[example_image_path(), example_audio_path()]],
+            inputs=[face, speech],
+            label="Example: the built-in model's face and sentence",
+        )
+        face.change(preview, inputs=[face, model, prepare], outputs=identity)
+        prepare.change(preview, inputs=[face, model, prepare], outputs=identity)
+        button.click(
+            generate,
+            inputs=[face, speech, model, steps, scheduler, seed, stabilize, prepare],
+            outputs=[video, identity],
+            api_name="generate",
+        )
+    page.queue(default_concurrency_limit=1)
+    return page
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="diffused-heads app", description="Serve the Diffused Heads web page.", formatter_class=HelpFormatter
+    )
+    parser.add_argument("--model", help="model folder or Hub id used by default (default: the built-in demo model)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=7860, help="port to serve on")
+    parser.add_argument("--max-seconds", type=float, default=30.0, help="longest speech the page accepts")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        page = build_app(args.model, args.max_seconds)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
+    return 0

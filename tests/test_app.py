@@ -1,0 +1,224 @@
+"""The web page: driven through gradio_client, and in a real headless browser (Debian's Chromium)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from diffused_heads import example_audio_path, example_image_path
+
+from conftest import tiny_pipeline
+
+pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+from gradio_client import Client, handle_file  # noqa: E402
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def frames_in(path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    """Short cuts of the example sentence: 0.6 s (15 frames), 1.6 s and a corrupt file."""
+    folder = tmp_path_factory.mktemp("speech")
+    waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
+    soundfile.write(folder / "short.wav", waveform[: int(0.6 * rate)], rate)
+    soundfile.write(folder / "long.wav", waveform[: int(1.6 * rate)], rate)
+    soundfile.write(folder / "blip.wav", waveform[: int(0.03 * rate)], rate)
+    (folder / "corrupt.wav").write_bytes(b"RIFF\x00\x00 not really a wave file")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on a free localhost port (speech up to 1.2 s), stopped after the module's tests."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "diffused_heads", "app", "--port", str(port), "--max-seconds", "1.2"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() > deadline:
+                process.kill()
+                pytest.fail(f"the app did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def request(client, face, speech, model="", steps=2):
+    return client.predict(
+        handle_file(str(face)),
+        handle_file(str(speech)),
+        model,
+        steps,
+        "the model's own",
+        0,
+        0,
+        True,
+        api_name="/generate",
+    )
+
+
+def test_generation_errors_and_the_queue_through_the_api(server, speech, tmp_path):
+    client = Client(server, verbose=False)
+    video, identity = request(client, example_image_path(), speech / "short.wav")
+    assert frames_in(video) == (int(0.6 * 16000) + 2560 - 3200) // 640 + 1 == 15
+    assert os.path.isfile(identity)
+
+    # Bad input: a readable message, and the app keeps serving.
+    for name, message in [
+        ("corrupt.wav", "could not be read as audio"),
+        ("blip.wav", "too short"),
+        ("long.wav", "the speech is 1.6 s long; this page takes up to 1.2 s"),
+    ]:
+        with pytest.raises(Exception, match=message) as error:
+            request(client, example_image_path(), speech / name)
+        assert "Traceback" not in str(error.value)
+        assert "/tmp/gradio" not in str(error.value)  # names the file, not the server's copy of it
+
+    # Two requests at once: the second waits for the first and is not lost.
+    jobs = [
+        client.submit(
+            handle_file(example_image_path()),
+            handle_file(str(speech / "short.wav")),
+            "",
+            2,
+            "ddim",
+            seed,
+            0,
+            True,
+            api_name="/generate",
+        )
+        for seed in (1, 2)
+    ]
+    results = [job.result(timeout=120) for job in jobs]
+    assert all(frames_in(video) == 15 for video, _ in results)
+
+
+def test_switching_models_loads_the_other_model(server, speech, tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "tiny")
+    client = Client(server, verbose=False)
+    builtin_video, _ = request(client, example_image_path(), speech / "short.wav")
+    tiny_video, _ = request(client, example_image_path(), speech / "short.wav", model=str(tmp_path / "tiny"))
+    with av.open(builtin_video) as a, av.open(tiny_video) as b:
+        first_a = next(a.decode(video=0)).to_ndarray(format="rgb24").astype(float)
+        first_b = next(b.decode(video=0)).to_ndarray(format="rgb24").astype(float)
+    assert np.abs(first_a - first_b).mean() > 10  # an untrained tiny UNet draws nothing like the trained face
+    with pytest.raises(Exception, match="no such folder"):
+        request(client, example_image_path(), speech / "short.wav", model=str(tmp_path / "missing"))
+
+
+def test_the_page_in_a_real_browser(server, speech, tmp_path):
+    if not (CHROMIUM and CHROMEDRIVER):
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Chromium and its driver (Debian: chromium chromium-driver)")
+        pytest.skip("no Chromium and chromedriver from the system's packages (Debian: chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,1000",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    # The driver from the system's packages: selenium is never left to fetch one.
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        browser.get(server)
+        wait = WebDriverWait(browser, 60)
+        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=file]"))
+        face_input = browser.find_elements(By.CSS_SELECTOR, "input[type=file]")[0]
+        assert "image" in face_input.get_attribute("accept")
+        face_input.send_keys(example_image_path())
+        wait.until(lambda b: "identity.png" in b.page_source)
+        audio_input = next(
+            i
+            for i in browser.find_elements(By.CSS_SELECTOR, "input[type=file]")
+            if "audio" in i.get_attribute("accept")
+        )
+        audio_input.send_keys(str(speech / "short.wav"))
+        time.sleep(1)
+        next(b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == "Generate").click()
+        duration = WebDriverWait(browser, 180).until(
+            lambda b: b.execute_script(
+                "const v = document.querySelector('video');"
+                "return v && v.src && v.readyState >= 1 && isFinite(v.duration) ? v.duration : null"
+            )
+        )
+        assert abs(duration - 0.6) < 0.05, duration  # 15 frames at 25 fps
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        assert (tmp_path / "page.png").stat().st_size > 10_000
+    finally:
+        browser.quit()
+
+
+def test_without_gradio_the_command_says_what_to_install(monkeypatch, capsys):
+    from diffused_heads import app
+
+    monkeypatch.setitem(sys.modules, "gradio", None)
+    assert app.main(["--port", str(free_port())]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {app.APP_EXTRA}"
+
+
+def test_progress_reports_frames_and_steps(tmp_path):
+    from diffused_heads.app import Models, run_request
+
+    waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
+    soundfile.write(tmp_path / "s.wav", waveform[: int(0.2 * rate)], rate)  # 5 frames
+    calls = []
+    run_request(
+        Models(None),
+        example_image_path(),
+        str(tmp_path / "s.wav"),
+        "",
+        3,
+        "the model's own",
+        0,
+        0,
+        True,
+        5.0,
+        str(tmp_path),
+        progress=lambda value, desc: calls.append((value, desc)),
+    )
+    assert [value for value, _ in calls] == [(k, 15) for k in range(1, 16)]
+    assert calls[0][1].startswith("frame 1/5") and calls[-1][1].startswith("frame 5/5")
