@@ -60,13 +60,15 @@ def decoded(path) -> np.ndarray:
 
 
 def test_two_processes_give_the_videos_of_one_and_resume_without_regenerating(workspace):
-    single, summary = generate_batch(workspace, "one", "--batch-size", "4")
+    # The same arithmetic in both runs (one thread per process): a different thread count changes how the
+    # convolutions add up, in the last float bits, which the frame loop of an untrained UNet can amplify.
+    single, summary = generate_batch(workspace, "one", "--batch-size", "4", "--threads", "1")
     assert single.returncode == 1  # one job failed
     assert summary["summary"]["processes"] == 1
     assert (summary["summary"]["done"], summary["summary"]["failed"]) == (4, 1)
     assert "done 4, skipped 0, failed 1 of 5 jobs" in single.stdout
 
-    double, summary = generate_batch(workspace, "two", "--batch-size", "4", processes=2)
+    double, summary = generate_batch(workspace, "two", "--batch-size", "4", "--threads", "1", processes=2)
     assert double.returncode != 0
     assert summary["summary"]["processes"] == 2
     [failed] = [job for job in summary["jobs"] if job["status"] == "failed"]
@@ -93,14 +95,16 @@ def test_two_processes_give_the_videos_of_one_and_resume_without_regenerating(wo
     assert not (workspace / "two" / ".diffused-heads-progress").exists()
 
 
-def test_batch_size_does_not_change_a_clip(workspace):
-    alone, summary = generate_batch(workspace, "alone", "--batch-size", "1")
+def test_batch_size_and_thread_count_change_a_clip_only_in_the_last_bits(workspace):
+    alone, summary = generate_batch(workspace, "alone", "--batch-size", "1", "--threads", "2")
     assert summary["summary"]["done"] == 4
-    together, _ = generate_batch(workspace, "together", "--batch-size", "4")
+    together, _ = generate_batch(workspace, "together", "--batch-size", "4", "--threads", "1")
     for k in range(4):
         one, four = decoded(workspace / "alone" / f"clip{k}.mp4"), decoded(workspace / "together" / f"clip{k}.mp4")
         assert one.shape == four.shape
-        assert np.abs(one.astype(int) - four.astype(int)).mean() < 0.5, k
+        difference = np.abs(one.astype(int) - four.astype(int)).mean()
+        print(f"clip {k}: mean difference {difference:.3f} / 255")
+        assert difference < 1.0, k
 
 
 def test_a_clip_folder_animates_each_video_with_its_own_audio(workspace, tmp_path):

@@ -474,3 +474,22 @@ def test_non_square_images_are_cropped_at_the_centre(size, tmp_path):
     assert (frame == (0, 0, 255)).all()
     stretched = np.asarray(load_identity_frame(str(path), resize="stretch", log=lambda m: None))
     assert stretched.shape == (height, width, 3)
+
+
+def test_default_threads_leave_out_the_cores_others_keep_busy(monkeypatch):
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(generate, "busy_cores", lambda: 0.0)
+    assert generate.configure_threads() == cores == torch.get_num_threads()
+    assert generate.configure_threads(processes_per_node=cores) == 1
+    monkeypatch.setattr(generate, "busy_cores", lambda: float(cores))
+    assert generate.configure_threads() == 1
+    monkeypatch.setattr(generate, "busy_cores", lambda: None)  # not measurable: all of this process's share
+    assert generate.configure_threads() == cores
+    assert generate.configure_threads(3) == 3 == torch.get_num_threads()
+    with pytest.raises(generate.UsageError, match="--threads must be at least 1"):
+        generate.configure_threads(0)
+    monkeypatch.undo()
+    measured = generate.busy_cores(interval=0.05)
+    assert measured is None or 0.0 <= measured <= os.cpu_count()

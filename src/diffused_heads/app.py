@@ -24,7 +24,14 @@ import torch  # noqa: E402
 
 from . import example_audio_path, example_image_path  # noqa: E402
 from .cli import HelpFormatter  # noqa: E402
-from .generate import SCHEDULERS, UsageError, identity_frame, load_pipeline, make_scheduler  # noqa: E402
+from .generate import (  # noqa: E402
+    SCHEDULERS,
+    UsageError,
+    configure_threads,
+    identity_frame,
+    load_pipeline,
+    make_scheduler,
+)
 from .media import SAMPLING_RATE, MediaError, export_to_video_with_audio, load_audio  # noqa: E402
 
 OWN_SCHEDULER = "the model's own"
@@ -237,12 +244,14 @@ def parse_args(argv=None):
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
     parser.add_argument("--max-seconds", type=float, default=30.0, help="longest speech the page accepts")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the cores that are free)")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        configure_threads(args.threads)
         page = build_app(args.model, args.max_seconds)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

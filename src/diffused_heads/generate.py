@@ -227,21 +227,44 @@ def identity_frame(args, log):
     return identity
 
 
+def busy_cores(interval: float = 0.25) -> Optional[float]:
+    """How many cores other programs keep busy right now (Linux: /proc/stat over `interval`, this process's own
+    time taken out); None where that cannot be read. The load average would lag by a minute behind."""
+
+    def ticks():
+        with open("/proc/stat", encoding="ascii") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        with open("/proc/self/stat", encoding="ascii") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(values), values[3] + values[4], int(own[11]) + int(own[12])  # total, idle, our utime + stime
+
+    try:
+        total0, idle0, own0 = ticks()
+        time.sleep(interval)
+        total1, idle1, own1 = ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    others = (total1 - total0) - (idle1 - idle0) - (own1 - own0)
+    return max(0.0, others / (total1 - total0) * (os.cpu_count() or 1))
+
+
 def configure_threads(threads: Optional[int] = None, processes_per_node: int = 1) -> int:
     """Set torch's CPU threads: `threads`, or this process's fair share of the cores that are free.
 
     The UNet's many small operations each start a parallel region whose threads spin while they wait for each
-    other. With more threads than free cores they spin against the other programs: beside one busy process the
-    demo took 152 s with 2 threads against 34 s with 1 (10 s when the machine is quiet). So the default is the
-    cores this process may use, divided among the processes of the run, less those the load average says are
-    busy (at least 1)."""
+    other. With more threads than free cores they spin against the other programs: on 2 cores, 1.6 s of the demo
+    took 34 s with 2 threads beside one busy process and 152 s beside two, against 19 s and 34 s with 1 thread
+    (10 s on a quiet machine). So the default is the cores this process may use, divided among the processes of
+    the run, less those other programs keep busy (at least 1)."""
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        try:
-            busy = round(os.getloadavg()[0])
-        except (AttributeError, OSError):  # no load average on this system
-            busy = 0
-        threads = max(1, min(cores // max(1, processes_per_node), cores - busy))
+        threads = cores // max(1, processes_per_node)
+        busy = busy_cores()
+        if busy is not None:
+            threads = min(threads, cores - round(busy))
+        threads = max(1, threads)
     if threads < 1:
         raise UsageError(f"--threads must be at least 1, got {threads}")
     torch.set_num_threads(threads)
@@ -270,8 +293,6 @@ def load_pipeline(args, device, dtype, announce: bool = True):
     if args.scheduler is not None:
         pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
     pipe = pipe.to(device)
-    if device != "cpu" and getattr(device, "type", device) != "cpu":
-        pipe.unet.to(memory_format=torch.channels_last)  # cuDNN's fast convolution layout
     if getattr(args, "compile", False):
         pipe.unet = torch.compile(pipe.unet, fullgraph=True)
     return pipe
