@@ -58,6 +58,21 @@ class Models:
             return key, self.pipelines[key]
 
 
+def _identity_options(face: str, model: Optional[str], prepare: bool, seed: int = 0) -> argparse.Namespace:
+    """What `generate.identity_frame` reads, as the page sets it: the upload, its model and the checkbox."""
+    return argparse.Namespace(
+        image=face,
+        model=model,
+        reference=None,
+        no_prepare=not prepare,
+        frame=None,
+        random_frame=False,
+        seed=seed,
+        face="largest",
+        resize="crop",
+    )
+
+
 def run_request(
     models: Models,
     face: Optional[str],
@@ -83,18 +98,7 @@ def run_request(
     if steps < 1:
         raise UsageError("steps must be at least 1")
     key, pipe = models.get(model)
-    options = argparse.Namespace(
-        image=face,
-        model=key,
-        reference=None,
-        no_prepare=not prepare,
-        frame=None,
-        random_frame=False,
-        seed=seed,
-        face="largest",
-        resize="crop",
-    )
-    identity = identity_frame(options, notes.append)
+    identity = identity_frame(_identity_options(face, key, prepare, seed), notes.append)
     audio = load_audio(speech, log=notes.append)
     seconds = len(audio) / SAMPLING_RATE
     if seconds > max_seconds:
@@ -183,18 +187,7 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
             return None
         try:
             key = (model or default_model or "").strip() or None
-            options = argparse.Namespace(
-                image=face,
-                model=key,
-                reference=None,
-                no_prepare=not prepare,
-                frame=None,
-                random_frame=False,
-                seed=0,
-                face="largest",
-                resize="crop",
-            )
-            return identity_frame(options, lambda message: None)
+            return identity_frame(_identity_options(face, key, prepare), lambda message: None)
         except (UsageError, MediaError, ValueError) as error:
             raise gr.Error(_readable(error, face), title="Cannot use this face") from None
 

@@ -5,6 +5,7 @@ MP3) or PyAV (AAC/M4A and the audio track of MP4, MOV, MKV, WebM), videos throug
 FFmpeg's libraries.
 """
 
+import contextlib
 import os
 import random
 import tempfile
@@ -288,7 +289,7 @@ def _frames_to_uint8(frames: FramesInput, size: Optional[int]) -> List[np.ndarra
     return [np.asarray(im) for im in images]
 
 
-def _atomic_output(path: str, overwrite: bool) -> str:
+def _check_output(path: str, overwrite: bool) -> str:
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
     directory = os.path.dirname(os.path.abspath(path)) or "."
@@ -304,6 +305,23 @@ def default_file_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def _written_in_place_of(path: str, suffix: str):
+    """Yield a temporary file name beside `path`; once the block succeeds it becomes `path` (with the mode a plain
+    `open()` gives), and if it fails it is removed, so no half-written file is ever left."""
+    directory = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".partial-", dir=directory)
+    os.close(handle)
+    try:
+        yield temporary
+        os.chmod(temporary, default_file_mode())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
 
 
 def export_to_video_with_audio(
@@ -322,12 +340,10 @@ def export_to_video_with_audio(
     video's length. The file is written under a temporary name and renamed when complete.
     """
     images = _frames_to_uint8(frames, size)
-    directory = _atomic_output(path, overwrite)
+    _check_output(path, overwrite)
     import av
 
-    handle, temporary = tempfile.mkstemp(suffix=".mp4", prefix=".partial-", dir=directory)
-    os.close(handle)
-    try:
+    with _written_in_place_of(path, ".mp4") as temporary:
         with av.open(temporary, mode="w", format="mp4") as container:
             video = container.add_stream("libx264", rate=Fraction(fps))
             video.width, video.height = images[0].shape[1], images[0].shape[0]
@@ -356,12 +372,6 @@ def export_to_video_with_audio(
                         container.mux(packet)
                 for packet in audio_stream.encode(None):
                     container.mux(packet)
-        os.chmod(temporary, default_file_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return path
 
 
@@ -370,17 +380,8 @@ def save_image(image: PIL.Image.Image, path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"the folder for {path} does not exist: {directory}")
-    extension = os.path.splitext(path)[1].lower() or ".png"
-    handle, temporary = tempfile.mkstemp(suffix=extension, prefix=".partial-", dir=directory)
-    os.close(handle)
-    try:
+    with _written_in_place_of(path, os.path.splitext(path)[1].lower() or ".png") as temporary:
         image.save(temporary)
-        os.chmod(temporary, default_file_mode())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
     return path
 
 
