@@ -223,6 +223,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         trained_clip_seconds (`float`, *optional*): The longest clip the model is known to handle (about 9 s for
             the released model, the length of its training clips for a model trained here); longer audio without
             `stabilize_every` gets a warning.
+        stabilize_every (`int`, *optional*): The model's own default for the call's `stabilize_every` (None: the
+            identity frame is not put back).
     """
 
     model_cpu_offload_seq = "audio_encoder->unet"
@@ -234,10 +236,11 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         audio_encoder,
         scheduler: Union[SchedulerMixin, KarrasDiffusionSchedulers],
         trained_clip_seconds: Optional[float] = None,
+        stabilize_every: Optional[int] = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, audio_encoder=audio_encoder, scheduler=scheduler)
-        self.register_to_config(trained_clip_seconds=trained_clip_seconds)
+        self.register_to_config(trained_clip_seconds=trained_clip_seconds, stabilize_every=stabilize_every)
 
     # --- loading and saving: a folder that loads again, with the code of the pipeline and both components ---
 
@@ -273,10 +276,11 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             components["scheduler"] = scheduler_class.from_pretrained(
                 pretrained_model_name_or_path, subfolder="scheduler", **shared
             )
-        unknown = set(kwargs) - {"unet", "audio_encoder", "scheduler", "trained_clip_seconds"}
+        unknown = set(kwargs) - {"unet", "audio_encoder", "scheduler", "trained_clip_seconds", "stabilize_every"}
         if unknown:
             raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
-        components["trained_clip_seconds"] = config.get("trained_clip_seconds")
+        for name in ("trained_clip_seconds", "stabilize_every"):
+            components[name] = config.get(name)
         return cls(**{**components, **kwargs})
 
     def register_modules(self, **kwargs):
@@ -365,8 +369,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
     def check_inputs(self, num_inference_steps, stabilize_every, output_type, sampling_rate, callback_inputs):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-        if stabilize_every is not None and (not isinstance(stabilize_every, int) or stabilize_every < 1):
-            raise ValueError(f"stabilize_every must be None or a positive integer, got {stabilize_every!r}")
+        if stabilize_every is not None and (not isinstance(stabilize_every, int) or stabilize_every < 0):
+            raise ValueError(f"stabilize_every must be None, 0 (off) or a positive integer, got {stabilize_every!r}")
         if output_type not in ("np", "pt", "pil"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
         if not isinstance(sampling_rate, (int, float)) or not sampling_rate > 0:
@@ -446,7 +450,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             sampling_rate (`int`, defaults to 16000): Sample rate of `audio`; resampled to 16 kHz if different.
             num_inference_steps (`int`, defaults to 100): Denoising steps per frame.
             stabilize_every (`int`, *optional*): Every this many frames, replace the older motion frame with the
-                identity frame, which limits drift on long clips (15 in the authors' training configuration).
+                identity frame, which limits drift on long clips (15 in the authors' training configuration); 0
+                turns it off. Defaults to the model's own setting (`pipe.config.stabilize_every`), if any.
             generator (`torch.Generator` or a list of them, *optional*): Makes generation deterministic.
             latents (`torch.Tensor`, *optional*): Initial noise `(batch_size, num_frames, 3, height, width)`, one
                 image per frame (`num_frames` of the longest clip); drawn with `generator` if not given.
@@ -463,6 +468,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         self.check_inputs(
             num_inference_steps, stabilize_every, output_type, sampling_rate, callback_on_step_end_tensor_inputs
         )
+        if stabilize_every is None:
+            stabilize_every = self.config.get("stabilize_every")
         if self.unet.config.audio_embedding_dim != self.audio_encoder.config.hidden_size:
             raise ValueError(
                 f"the UNet expects audio embeddings of size {self.unet.config.audio_embedding_dim}, the audio "

@@ -336,7 +336,7 @@ def test_other_sample_rates_are_resampled(identity_image):
     [
         (dict(output_type="latent"), "output_type"),
         (dict(num_inference_steps=0), "num_inference_steps"),
-        (dict(stabilize_every=0), "stabilize_every"),
+        (dict(stabilize_every=-2), "stabilize_every"),
         (dict(sampling_rate=-1), "sampling_rate"),
         (dict(audio=np.zeros((2, 3200), np.float32)), "1-D"),
         (dict(audio=np.zeros(100, np.float32)), "too short"),
@@ -446,3 +446,28 @@ def test_a_compiled_unet_compiles_once_for_the_whole_clip(identity_image):
     np.testing.assert_allclose(frames, expected, atol=1e-5)
     np.testing.assert_array_equal(frames_again, frames)
     torch._dynamo.reset()
+
+
+def test_stabilize_every_defaults_to_the_models_own_setting(identity_image, tmp_path):
+    saved = tiny_pipeline()
+    saved.register_to_config(stabilize_every=1)
+    saved.save_pretrained(tmp_path)
+    assert DiffusedHeadsPipeline.from_pretrained(tmp_path).config.stabilize_every == 1
+    recorder = RecordingUNet(tiny_unet())
+    pipe = tiny_pipeline(unet=recorder)
+    pipe.register_to_config(stabilize_every=1)
+    steps = 2
+
+    def older_motion_frames(**kwargs):
+        recorder.calls.clear()
+        run(pipe, identity_image, num_inference_steps=steps, **kwargs)
+        return [call["motion"][:, :3] for call in recorder.calls[::steps]]
+
+    by_default = older_motion_frames()
+    identity = recorder.calls[0]["identity"]
+    assert all(torch.equal(older, identity) for older in by_default)  # the identity frame at every frame
+    switched_off = older_motion_frames(stabilize_every=0)
+    assert all(torch.equal(older, identity) for older in switched_off[:2])  # before two frames exist
+    assert not any(torch.equal(older, identity) for older in switched_off[2:])
+    with pytest.raises(ValueError, match="stabilize_every must be None, 0"):
+        run(pipe, identity_image, stabilize_every=-1)

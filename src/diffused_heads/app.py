@@ -129,7 +129,7 @@ def run_request(
             audio,
             sampling_rate=SAMPLING_RATE,
             num_inference_steps=steps,
-            stabilize_every=int(stabilize_every) or None,
+            stabilize_every=None if stabilize_every in (None, "") else int(stabilize_every),
             generator=generator,
             callback_on_step_end=on_step,
         )
@@ -207,7 +207,9 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
                     steps = gr.Slider(1, 100, value=10, step=1, label="Denoising steps per frame")
                     scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Sampler")
                     seed = gr.Number(value=0, precision=0, label="Seed")
-                    stabilize = gr.Number(value=0, precision=0, label="Stabilise every N frames (0: off)")
+                    stabilize = gr.Number(
+                        value=None, precision=0, label="Stabilise every N frames (empty: the model's own; 0: off)"
+                    )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 video = gr.Video(label="Talking head", buttons=["download"])

@@ -83,14 +83,18 @@ def read_clip(stem: str, size: int):
     return frames, waveform, mouth_region(info["mouth_boxes"], info["size"], size)
 
 
-def evaluate(pipe, stems, steps: int, seed: int = 0, log=print):
+def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=None):
     size = pipe.unet.config.sample_size
     rows = []
     for stem in stems:
         frames, waveform, region = read_clip(stem, size)
         started = time.time()
         generated = pipe(
-            frames[0], waveform, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed)
+            frames[0],
+            waveform,
+            num_inference_steps=steps,
+            stabilize_every=stabilize_every,
+            generator=torch.Generator().manual_seed(seed),
         ).frames[0]
         count = min(len(generated), len(frames))
         generated, frames = generated[:count], frames[:count]
@@ -137,6 +141,7 @@ def parse_args(argv=None):
         "timestep_spacing=linspace (repeatable)",
     )
     parser.add_argument("--num-clips", type=int, help="evaluate only the first N clips")
+    parser.add_argument("--stabilize-every", type=int, metavar="N", help="as for generate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the per-clip rows and the summary to this file")
     args = parser.parse_args(argv)
@@ -148,7 +153,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from .generate import configure_threads
     from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+
+    configure_threads()
 
     stems = sorted(p[: -len(".json")] for p in glob.glob(os.path.join(args.data, "*.json")))
     stems = [s for s in stems if os.path.exists(s + ".mp4") and os.path.exists(s + ".wav")]
@@ -169,7 +177,7 @@ def main(argv=None) -> int:
                 options[key] = value
         pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
-    rows, summary = evaluate(pipe, stems, args.steps, args.seed)
+    rows, summary = evaluate(pipe, stems, args.steps, args.seed, stabilize_every=args.stabilize_every)
     config = pipe.scheduler.config
     sampler = f"{type(pipe.scheduler).__name__} (timestep_spacing {config.timestep_spacing}"
     sampler += f", variance_type {config.variance_type})" if pipe._learns_variance or "DDPM" in sampler else ")"

@@ -71,7 +71,8 @@ def parse_args(argv=None):
         "--stabilize-every",
         type=int,
         metavar="N",
-        help="every N frames put the identity frame back as motion frame (limits drift; try 15)",
+        help="every N frames put the identity frame back as the older motion frame (limits drift; 0: never); "
+        "default: the model's own (1 for the built-in model, off for a converted one)",
     )
     parser.add_argument("--frame", type=int, help="with a video as --image: the frame to use (default 0)")
     parser.add_argument("--random-frame", action="store_true", help="with a video as --image: a random frame")
@@ -129,8 +130,8 @@ def check_output(args):
         raise UsageError(f"--output: cannot write in {folder}")
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    if args.stabilize_every is not None and args.stabilize_every < 1:
-        raise UsageError(f"--stabilize-every must be at least 1, got {args.stabilize_every}")
+    if args.stabilize_every is not None and args.stabilize_every < 0:
+        raise UsageError(f"--stabilize-every must be 0 (off) or more, got {args.stabilize_every}")
     if args.size < 16 or args.size % 2:
         raise UsageError(f"--size must be an even number of at least 16, got {args.size}")
 
