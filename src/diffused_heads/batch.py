@@ -24,11 +24,10 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import List, Optional
 
 import torch
-from diffusers.utils.torch_utils import randn_tensor
 
 from .cli import HelpFormatter
 from .generate import DTYPES, SCHEDULERS, UsageError, configure_threads, load_pipeline, make_scheduler
@@ -66,7 +65,6 @@ class Result:
     frames: int = 0
     seconds: float = 0.0
     error: Optional[str] = None
-    inputs: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -229,23 +227,15 @@ def prepare_job(job: Job, random_frame: bool):
 
 
 def run_batch(pipe, jobs: List[Job], inputs: list, steps: int, args, device):
-    """Generate a batch of clips (any lengths); every clip's noise comes from its own seeded generator."""
-    unet = pipe.unet
-    size, channels = unet.config.sample_size, unet.config.in_channels
-    generators = [torch.Generator(device).manual_seed(job.seed) for job in jobs]
-    counts = [pipe.audio_encoder.num_frames(len(audio)) for _, audio in inputs]
-    # Each clip's initial noise is drawn exactly as a run of that clip alone draws it, then padded.
-    latents = torch.zeros(len(jobs), max(counts), channels, size, size, device=device)
-    for k, (generator, count) in enumerate(zip(generators, counts)):
-        latents[k, :count] = randn_tensor((1, count, channels, size, size), generator=generator, device=device)[0]
+    """Generate a batch of clips (any lengths). Every clip draws its noise from its own seeded generator, which the
+    pipeline uses exactly as in a run of that clip alone."""
     output = pipe(
         [identity for identity, _ in inputs],
         [audio for _, audio in inputs],
         sampling_rate=SAMPLING_RATE,
         num_inference_steps=steps,
         stabilize_every=args.stabilize_every,
-        generator=generators,
-        latents=latents,
+        generator=[torch.Generator(device).manual_seed(job.seed) for job in jobs],
         output_type="np",
     )
     return list(output.frames), list(output.audio)
@@ -363,7 +353,8 @@ def run(args) -> int:
 
     # On a machine without a GPU the processes talk over gloo (accelerate's multi-CPU mode).
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    configure_threads(args.threads, processes_per_node=max(1, state.num_processes // max(1, _num_nodes())))
+    # torchrun (under accelerate launch) says how many processes share this machine.
+    configure_threads(args.threads, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
     started = time.perf_counter()
     os.makedirs(args.output_dir, exist_ok=True)
     if args.jobs:
@@ -417,10 +408,6 @@ def run(args) -> int:
         json.dump({"summary": summary, "jobs": sorted(everything, key=lambda r: r["index"])}, f, indent=1)
     print_summary(summary, everything)
     return 1 if counts["failed"] else 0
-
-
-def _num_nodes() -> int:
-    return int(os.environ.get("NUM_NODES", os.environ.get("SLURM_NNODES", "1")) or 1)
 
 
 def main(argv=None) -> int:
