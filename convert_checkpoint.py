@@ -79,6 +79,8 @@ class ConversionReport:
 # --------------------------------------------------------------------------------------------------
 # Loading
 
+# The TorchScript code files of an archive (`ARCHIVE/code/__torch__/....py`).
+CODE_FILE = re.compile(r"(^|/)code/.*\.py$")
 # A device a trace baked into the code, e.g. `torch.arange(..., device=torch.device("cuda:0"))`.
 DEVICE_IN_CODE = re.compile(r'torch\.device\("([^"]+)"\)')
 # Dropout recorded by a trace made in training mode: `torch.dropout(x, 0.1, True)` (the last argument is `train`).
@@ -101,7 +103,7 @@ def read_archive_code(path: str) -> ArchiveCode:
     devices, dropouts = set(), 0
     with zipfile.ZipFile(path) as archive:
         for name in archive.namelist():
-            if re.search(r"(^|/)code/.*\.py$", name):
+            if CODE_FILE.search(name):
                 text = archive.read(name).decode("utf-8", errors="replace")
                 devices.update(DEVICE_IN_CODE.findall(text))
                 dropouts += len(TRAINING_DROPOUT.findall(text))
@@ -117,7 +119,7 @@ def write_cpu_archive(path: str, destination: str) -> None:
         for info in source.infolist():
             if info.filename.endswith(".debug_pkl"):
                 continue
-            if re.search(r"(^|/)code/.*\.py$", info.filename):
+            if CODE_FILE.search(info.filename):
                 text = source.read(info).decode("utf-8")
                 text = DEVICE_IN_CODE.sub('torch.device("cpu")', text)
                 text = TRAINING_DROPOUT.sub(r"\1False)", text)
@@ -137,13 +139,13 @@ def training_modules(module: torch.jit.ScriptModule) -> List[Tuple[str, str]]:
     return found
 
 
-def load_torchscript(path: str, what: str, scratch: Optional[str] = None) -> Tuple[torch.jit.ScriptModule, dict]:
+def load_torchscript(path: str, what: str) -> Tuple[torch.jit.ScriptModule, dict]:
     """Load a TorchScript archive on the CPU, with clear errors for files that are not one.
 
     Returns the module, as saved (its training flags kept), and what its code says about how it was made.
     A file traced on a GPU holds that device in its code, which `map_location` does not move: such a file (or
-    one traced in training mode, whose dropout is part of the graph) is loaded from a copy in `scratch` whose
-    code runs on the CPU without dropout.
+    one traced in training mode, whose dropout is part of the graph) is loaded from a temporary copy whose code
+    runs on the CPU without dropout.
     """
     if not os.path.exists(path):
         raise ConversionError(f"{what}: file not found: {path}")
@@ -167,7 +169,7 @@ def load_torchscript(path: str, what: str, scratch: Optional[str] = None) -> Tup
         raise ConversionError(f"{what}: {path} is a damaged archive ({error})") from None
     source = path
     if code.needs_rewrite:
-        handle, source = tempfile.mkstemp(prefix="cpu-", suffix=".pt", dir=scratch)
+        handle, source = tempfile.mkstemp(prefix="cpu-", suffix=".pt")
         os.close(handle)
         try:
             write_cpu_archive(path, source)

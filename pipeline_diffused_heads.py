@@ -502,7 +502,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size} videos; give one per video")
         # The samples and the scheduler's update stay in float32 whatever the UNet's dtype: in half precision the
         # update's small differences of large terms would lose most of their digits.
-        if latents is None and isinstance(generator, list) and ragged:
+        if latents is None and isinstance(generator, list):
             # Each clip's noise drawn as a run of that clip alone draws it, so batching does not change it.
             latents = torch.zeros(shape, device=device)
             for k, count in enumerate(frame_counts.tolist()):
@@ -531,7 +531,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
                     motion[0] = identity_motion
                 motion_frames = torch.cat(motion, dim=1)
-                audio_context = audio_window(audio_embeddings, frame_index, context, frame_counts if ragged else None)
+                audio_context = audio_window(audio_embeddings, frame_index, context, frame_counts)
 
                 # Multistep schedulers keep state: start every frame afresh.
                 self.scheduler.set_timesteps(num_inference_steps, device=device)

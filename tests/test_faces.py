@@ -326,3 +326,24 @@ def test_generate_uses_an_image_without_a_face_as_it_is(tmp_path, capsys):
     PIL.Image.fromarray(gradient).save(tmp_path / "drawing.png")
     assert generate(tmp_path, "--image", tmp_path / "drawing.png") == 0
     assert "warning: no face found in the photo" in capsys.readouterr().err
+
+
+def test_generate_batch_prepares_photos_as_generate_does(tmp_path):
+    import argparse
+
+    import soundfile
+
+    from diffused_heads.batch import Job, prepare_job
+    from diffused_heads.media import load_identity_frame
+
+    hopper().save(tmp_path / "photo.jpg")
+    soundfile.write(tmp_path / "speech.wav", np.zeros(3200, np.float32), 16000)
+    job = Job(0, str(tmp_path / "photo.jpg"), str(tmp_path / "speech.wav"), str(tmp_path / "out.mp4"), seed=0)
+    options = dict(model=None, random_frame=False)
+    identity, _ = prepare_job(job, argparse.Namespace(no_prepare=False, **options))
+    expected = prepare_identity(str(tmp_path / "photo.jpg"), log=quiet)
+    np.testing.assert_array_equal(np.asarray(identity), np.asarray(expected))
+    raw, _ = prepare_job(job, argparse.Namespace(no_prepare=True, **options))
+    np.testing.assert_array_equal(
+        np.asarray(raw), np.asarray(load_identity_frame(str(tmp_path / "photo.jpg"), log=quiet))
+    )

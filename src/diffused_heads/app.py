@@ -47,8 +47,12 @@ class Models:
         self.pipelines = {}
         self.lock = threading.Lock()
 
+    def key(self, model: Optional[str]) -> Optional[str]:
+        """The model a request names (the page's default when the field is empty; None: the built-in model)."""
+        return (model or self.default_model or "").strip() or None
+
     def get(self, model: Optional[str]):
-        key = (model or self.default_model or "").strip() or None
+        key = self.key(model)
         with self.lock:
             if key not in self.pipelines:
                 options = argparse.Namespace(model=key, scheduler=None, compile=False)
@@ -56,21 +60,6 @@ class Models:
                 pipe.set_progress_bar_config(disable=True)
                 self.pipelines[key] = pipe
             return key, self.pipelines[key]
-
-
-def _identity_options(face: str, model: Optional[str], prepare: bool, seed: int = 0) -> argparse.Namespace:
-    """What `generate.identity_frame` reads, as the page sets it: the upload, its model and the checkbox."""
-    return argparse.Namespace(
-        image=face,
-        model=model,
-        reference=None,
-        no_prepare=not prepare,
-        frame=None,
-        random_frame=False,
-        seed=seed,
-        face="largest",
-        resize="crop",
-    )
 
 
 def run_request(
@@ -98,7 +87,7 @@ def run_request(
     if steps < 1:
         raise UsageError("steps must be at least 1")
     key, pipe = models.get(model)
-    identity = identity_frame(_identity_options(face, key, prepare, seed), notes.append)
+    identity = identity_frame(face, notes.append, model=key, prepare=prepare)
     audio = load_audio(speech, log=notes.append)
     seconds = len(audio) / SAMPLING_RATE
     if seconds > max_seconds:
@@ -186,8 +175,7 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
         if not face:
             return None
         try:
-            key = (model or default_model or "").strip() or None
-            return identity_frame(_identity_options(face, key, prepare), lambda message: None)
+            return identity_frame(face, lambda message: None, model=models.key(model), prepare=prepare)
         except (UsageError, MediaError, ValueError) as error:
             raise gr.Error(_readable(error, face), title="Cannot use this face") from None
 

@@ -30,7 +30,15 @@ from typing import List, Optional
 import torch
 
 from .cli import HelpFormatter
-from .generate import DTYPES, SCHEDULERS, UsageError, configure_threads, load_pipeline, make_scheduler
+from .generate import (
+    DTYPES,
+    SCHEDULERS,
+    UsageError,
+    configure_threads,
+    identity_frame,
+    load_pipeline,
+    make_scheduler,
+)
 from .media import (
     SAMPLES_PER_FRAME,
     SAMPLING_RATE,
@@ -214,12 +222,19 @@ class ProgressBoard:
             os.rmdir(self.folder)
 
 
-def prepare_job(job: Job, random_frame: bool):
-    """The identity frame and the 16 kHz speech of a job (raises MediaError/ValueError for bad input)."""
-    from .media import load_identity_frame
-
+def prepare_job(job: Job, args):
+    """The identity frame (prepared as `generate` prepares it) and the 16 kHz speech of a job; raises
+    MediaError/ValueError/UsageError for bad input."""
     quiet = lambda message: None  # noqa: E731  (per-job notes would drown the progress display)
-    identity = load_identity_frame(job.image, frame=job.frame, random_frame=random_frame, seed=job.seed, log=quiet)
+    identity = identity_frame(
+        job.image,
+        quiet,
+        model=args.model,
+        prepare=not args.no_prepare,
+        frame=job.frame,
+        random_frame=args.random_frame,
+        seed=job.seed,
+    )
     audio = load_audio(job.audio, log=quiet)
     if job.max_frames:  # compressed audio tracks run a little past the video (codec padding)
         audio = audio[: job.max_frames * SAMPLES_PER_FRAME]
@@ -258,6 +273,9 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the model's own")
     parser.add_argument("--seed", type=int, default=0, help="seed of the jobs that name none")
     parser.add_argument("--random-frame", action="store_true", help="a seeded random frame of a video, not the first")
+    parser.add_argument(
+        "--no-prepare", action="store_true", help="use the images as they are (see generate --no-prepare)"
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="clips generated at once in a process")
     parser.add_argument("--stabilize-every", type=int, metavar="N", help="as for generate")
     parser.add_argument("--size", type=int, default=256, help="output frame size in pixels")
@@ -293,8 +311,8 @@ def generate_share(pipe, jobs: List[Job], args, device, board: ProgressBoard, ba
         loaded = []
         for job in group:
             try:
-                loaded.append((job, prepare_job(job, args.random_frame)))
-            except (MediaError, ValueError, OSError) as error:
+                loaded.append((job, prepare_job(job, args)))
+            except (MediaError, UsageError, ValueError, OSError) as error:
                 results.append(Result(job.index, job.output, "failed", error=str(error)))
                 done_jobs += 1
         # Neighbours in length share a batch, so little is computed for padding.
@@ -380,8 +398,7 @@ def run(args) -> int:
         results = generate_share(pipe, share, args, device, board, bar)
     board.post(len(results), sum(r.frames for r in results), finished=True)
     if bar is not None:  # follow the other processes until all are finished
-        while board.read()["finished"] < state.num_processes:
-            progress = board.read()
+        while (progress := board.read())["finished"] < state.num_processes:
             bar.n = progress["jobs"]
             bar.refresh()
             time.sleep(0.5)

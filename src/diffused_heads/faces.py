@@ -25,7 +25,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import PIL.Image
 
-from .media import GREEN_BACKGROUND, VIDEO_EXTENSIONS, MediaError, read_image, read_video_frames
+from .media import GREEN_BACKGROUND, VIDEO_EXTENSIONS, MediaError, read_image, read_video_frames, to_rgb
 
 TEMPLATE_FILE = "identity_template.json"
 FACES_EXTRA = (
@@ -284,12 +284,7 @@ def prepare_identity(
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     background = tuple(background or template.background)
-    if isinstance(image, str) and os.path.splitext(image)[1].lower() in VIDEO_EXTENSIONS:
-        frames = read_video_frames(image, start=frame or 0, count=7)
-        photo, points = frames[0], smoothed_video_landmarks(frames, face=face, log=log)
-    else:
-        photo = read_image(image) if isinstance(image, str) else _as_rgb_image(image)
-        points = find_landmarks(photo, face=face, log=log)
+    photo, points = _photo_and_points(image, frame, face, log)
     eyes = float(np.linalg.norm(points[4] - points[1]))
     if eyes < SMALL_FACE_EYES:
         log(
@@ -324,16 +319,23 @@ def prepare_identity(
     return result.resize((size, size), PIL.Image.LANCZOS) if work != size else result
 
 
-def _as_rgb_image(image: Union[PIL.Image.Image, np.ndarray]) -> PIL.Image.Image:
-    if isinstance(image, np.ndarray):
+def _photo_and_points(image, frame: Optional[int], face, log) -> Tuple[PIL.Image.Image, np.ndarray]:
+    """The photo (or the video's frame `frame`) as RGB and the five stable points of its face; for a video the
+    points are averaged with the next six frames'."""
+    if isinstance(image, str) and os.path.splitext(image)[1].lower() in VIDEO_EXTENSIONS:
+        frames = read_video_frames(image, start=frame or 0, count=7)
+        return frames[0], smoothed_video_landmarks(frames, face=face, log=log)
+    if isinstance(image, str):
+        photo = read_image(image)
+    elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
             raise ValueError(f"an image array must be HxWx3 uint8, got {image.dtype} {image.shape}")
-        return PIL.Image.fromarray(image)
-    if isinstance(image, PIL.Image.Image):
-        from .media import to_rgb
-
-        return to_rgb(image)
-    raise TypeError(f"image must be a path, a PIL image or an array, got {type(image).__name__}")
+        photo = PIL.Image.fromarray(image)
+    elif isinstance(image, PIL.Image.Image):
+        photo = to_rgb(image)
+    else:
+        raise TypeError(f"image must be a path, a PIL image or an array, got {type(image).__name__}")
+    return photo, find_landmarks(photo, face=face, log=log)
 
 
 def template_from_reference(reference: str, frame: Optional[int] = None, size: int = 128) -> IdentityTemplate:
@@ -341,12 +343,7 @@ def template_from_reference(reference: str, frame: Optional[int] = None, size: i
 
     The stable points of the reference face become the template; the background colour is the median colour
     of the frame's border (the training crops' plain green)."""
-    if os.path.splitext(reference)[1].lower() in VIDEO_EXTENSIONS:
-        frames = read_video_frames(reference, start=frame or 0, count=7)
-        photo, points = frames[0], smoothed_video_landmarks(frames)
-    else:
-        photo = read_image(reference)
-        points = find_landmarks(photo)
+    photo, points = _photo_and_points(reference, frame, "largest", print)
     pixels = np.asarray(photo)
     border = np.concatenate(
         [

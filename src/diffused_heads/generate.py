@@ -16,6 +16,7 @@ from . import builtin_model_path, example_audio_path, example_image_path
 from .cli import HelpFormatter
 from .media import (
     SAMPLING_RATE,
+    VIDEO_EXTENSIONS,
     MediaError,
     export_to_video_with_audio,
     load_audio,
@@ -23,6 +24,7 @@ from .media import (
     random_frame_index,
     save_frames,
     save_image,
+    square,
 )
 
 SCHEDULERS = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
@@ -189,40 +191,53 @@ def resolve_model(model: str) -> str:
     return model
 
 
-def identity_frame(args, log):
-    """The identity frame of `--image`: prepared (aligned, on green) when the model has a calibrated template or
-    the image is not already a model-ready crop (square, with a border of the training green), else as it is."""
+def identity_frame(
+    image: str,
+    log=print,
+    model: Optional[str] = None,
+    reference: Optional[str] = None,
+    prepare: bool = True,
+    frame: Optional[int] = None,
+    random_frame: bool = False,
+    seed: Optional[int] = None,
+    face: str = "largest",
+    resize: str = "crop",
+):
+    """The identity frame of an image or video: prepared (aligned, on green) when `prepare` is on and the model
+    folder has a calibrated template (or a `reference` is given) or the image is not already a model-ready crop
+    (square, with a border of the training green); else the image as it is, squared by `resize`."""
     from . import faces
 
-    model_folder = args.model if args.model and os.path.isdir(args.model) else None
-    template = faces.resolve_template(model_folder, args.reference) if args.reference or model_folder else None
-    frame = args.frame
-    if args.random_frame:
-        frame = random_frame_index(args.image, args.seed)
-    prepare = False
-    if not args.no_prepare:
-        if template is not None:
-            prepare = True
-        else:
-            preview = load_identity_frame(args.image, frame=frame, resize="stretch", log=lambda m: None)
-            prepare = not faces.looks_prepared(preview)
-        if prepare and not faces.faces_available():
-            if args.reference:
-                raise UsageError(faces.FACES_EXTRA)
-            log(f"warning: the image is not a model-ready crop (a face on the training green); {faces.FACES_EXTRA}")
-            prepare = False
+    model_folder = model if model and os.path.isdir(model) else None
+    template = faces.resolve_template(model_folder, reference) if prepare and (reference or model_folder) else None
+    if random_frame:
+        frame = random_frame_index(image, seed)
+    whole = load_identity_frame(image, frame=frame, resize="stretch", log=log)
+    if prepare and template is None and faces.looks_prepared(whole):
+        prepare = False
+    if prepare and not faces.faces_available():
+        if reference:
+            raise UsageError(faces.FACES_EXTRA)
+        log(f"warning: the image is not a model-ready crop (a face on the training green); {faces.FACES_EXTRA}")
+        prepare = False
     if not prepare:
-        return load_identity_frame(args.image, frame=frame, resize=args.resize, log=log)
-    face = args.face if args.face == "largest" else int(args.face)
-    try:
-        identity = faces.prepare_identity(args.image, template=template, face=face, frame=frame, log=log)
+        return square(whole, resize, log)
+    is_video = os.path.splitext(image)[1].lower() in VIDEO_EXTENSIONS
+    try:  # a video's frame is aligned on its points averaged over the next frames, so it is read from the file
+        identity = faces.prepare_identity(
+            image if is_video else whole,
+            template=template,
+            face=face if face == "largest" else int(face),
+            frame=frame,
+            log=log,
+        )
     except MediaError as error:
         if template is not None or not str(error).startswith("no face found"):
             raise
         # Preparing was our idea, not the user's: an image without a detectable face (a drawing, say) is used
         # as it is.
         log(f"warning: {error}; using the image as it is (--no-prepare says so without looking)")
-        return load_identity_frame(args.image, frame=frame, resize=args.resize, log=log)
+        return square(whole, resize, log)
     source = template.source if template is not None else "the default template"
     log(f"note: prepared the face (aligned with {source}, background replaced); --no-prepare uses the image as it is")
     return identity
@@ -311,7 +326,18 @@ def run(args) -> str:
 
     log = lambda message: print(message, file=sys.stderr)  # noqa: E731
     if args.image:
-        identity = identity_frame(args, log)
+        identity = identity_frame(
+            args.image,
+            log,
+            model=args.model,
+            reference=args.reference,
+            prepare=not args.no_prepare,
+            frame=args.frame,
+            random_frame=args.random_frame,
+            seed=args.seed,
+            face=args.face,
+            resize=args.resize,
+        )
     else:
         if args.frame is not None or args.random_frame:
             raise UsageError("--frame and --random-frame need a video as --image")

@@ -59,7 +59,8 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def _square(image: PIL.Image.Image, resize: str, log: Callable[[str], None]) -> PIL.Image.Image:
+def square(image: PIL.Image.Image, resize: str = "crop", log: Callable[[str], None] = print) -> PIL.Image.Image:
+    """A non-square image centre-cropped to a square (`resize="crop"`), or left whole (`"stretch"`)."""
     if resize not in ("crop", "stretch"):
         raise ValueError(f"resize must be 'crop' or 'stretch', got {resize!r}")
     width, height = image.size
@@ -179,7 +180,7 @@ def load_identity_frame(
                 raise ValueError("frame and random_frame apply to videos only")
     if min(image.size) < 8:
         raise MediaError(f"the identity image {path} is too small ({image.size[0]}x{image.size[1]})")
-    return _square(image, resize, log)
+    return square(image, resize, log)
 
 
 # --------------------------------------------------------------------------------------------------
