@@ -1,0 +1,1 @@
+"""The speech encoder (linked from the repository's `audio_encoder/` folder)."""

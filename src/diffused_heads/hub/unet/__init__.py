@@ -1,0 +1,1 @@
+"""The denoising UNet (linked from the repository's `unet/` folder)."""
