@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DiffusionPipeline
 from diffusers.schedulers import KarrasDiffusionSchedulers, SchedulerMixin
-from diffusers.utils import BaseOutput, logging
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 
 logger = logging.get_logger(__name__)
@@ -117,21 +117,47 @@ def resample_audio(
     return resampled.to(waveform.dtype).reshape(*shape, num_out)
 
 
-def _package_component_classes() -> Optional[Dict[str, type]]:
-    """The component classes of the installed `diffused_heads` package, when this file is imported from it.
-
-    Loaded as remote code (`trust_remote_code=True`) this file stands alone and the classes come from the
-    files stored beside the weights instead."""
+def _package_modules() -> Dict[str, str]:
+    """`{file stem: module name}` of the components in the installed `diffused_heads` package, imported, when this
+    file is imported from it; empty when it is loaded as remote code (`trust_remote_code=True`), where the classes
+    come from the files stored beside the weights."""
     import importlib
 
     if not __package__:
-        return None
-    try:
-        unet_module = importlib.import_module(".unet.unet_diffused_heads", __package__)
-        encoder_module = importlib.import_module(".audio_encoder.audio_encoder_diffused_heads", __package__)
-    except ImportError:
-        return None
-    return {"unet": unet_module.DiffusedHeadsUNetModel, "audio_encoder": encoder_module.DiffusedHeadsAudioEncoder}
+        return {}
+    modules = {}
+    for relative in (".unet.unet_diffused_heads", ".audio_encoder.audio_encoder_diffused_heads"):
+        try:
+            module = importlib.import_module(relative, __package__)
+        except ImportError:
+            return {}
+        modules[relative.rsplit(".", 1)[1]] = module.__name__
+    return modules
+
+
+def _copy_generator(generator: torch.Generator) -> torch.Generator:
+    copy = torch.Generator(device=generator.device)
+    copy.set_state(generator.get_state())
+    return copy
+
+
+def _skip_normals(generator: torch.Generator, count: int, frame_size: int, device) -> None:
+    """Move `generator` past `count` normal values, drawing them in parts of whole frames."""
+    part = frame_size * max(1, (1 << 22) // frame_size)
+    for start in range(0, count, part):
+        randn_tensor((min(part, count - start),), generator=generator, device=device)
+
+
+def scheduler_uses_variance(scheduler: SchedulerMixin) -> bool:
+    """Whether a scheduler is given the model's variance channels too: only the DDPM schedulers use them.
+
+    `from_config` copies `variance_type` into schedulers that ignore it, and DPM-Solver accepts a learned
+    variance but drops it (and fails on it with v-prediction), so every other scheduler gets the first channels
+    only."""
+    from diffusers import DDPMParallelScheduler, DDPMScheduler
+
+    is_ddpm = isinstance(scheduler, (DDPMScheduler, DDPMParallelScheduler))
+    return is_ddpm and scheduler.config.get("variance_type") in ("learned", "learned_range")
 
 
 def _as_list(value) -> list:
@@ -207,6 +233,56 @@ def preprocess_audio(audio: AudioInput, sampling_rate: float, target_rate: int) 
     return resample_audio(waveform, sampling_rate, target_rate)
 
 
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import numpy as np
+        >>> import PIL.Image
+        >>> import soundfile
+        >>> import torch
+        >>> from diffusers import DDIMScheduler, DiffusionPipeline
+
+        >>> pipe = DiffusionPipeline.from_pretrained("path/to/diffused-heads-crema", trust_remote_code=True)
+        >>> pipe = pipe.to("cuda")
+        >>> face = PIL.Image.open("face.png")  # a CREMA-style crop: the face centred on green
+        >>> speech, rate = soundfile.read("speech.wav", dtype="float32")
+
+        >>> video = pipe(face, speech, sampling_rate=rate, generator=torch.Generator("cuda").manual_seed(0)).frames[0]
+
+        >>> # A faster sampler, for one call, without touching `pipe`:
+        >>> fast = type(pipe).from_pipe(
+        ...     pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        ... )
+        >>> video = fast(face, speech, sampling_rate=rate, num_inference_steps=20).frames[0]
+
+        >>> # Frames one by one as they are made (memory does not grow with the length of the speech):
+        >>> for output in pipe.stream(face, speech, sampling_rate=rate):
+        ...     frame = output.frames[0]  # (height, width, 3) in [0, 1]
+        ```
+"""
+
+
+@dataclass
+class DiffusedHeadsFrameOutput(BaseOutput):
+    """
+    One frame of every video of a batch, as [`DiffusedHeadsPipeline.stream`] yields it.
+
+    Args:
+        frame_index (`int`): Which frame this is (0 for the first).
+        frames (`np.ndarray`, `torch.Tensor` or `List[PIL.Image.Image]`): The frame of each video, in [0, 1]: for
+            `"np"` an array `(batch_size, height, width, 3)`, for `"pt"` a tensor `(batch_size, 3, height, width)`,
+            for `"pil"` a list of images. A video whose clip is shorter than `frame_index + 1` frames has a frame
+            here that belongs to no video: see `num_frames`.
+        num_frames (`List[int]`): How many frames each video has.
+        audio (`List[np.ndarray]`): The 16 kHz mono audio of each video (25 frames per second of it).
+    """
+
+    frame_index: int
+    frames: Union[np.ndarray, torch.Tensor, List[PIL.Image.Image]]
+    num_frames: List[int]
+    audio: List[np.ndarray]
+
+
 class DiffusedHeadsPipeline(DiffusionPipeline):
     r"""
     Pipeline for talking-face generation with Diffused Heads (Stypułkowski et al., WACV 2024).
@@ -225,10 +301,12 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             `stabilize_every` gets a warning.
         stabilize_every (`int`, *optional*): The model's own default for the call's `stabilize_every` (None: the
             identity frame is not put back).
+        num_inference_steps (`int`, *optional*): The model's own default for the call's `num_inference_steps`
+            (None: 100, the released sampler's).
     """
 
     model_cpu_offload_seq = "audio_encoder->unet"
-    _callback_tensor_inputs = ["latents"]
+    _callback_tensor_inputs = ["frame_latents", "identity_frames", "motion_frames", "audio_context"]
 
     def __init__(
         self,
@@ -237,51 +315,48 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         scheduler: Union[SchedulerMixin, KarrasDiffusionSchedulers],
         trained_clip_seconds: Optional[float] = None,
         stabilize_every: Optional[int] = None,
+        num_inference_steps: Optional[int] = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, audio_encoder=audio_encoder, scheduler=scheduler)
-        self.register_to_config(trained_clip_seconds=trained_clip_seconds, stabilize_every=stabilize_every)
+        self.register_to_config(
+            trained_clip_seconds=trained_clip_seconds,
+            stabilize_every=stabilize_every,
+            num_inference_steps=num_inference_steps,
+        )
 
-    # --- loading and saving: a folder that loads again, with the code of the pipeline and both components ---
+    # --- loading and saving: a folder that loads with this package's classes or, standing alone, as remote code ---
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], **kwargs):
-        """Load a saved pipeline with the classes of the installed package (no `trust_remote_code` needed).
+    def _dict_from_json_file(cls, json_file: Union[str, os.PathLike]):
+        """Read `model_index.json`; imported from the `diffused_heads` package, name the package's modules.
 
-        `DiffusionPipeline.from_pretrained(path, trust_remote_code=True)` loads the code stored with the weights
-        instead. Components passed as
-        keyword arguments replace the stored ones; `torch_dtype`, `variant`, `revision`, `token`, `cache_dir`
-        and `local_files_only` are passed on to the components.
-        """
-        classes = _package_component_classes()
-        if classes is None:
-            kwargs.setdefault("trust_remote_code", True)
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        import diffusers
+        A saved folder names its code files (`["unet_diffused_heads", "DiffusedHeadsUNetModel"]`), which
+        `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` loads from beside the weights. Loaded
+        through the installed package, the same entries are read as the package's modules, so diffusers' own
+        `from_pretrained` builds the package's classes with every loading option it has, and no remote code runs."""
+        config = super()._dict_from_json_file(json_file)
+        modules = _package_modules()
+        if not modules or "_class_name" not in config:
+            return config
+        pipeline_stem = os.path.splitext(os.path.basename(inspect.getsourcefile(cls)))[0]
+        if list(_as_list(config["_class_name"])) == [pipeline_stem, cls.__name__]:
+            config["_class_name"] = cls.__name__
+        for name, value in config.items():
+            if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] in modules:
+                config[name] = [modules[value[0]], value[1]]
+        return config
 
-        shared = {
-            k: kwargs.pop(k) for k in ("variant", "revision", "token", "cache_dir", "local_files_only") if k in kwargs
-        }
-        torch_dtype = kwargs.pop("torch_dtype", None)
-        config = cls.load_config(pretrained_model_name_or_path, **shared)
-        components = {}
-        for name, model_class in classes.items():
-            if name not in kwargs:
-                components[name] = model_class.from_pretrained(
-                    pretrained_model_name_or_path, subfolder=name, torch_dtype=torch_dtype, **shared
-                )
-        if "scheduler" not in kwargs:
-            scheduler_class = getattr(diffusers, config["scheduler"][1])
-            shared.pop("variant", None)
-            components["scheduler"] = scheduler_class.from_pretrained(
-                pretrained_model_name_or_path, subfolder="scheduler", **shared
-            )
-        unknown = set(kwargs) - {"unet", "audio_encoder", "scheduler", "trained_clip_seconds", "stabilize_every"}
-        if unknown:
-            raise TypeError(f"from_pretrained got unexpected keyword arguments {sorted(unknown)}")
-        for name in ("trained_clip_seconds", "stabilize_every"):
-            components[name] = config.get(name)
-        return cls(**{**components, **kwargs})
+    @classmethod
+    def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
+        """A new pipeline sharing `pipeline`'s components (and config), with the ones passed replaced: for example
+        another scheduler for some calls, without changing `pipeline`.
+
+        The UNet and the audio encoder are carried over whatever module their classes come from (the package, or a
+        model folder's own code)."""
+        for name in ("unet", "audio_encoder"):
+            kwargs.setdefault(name, getattr(pipeline, name))
+        return super().from_pipe(pipeline, **kwargs)
 
     def register_modules(self, **kwargs):
         super().register_modules(**kwargs)
@@ -336,37 +411,29 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             json.dump(index, f, indent=2, sort_keys=True)
             f.write("\n")
 
-    # --- inputs ---
+    # --- properties of the call in progress ---
 
     @property
-    def _learns_variance(self) -> bool:
-        """Whether the scheduler is given the variance channels too: only the DDPM schedulers use them.
+    def num_timesteps(self) -> int:
+        """Denoising steps per frame of the call in progress (or the last one)."""
+        return self._num_timesteps
 
-        `from_config` copies `variance_type` into schedulers that ignore it, and DPM-Solver accepts a learned
-        variance but drops it (and fails on it with v-prediction), so every other scheduler gets the first
-        channels only."""
-        from diffusers import DDPMParallelScheduler, DDPMScheduler
+    @property
+    def interrupt(self) -> bool:
+        """Set `pipe._interrupt = True` (from a callback) to stop after the frame being made: the output then holds
+        the frames finished so far."""
+        return self._interrupt
 
-        is_ddpm = isinstance(self.scheduler, (DDPMScheduler, DDPMParallelScheduler))
-        return is_ddpm and self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+    # --- inputs ---
 
-    def _warn_on_mismatched_spacing(self):
-        """DDIM steps from t to t - num_train_timesteps // num_inference_steps, which is not the next timestep
-        when they are spaced with "linspace" (the DDPM default, so what `from_config` gives it): every step then
-        lands on a noise level other than the one the next step assumes, and the last frame keeps visible noise."""
-        from diffusers import DDIMParallelScheduler, DDIMScheduler
-
-        if (
-            isinstance(self.scheduler, (DDIMScheduler, DDIMParallelScheduler))
-            and self.scheduler.config.get("timestep_spacing") == "linspace"
-        ):
-            logger.warning(
-                f"{type(self.scheduler).__name__} with timestep_spacing='linspace' does not step to its own next "
-                "timestep and leaves noise in the frames; make it with "
-                f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing='trailing')."
-            )
-
-    def check_inputs(self, num_inference_steps, stabilize_every, output_type, sampling_rate, callback_inputs):
+    def check_inputs(
+        self,
+        num_inference_steps,
+        stabilize_every,
+        output_type,
+        sampling_rate,
+        callback_on_step_end_tensor_inputs,
+    ):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if stabilize_every is not None and (not isinstance(stabilize_every, int) or stabilize_every < 0):
@@ -375,9 +442,14 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
         if not isinstance(sampling_rate, (int, float)) or not sampling_rate > 0:
             raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate!r}")
-        unknown = [k for k in callback_inputs if k not in self._callback_tensor_inputs]
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}")
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not in {self._callback_tensor_inputs}")
+        if self.unet.config.audio_embedding_dim != self.audio_encoder.config.hidden_size:
+            raise ValueError(
+                f"the UNet expects audio embeddings of size {self.unet.config.audio_embedding_dim}, the audio "
+                f"encoder makes {self.audio_encoder.config.hidden_size}"
+            )
 
     def prepare_inputs(self, identity_image, audio, sampling_rate):
         """Identity frames `(B, 3, S, S)` in [-1, 1], 16 kHz waveforms `(B, N)` zero-padded to the longest, and
@@ -408,32 +480,248 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         waveforms = torch.stack([F.pad(w, (0, max(lengths) - w.shape[-1])) for w in waveforms])
         return identities, waveforms, lengths
 
+    def encode_audio(self, waveforms: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """One audio embedding per video frame, `(batch_size, num_frames, hidden_size)`, in `dtype` on `device`."""
+        encoder_dtype = self.audio_encoder.dtype
+        embeddings = self.audio_encoder(waveforms.to(device=device, dtype=encoder_dtype)).audio_embeddings
+        return embeddings.to(dtype)
+
+    def prepare_latents(
+        self,
+        shape: tuple,
+        frame_counts: List[int],
+        device: torch.device,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]],
+        latents: Optional[torch.Tensor] = None,
+    ) -> Callable[[int], torch.Tensor]:
+        """The initial noise of the videos `shape = (batch_size, num_frames, channels, height, width)`, as a
+        function of the frame index that gives `(batch_size, channels, height, width)` in float32.
+
+        Taken from `latents` when given. Else each frame's noise is drawn when the frame is made, so no more than
+        one frame of it is held, but with the values one draw of the whole tensor would give (with a list of
+        generators: of each video's own frames, so that batching does not change a video): the draws come from
+        copies of the generators set where those values begin, and the generators themselves are moved past
+        them for the scheduler's own noise. (On the CPU a draw in parts equals one draw whenever each part holds
+        a multiple of 16 values.)"""
+        # The samples and the scheduler's update stay in float32 whatever the UNet's dtype: in half precision the
+        # update's small differences of large terms would lose most of their digits.
+        if latents is not None:
+            return lambda frame_index: latents[:, frame_index].to(device=device, dtype=torch.float32)
+        batch_size, num_frames, *frame_shape = shape
+        if generator is None:
+            return lambda frame_index: randn_tensor((batch_size, *frame_shape), device=device, dtype=torch.float32)
+        frame_size = math.prod(frame_shape)
+        if isinstance(generator, list):
+            sources = [_copy_generator(g) for g in generator]
+            for g, count in zip(generator, frame_counts):
+                _skip_normals(g, count * frame_size, frame_size, device)
+            counts = frame_counts
+        else:
+            sources = []
+            for _ in range(batch_size):  # video b's values start after b videos' worth
+                sources.append(_copy_generator(generator))
+                _skip_normals(generator, num_frames * frame_size, frame_size, device)
+            counts = [num_frames] * batch_size
+
+        def frame_noise(frame_index: int) -> torch.Tensor:
+            noise = torch.zeros((batch_size, *frame_shape), device=device)
+            for k, source in enumerate(sources):
+                if frame_index < counts[k]:
+                    noise[k] = randn_tensor((1, *frame_shape), generator=source, device=device)[0]
+            return noise
+
+        return frame_noise
+
     def postprocess(self, frames: torch.Tensor, output_type: str):
-        """`(B, F, 3, H, W)` frames in [-1, 1] to the requested output type, in [0, 1]."""
+        """Frames `(..., 3, H, W)` in [-1, 1] (one frame of a batch, or whole videos) in [0, 1] as `output_type`:
+        `"pt"` keeps the layout, `"np"` puts the channels last, `"pil"` makes (lists of) images."""
         frames = ((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
         if output_type == "pt":
             return frames
-        array = frames.permute(0, 1, 3, 4, 2).numpy()
+        array = frames.movedim(-3, -1).numpy()
         if output_type == "np":
             return array
-        return [[PIL.Image.fromarray((frame * 255.0).round().astype(np.uint8)) for frame in video] for video in array]
+
+        def to_pil(item):
+            if item.ndim == 3:
+                return PIL.Image.fromarray((item * 255.0).round().astype(np.uint8))
+            return [to_pil(inner) for inner in item]
+
+        return to_pil(array)
+
+    def _warn_on_mismatched_spacing(self):
+        """DDIM steps from t to t - num_train_timesteps // num_inference_steps, which is not the next timestep
+        when they are spaced with "linspace" (the DDPM default, so what `from_config` gives it): every step then
+        lands on a noise level other than the one the next step assumes, and the last frame keeps visible noise."""
+        from diffusers import DDIMParallelScheduler, DDIMScheduler
+
+        if (
+            isinstance(self.scheduler, (DDIMScheduler, DDIMParallelScheduler))
+            and self.scheduler.config.get("timestep_spacing") == "linspace"
+        ):
+            logger.warning(
+                f"{type(self.scheduler).__name__} with timestep_spacing='linspace' does not step to its own next "
+                "timestep and leaves noise in the frames; make it with "
+                f"{type(self.scheduler).__name__}.from_config(pipe.scheduler.config, timestep_spacing='trailing')."
+            )
 
     # --- generation ---
 
     @torch.no_grad()
+    def _generate(
+        self,
+        identity_image: Union[ImageInput, List[ImageInput]],
+        audio: Union[AudioInput, List[AudioInput]],
+        sampling_rate: int = 16000,
+        num_inference_steps: Optional[int] = None,
+        stabilize_every: Optional[int] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "np",
+        callback_on_step_end: Optional[Callable[["DiffusedHeadsPipeline", int, int, Dict[str, Any]], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["frame_latents"],
+    ) -> Iterator[tuple]:
+        """The frame loop of `stream` and `__call__`: yields `(frame_index, frames in [-1, 1], frame_counts,
+        audio)` for every frame."""
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("num_inference_steps") or 100
+        self.check_inputs(
+            num_inference_steps, stabilize_every, output_type, sampling_rate, callback_on_step_end_tensor_inputs
+        )
+        if stabilize_every is None:
+            stabilize_every = self.config.get("stabilize_every")
+        self._interrupt = False
+        device = self._execution_device
+        dtype = self.unet.dtype
+
+        # 1. Inputs: identity frames in [-1, 1] and one audio embedding per video frame.
+        identity_frames, waveforms, lengths = self.prepare_inputs(identity_image, audio, sampling_rate)
+        identity_frames = identity_frames.to(device=device, dtype=dtype)
+        audio_embeddings = self.encode_audio(waveforms, device, dtype)
+        batch_size, num_frames = audio_embeddings.shape[:2]
+        frame_counts = [self.audio_encoder.num_frames(n) for n in lengths]
+        audio_out = [waveform[:length].numpy() for waveform, length in zip(waveforms, lengths)]
+        longest = self.config.get("trained_clip_seconds")
+        seconds = waveforms.shape[-1] / self.audio_encoder.config.sampling_rate
+        if longest and seconds > longest and not stabilize_every:
+            logger.warning(
+                f"the audio is {seconds:.1f} s long; this model was trained on clips up to about {longest:g} s and "
+                "may drift on longer ones: pass stabilize_every (e.g. 15) to put the identity frame back regularly"
+            )
+
+        # 2. The noise, drawn frame by frame (see `prepare_latents`).
+        channels, size = self.unet.config.in_channels, self.unet.config.sample_size
+        shape = (batch_size, num_frames, channels, size, size)
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size} videos; give one per video")
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
+        frame_noise = self.prepare_latents(shape, frame_counts, device, generator, latents)
+
+        # 3. Frame by frame: each denoised from fresh noise, conditioned on the identity frame, the two frames
+        # before it and the audio around it.
+        uses_variance = scheduler_uses_variance(self.scheduler)
+        self._warn_on_mismatched_spacing()
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+        context = self.unet.config.audio_context
+        motion_channels = self.unet.config.motion_frame_channels
+        identity_motion = to_motion_frame(identity_frames, motion_channels)
+        previous = [identity_motion, identity_motion]
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._num_timesteps = len(self.scheduler.timesteps)
+        counts = torch.tensor(frame_counts)
+        with self.progress_bar(total=num_frames * self._num_timesteps) as progress_bar:
+            for frame_index in range(num_frames):
+                if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
+                    previous[0] = identity_motion
+                motion_frames = torch.cat(previous, dim=1)
+                audio_context = audio_window(audio_embeddings, frame_index, context, counts)
+
+                # Multistep schedulers keep state: start every frame afresh.
+                self.scheduler.set_timesteps(num_inference_steps, device=device)
+                frame_latents = frame_noise(frame_index) * self.scheduler.init_noise_sigma
+                for step_index, t in enumerate(self.scheduler.timesteps):
+                    model_input = self.scheduler.scale_model_input(frame_latents, t).to(dtype)
+                    model_output = self.unet(
+                        model_input, t, identity_frames, motion_frames, audio_context
+                    ).sample.float()
+                    if not uses_variance:
+                        model_output = model_output[:, :channels]
+                    frame_latents = self.scheduler.step(model_output, t, frame_latents, **step_kwargs).prev_sample
+
+                    if callback_on_step_end is not None:
+                        callback_kwargs = {}
+                        for k in callback_on_step_end_tensor_inputs:
+                            callback_kwargs[k] = locals()[k]
+                        global_step = frame_index * self._num_timesteps + step_index
+                        callback_outputs = callback_on_step_end(self, global_step, t, callback_kwargs) or {}
+                        frame_latents = callback_outputs.pop("frame_latents", frame_latents)
+                    progress_bar.update()
+
+                previous = [previous[1], to_motion_frame(frame_latents.to(dtype), motion_channels)]
+                yield frame_index, frame_latents, frame_counts, audio_out
+                if self.interrupt:
+                    break
+
+        self.maybe_free_model_hooks()
+
+    def stream(
+        self,
+        identity_image: Union[ImageInput, List[ImageInput]],
+        audio: Union[AudioInput, List[AudioInput]],
+        sampling_rate: int = 16000,
+        num_inference_steps: Optional[int] = None,
+        stabilize_every: Optional[int] = None,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        output_type: str = "np",
+        callback_on_step_end: Optional[Callable[["DiffusedHeadsPipeline", int, int, Dict[str, Any]], Dict]] = None,
+        callback_on_step_end_tensor_inputs: List[str] = ["frame_latents"],
+    ) -> Iterator[DiffusedHeadsFrameOutput]:
+        r"""
+        Generate talking-face videos frame by frame: yields each frame of every video of the batch as soon as it is
+        made, as a [`DiffusedHeadsFrameOutput`].
+
+        Takes the arguments of `__call__` (less `return_dict`) and makes the same frames. Only the frame being made
+        and the two before it are held, so memory does not grow with the length of the speech: write each frame
+        away as it comes. Leaving the loop stops the generation.
+        """
+        for frame_index, frames, frame_counts, audio_out in self._generate(
+            identity_image,
+            audio,
+            sampling_rate=sampling_rate,
+            num_inference_steps=num_inference_steps,
+            stabilize_every=stabilize_every,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        ):
+            yield DiffusedHeadsFrameOutput(
+                frame_index=frame_index,
+                frames=self.postprocess(frames, output_type),
+                num_frames=frame_counts,
+                audio=audio_out,
+            )
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         identity_image: Union[ImageInput, List[ImageInput]],
         audio: Union[AudioInput, List[AudioInput]],
         sampling_rate: int = 16000,
-        num_inference_steps: int = 100,
+        num_inference_steps: Optional[int] = None,
         stabilize_every: Optional[int] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         output_type: str = "np",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[["DiffusedHeadsPipeline", int, int, Dict[str, Any]], Dict]] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["latents"],
+        callback_on_step_end_tensor_inputs: List[str] = ["frame_latents"],
     ) -> Union[DiffusedHeadsPipelineOutput, tuple]:
         r"""
         Generate talking-face videos.
@@ -448,119 +736,50 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 padded, each clamped at its own end) and each video keeps its own length: `frames` and `audio` are
                 then lists with one entry per video.
             sampling_rate (`int`, defaults to 16000): Sample rate of `audio`; resampled to 16 kHz if different.
-            num_inference_steps (`int`, defaults to 100): Denoising steps per frame.
+            num_inference_steps (`int`, *optional*): Denoising steps per frame; defaults to the model's own
+                (`pipe.config.num_inference_steps`), else 100.
             stabilize_every (`int`, *optional*): Every this many frames, replace the older motion frame with the
                 identity frame, which limits drift on long clips (15 in the authors' training configuration); 0
                 turns it off. Defaults to the model's own setting (`pipe.config.stabilize_every`), if any.
-            generator (`torch.Generator` or a list of them, *optional*): Makes generation deterministic.
+            generator (`torch.Generator` or a list of them, *optional*): Makes generation deterministic; a list
+                gives each video its own, so that a video does not depend on the rest of its batch.
             latents (`torch.Tensor`, *optional*): Initial noise `(batch_size, num_frames, 3, height, width)`, one
-                image per frame (`num_frames` of the longest clip); drawn with `generator` if not given.
+                image per frame (`num_frames` of the longest clip); drawn with `generator`, frame by frame, if not
+                given.
             output_type (`str`, defaults to `"np"`): `"np"`, `"pt"` or `"pil"`.
             return_dict (`bool`, defaults to `True`): Return a [`DiffusedHeadsPipelineOutput`] or a tuple.
             callback_on_step_end (`Callable`, *optional*): Called after every denoising step as
-                `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, with `step` counted over all frames;
-                may return a dict with a replacement `latents` (the current frame being denoised).
-            callback_on_step_end_tensor_inputs (`List[str]`): Tensors passed in `callback_kwargs`.
+                `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, with `step` counted over all frames
+                (`step // pipe.num_timesteps` is the frame); may return a dict with a replacement `frame_latents`.
+                Setting `pipe._interrupt = True` in it stops after the current frame.
+            callback_on_step_end_tensor_inputs (`List[str]`): The tensors passed in `callback_kwargs`, from
+                `pipe._callback_tensor_inputs`: `frame_latents` (the frame being denoised, `(batch_size, 3, height,
+                width)`), `identity_frames`, `motion_frames` and `audio_context`.
+
+        Examples:
 
         Returns:
             [`DiffusedHeadsPipelineOutput`] or `tuple`: the frames, and the 16 kHz audio they match.
         """
-        self.check_inputs(
-            num_inference_steps, stabilize_every, output_type, sampling_rate, callback_on_step_end_tensor_inputs
-        )
-        if stabilize_every is None:
-            stabilize_every = self.config.get("stabilize_every")
-        if self.unet.config.audio_embedding_dim != self.audio_encoder.config.hidden_size:
-            raise ValueError(
-                f"the UNet expects audio embeddings of size {self.unet.config.audio_embedding_dim}, the audio "
-                f"encoder makes {self.audio_encoder.config.hidden_size}"
-            )
-        device = self._execution_device
-        dtype = self.unet.dtype
-
-        # 1. Inputs: identity frames in [-1, 1] and one audio embedding per video frame.
-        identity, waveforms, lengths = self.prepare_inputs(identity_image, audio, sampling_rate)
-        identity = identity.to(device=device, dtype=dtype)
-        encoder_dtype = self.audio_encoder.dtype
-        audio_embeddings = self.audio_encoder(waveforms.to(device=device, dtype=encoder_dtype)).audio_embeddings
-        audio_embeddings = audio_embeddings.to(dtype)
-        batch_size, num_frames = audio_embeddings.shape[:2]
-        frame_counts = torch.tensor([self.audio_encoder.num_frames(n) for n in lengths])
-        ragged = len(set(lengths)) > 1
-        longest = self.config.get("trained_clip_seconds")
-        seconds = waveforms.shape[-1] / self.audio_encoder.config.sampling_rate
-        if longest and seconds > longest and not stabilize_every:
-            logger.warning(
-                f"the audio is {seconds:.1f} s long; this model was trained on clips up to about {longest:g} s and "
-                "may drift on longer ones: pass stabilize_every (e.g. 15) to put the identity frame back regularly"
-            )
-
-        # 2. Initial noise for every frame.
-        channels, size = self.unet.config.in_channels, self.unet.config.sample_size
-        shape = (batch_size, num_frames, channels, size, size)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size} videos; give one per video")
-        # The samples and the scheduler's update stay in float32 whatever the UNet's dtype: in half precision the
-        # update's small differences of large terms would lose most of their digits.
-        if latents is None and isinstance(generator, list):
-            # Each clip's noise drawn as a run of that clip alone draws it, so batching does not change it.
-            latents = torch.zeros(shape, device=device)
-            for k, count in enumerate(frame_counts.tolist()):
-                latents[k, :count] = randn_tensor((1, count, *shape[2:]), generator=generator[k], device=device)[0]
-        elif latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        latents = latents.to(device=device, dtype=torch.float32)
-
-        # 3. Frame by frame.
-        learns_variance = self._learns_variance
-        self._warn_on_mismatched_spacing()
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator
-        context = self.unet.config.audio_context
-        motion_channels = self.unet.config.motion_frame_channels
-        identity_motion = to_motion_frame(identity, motion_channels)
-        motion = [identity_motion, identity_motion]
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        steps_per_frame = len(self.scheduler.timesteps)
-        frames = []
-        with self.progress_bar(total=num_frames * steps_per_frame) as progress_bar:
-            for frame_index in range(num_frames):
-                if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
-                    motion[0] = identity_motion
-                motion_frames = torch.cat(motion, dim=1)
-                audio_context = audio_window(audio_embeddings, frame_index, context, frame_counts)
-
-                # Multistep schedulers keep state: start every frame afresh.
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                sample = latents[:, frame_index] * self.scheduler.init_noise_sigma
-                for step_index, t in enumerate(self.scheduler.timesteps):
-                    model_input = self.scheduler.scale_model_input(sample, t).to(dtype)
-                    model_output = self.unet(model_input, t, identity, motion_frames, audio_context).sample.float()
-                    if not learns_variance:
-                        model_output = model_output[:, :channels]
-                    sample = self.scheduler.step(model_output, t, sample, **step_kwargs).prev_sample
-
-                    if callback_on_step_end is not None:
-                        callback_kwargs = {"latents": sample}
-                        global_step = frame_index * steps_per_frame + step_index
-                        callback_outputs = callback_on_step_end(self, global_step, t, callback_kwargs) or {}
-                        sample = callback_outputs.pop("latents", sample)
-                    progress_bar.update()
-
-                frames.append(sample)
-                motion = [motion[1], to_motion_frame(sample.to(dtype), motion_channels)]
-
-        self.maybe_free_model_hooks()
-
-        # 4. Output.
-        video = self.postprocess(torch.stack(frames, dim=1), output_type)
-        audio_out = waveforms.cpu().numpy()
-        if ragged:  # each video and its audio at their own length
-            video = [item[:count] for item, count in zip(video, frame_counts.tolist())]
-            audio_out = [item[:length] for item, length in zip(audio_out, lengths)]
+        frames, frame_counts, audio_out = [], None, None
+        for _, frame, frame_counts, audio_out in self._generate(
+            identity_image,
+            audio,
+            sampling_rate=sampling_rate,
+            num_inference_steps=num_inference_steps,
+            stabilize_every=stabilize_every,
+            generator=generator,
+            latents=latents,
+            output_type=output_type,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        ):
+            frames.append(frame)
+        video = self.postprocess(torch.stack(frames, dim=1), output_type)  # frames (batch_size, num_frames, ...)
+        if len(set(frame_counts)) > 1:  # each video and its audio at their own length
+            video = [item[: min(count, len(frames))] for item, count in zip(video, frame_counts)]
+        else:
+            audio_out = np.stack(audio_out)
         if not return_dict:
             return (video, audio_out)
         return DiffusedHeadsPipelineOutput(frames=video, audio=audio_out)
