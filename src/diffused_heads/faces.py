@@ -16,21 +16,28 @@ framing of the Diffused Heads clips was not published: a real frame of the train
 settles it, and a model folder can carry such a calibrated template (`identity_template.json`).
 """
 
+import contextlib
 import json
+import logging
 import math
 import os
+import sys
+import warnings
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
 
-from .media import GREEN_BACKGROUND, VIDEO_EXTENSIONS, MediaError, read_image, read_video_frames, to_rgb
+from .errors import ArgumentError, MediaError
+from .media import GREEN_BACKGROUND, VIDEO_EXTENSIONS, read_image, read_video_frames, to_rgb
+
+logger = logging.getLogger(__name__)
 
 TEMPLATE_FILE = "identity_template.json"
 FACES_EXTRA = (
     'face preparation needs the faces extra: pip install "diffused-heads-diffusers[faces]" (MediaPipe 0.10.14, '
-    "Python 3.9 to 3.12); or pass --no-prepare to use the image as it is"
+    "Python 3.11 or 3.12)"
 )
 
 # The five stable points of the 68-point iBUG scheme, in this order: nose base (33), right eye outer (36) and
@@ -108,20 +115,48 @@ class FaceModels:
     _shared = None
 
     def __init__(self):
-        try:
-            import mediapipe
-        except ImportError:
-            raise MediaError(FACES_EXTRA) from None
-        solutions = mediapipe.solutions
-        self.detector = solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.5)
-        self.mesh = solutions.face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, min_detection_confidence=0.3)
-        self.segmenter = solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+        # protobuf's deprecation notice about MediaPipe's own calls, at every use
+        warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype", category=UserWarning)
+        with _native_stderr_silenced():
+            try:
+                import mediapipe
+            except ImportError:
+                raise MediaError(FACES_EXTRA) from None
+            solutions = mediapipe.solutions
+            self.detector = solutions.face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.5)
+            self.mesh = solutions.face_mesh.FaceMesh(
+                static_image_mode=True, max_num_faces=1, min_detection_confidence=0.3
+            )
+            self.segmenter = solutions.selfie_segmentation.SelfieSegmentation(model_selection=0)
+            blank = np.zeros((64, 64, 3), np.uint8)  # the first run of each prints its start-up lines
+            for model in (self.detector, self.mesh, self.segmenter):
+                model.process(blank)
 
     @classmethod
     def shared(cls) -> "FaceModels":
         if cls._shared is None:
             cls._shared = cls()
         return cls._shared
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """MediaPipe's C++ layers (TensorFlow Lite, absl) write start-up lines straight to the process's stderr,
+    past Python's logging: point that file descriptor at the null device meanwhile."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no real stderr (an embedded interpreter, say)
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def faces_available() -> bool:
@@ -171,12 +206,11 @@ ROTATIONS = {
 }
 
 
-def find_landmarks(
-    image: PIL.Image.Image, face: Union[str, int] = "largest", log: Callable[[str], None] = print
-) -> np.ndarray:
+def find_landmarks(image: PIL.Image.Image, face: Union[str, int] = "largest", quiet: bool = False) -> np.ndarray:
     """The five stable points `(5, 2)` of one face in `image` (pixels), trying the photo turned if it must.
 
-    `face` is "largest" or the index of a face counted from the largest. Raises `MediaError` if there is none."""
+    `face` is "largest" or the index of a face counted from the largest. Raises `MediaError` if there is none.
+    How many faces there were, and a turn, are logged unless `quiet`."""
     models = FaceModels.shared()
     factor = min(1.0, DETECTION_SIDE / max(image.size))
     small = (
@@ -197,12 +231,14 @@ def find_landmarks(
             raise MediaError(f"face {index} was asked for, but the photo shows {len(boxes)} face(s)")
         if len(boxes) > 1:
             chosen = "the largest" if index == 0 else f"face {index} (counted from the largest)"
-            log(f"warning: the photo shows {len(boxes)} faces; using {chosen}")
+            if not quiet:
+                logger.warning(f"the photo shows {len(boxes)} faces; using {chosen}")
         points = _mesh_points(models, rgb, boxes[index])
         if points is None:
             continue
         if angle:
-            log(f"note: the face was found with the photo turned by {angle} degrees")
+            if not quiet:
+                logger.info(f"the face was found with the photo turned by {angle} degrees")
             points = _unturn(points, angle, turned.size)
         return points / factor
     raise MediaError("no face found in the photo (also looked with it turned by 90, 180 and 270 degrees)")
@@ -219,12 +255,12 @@ def _unturn(points: np.ndarray, angle: int, turned_size: Tuple[int, int]) -> np.
     return np.stack([y, width - x], axis=1)
 
 
-def smoothed_video_landmarks(frames: Sequence[PIL.Image.Image], face="largest", log=print) -> np.ndarray:
+def smoothed_video_landmarks(frames: Sequence[PIL.Image.Image], face="largest") -> np.ndarray:
     """The five points averaged over the frames given (face-processor averages a forward window of 7)."""
     found = []
     for index, frame in enumerate(frames):
         try:
-            found.append(find_landmarks(frame, face=face, log=log if index == 0 else (lambda m: None)))
+            found.append(find_landmarks(frame, face=face, quiet=index > 0))
         except MediaError:
             if index == 0:
                 raise
@@ -264,7 +300,6 @@ def prepare_identity(
     background: Optional[Tuple[int, int, int]] = None,
     keep_background: bool = False,
     frame: Optional[int] = None,
-    log: Callable[[str], None] = print,
 ) -> PIL.Image.Image:
     """A photo (or a frame of a video) as a model-ready identity frame: aligned, on the training background.
 
@@ -282,13 +317,13 @@ def prepare_identity(
     template = template or default_template()
     size = size or template.size
     if not scale > 0:
-        raise ValueError(f"scale must be positive, got {scale}")
+        raise ArgumentError("scale", f"must be positive, got {scale}")
     background = tuple(background or template.background)
-    photo, points = _photo_and_points(image, frame, face, log)
+    photo, points = _photo_and_points(image, frame, face)
     eyes = float(np.linalg.norm(points[4] - points[1]))
     if eyes < SMALL_FACE_EYES:
-        log(
-            f"warning: the face is small ({eyes:.0f} px between the outer eye corners); the frame is enlarged from it "
+        logger.warning(
+            f"the face is small ({eyes:.0f} px between the outer eye corners); the frame is enlarged from it "
             "and will look blurry"
         )
 
@@ -306,7 +341,7 @@ def prepare_identity(
     aligned = _warp(photo, matrix, work)
     inside = np.asarray(_warp(PIL.Image.new("L", photo.size, 255), matrix, work, fill=0), np.float32) / 255.0
     if inside.mean() < 0.97 and inside[work // 8 : -work // 8, work // 8 : -work // 8].min() < 0.5:
-        log("warning: the face is cut by the photo's edge; the missing part is filled with the background")
+        logger.warning("the face is cut by the photo's edge; the missing part is filled with the background")
     if keep_background:
         result = aligned
     else:
@@ -319,12 +354,12 @@ def prepare_identity(
     return result.resize((size, size), PIL.Image.LANCZOS) if work != size else result
 
 
-def _photo_and_points(image, frame: Optional[int], face, log) -> Tuple[PIL.Image.Image, np.ndarray]:
+def _photo_and_points(image, frame: Optional[int], face) -> Tuple[PIL.Image.Image, np.ndarray]:
     """The photo (or the video's frame `frame`) as RGB and the five stable points of its face; for a video the
     points are averaged with the next six frames'."""
     if isinstance(image, str) and os.path.splitext(image)[1].lower() in VIDEO_EXTENSIONS:
         frames = read_video_frames(image, start=frame or 0, count=7)
-        return frames[0], smoothed_video_landmarks(frames, face=face, log=log)
+        return frames[0], smoothed_video_landmarks(frames, face=face)
     if isinstance(image, str):
         photo = read_image(image)
     elif isinstance(image, np.ndarray):
@@ -335,7 +370,7 @@ def _photo_and_points(image, frame: Optional[int], face, log) -> Tuple[PIL.Image
         photo = to_rgb(image)
     else:
         raise TypeError(f"image must be a path, a PIL image or an array, got {type(image).__name__}")
-    return photo, find_landmarks(photo, face=face, log=log)
+    return photo, find_landmarks(photo, face=face)
 
 
 def template_from_reference(reference: str, frame: Optional[int] = None, size: int = 128) -> IdentityTemplate:
@@ -343,7 +378,7 @@ def template_from_reference(reference: str, frame: Optional[int] = None, size: i
 
     The stable points of the reference face become the template; the background colour is the median colour
     of the frame's border (the training crops' plain green)."""
-    photo, points = _photo_and_points(reference, frame, "largest", print)
+    photo, points = _photo_and_points(reference, frame, "largest")
     pixels = np.asarray(photo)
     border = np.concatenate(
         [
@@ -379,74 +414,9 @@ def looks_prepared(image: PIL.Image.Image, background=GREEN_BACKGROUND, toleranc
 # Command line
 
 
-def parse_args(argv=None):
-    import argparse
-
-    from .cli import HelpFormatter
-
-    parser = argparse.ArgumentParser(
-        prog="diffused-heads prepare-face",
-        description="Align a face photo (or a video frame) and put it on the training green, as a model-ready "
-        "identity frame.",
-        formatter_class=HelpFormatter,
-    )
-    parser.add_argument("--image", required=True, help="a photo, or a video (its --frame)")
-    parser.add_argument("--output", required=True, help="the PNG file to write")
-    parser.add_argument("--model", help="a model folder whose calibrated template to use, if it has one")
-    parser.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
-    parser.add_argument("--frame", type=int, help="with a video: the frame to use (default 0)")
-    parser.add_argument("--face", default="largest", help="'largest' or the index of a face counted from the largest")
-    parser.add_argument("--scale", type=float, default=1.0, help="framing: below 1 shows more around the face")
-    parser.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
-    parser.add_argument("--keep-background", action="store_true", help="only align; keep the photo's background")
-    parser.add_argument("--size", type=int, help="output size in pixels (default: the template's, 128)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
-    return parser.parse_args(argv)
-
-
-def parse_colour(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
-    if text is None:
-        return None
-    try:
-        colour = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        colour = ()
-    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-        raise ValueError(f"--background takes R,G,B with values from 0 to 255, got {text!r}")
-    return colour
-
-
 def resolve_template(model: Optional[str], reference: Optional[str]) -> Optional[IdentityTemplate]:
+    """The template to prepare faces with: measured on `reference` when given, else the model folder's own (None
+    when it has none)."""
     if reference:
         return template_from_reference(reference)
     return model_template(model)
-
-
-def main(argv=None) -> int:
-    import sys
-
-    args = parse_args(argv)
-    log = lambda message: print(message, file=sys.stderr)  # noqa: E731
-    try:
-        if os.path.exists(args.output) and not args.overwrite:
-            raise ValueError(f"--output {args.output} exists; pass --overwrite to replace it")
-        face = args.face if args.face == "largest" else int(args.face)
-        frame = prepare_identity(
-            args.image,
-            template=resolve_template(args.model, args.reference),
-            size=args.size,
-            face=face,
-            scale=args.scale,
-            background=parse_colour(args.background),
-            keep_background=args.keep_background,
-            frame=args.frame,
-            log=log,
-        )
-        from .media import save_image
-
-        save_image(frame, args.output)
-    except (MediaError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"Wrote {args.output} ({frame.width}x{frame.height})")
-    return 0

@@ -6,18 +6,22 @@ FFmpeg's libraries.
 """
 
 import contextlib
+import logging
 import os
 import random
 import tempfile
 from fractions import Fraction
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
 
+from .errors import ArgumentError, MediaError
 from .hub.pipeline_diffused_heads import resample_audio
+
+logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 FPS = 25
@@ -26,9 +30,7 @@ SAMPLES_PER_FRAME = SAMPLING_RATE // FPS
 GREEN_BACKGROUND = (0, 177, 64)
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"}
 
-
-class MediaError(ValueError):
-    """A media file that cannot be used, with a message that names the file and the problem."""
+__all__ = ["MediaError", "load_identity_frame", "load_audio", "export_to_video_with_audio", "save_frames"]
 
 
 def _check_file(path: str, what: str) -> None:
@@ -59,54 +61,19 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def square(image: PIL.Image.Image, resize: str = "crop", log: Callable[[str], None] = print) -> PIL.Image.Image:
+def square(image: PIL.Image.Image, resize: str = "crop") -> PIL.Image.Image:
     """A non-square image centre-cropped to a square (`resize="crop"`), or left whole (`"stretch"`)."""
     if resize not in ("crop", "stretch"):
-        raise ValueError(f"resize must be 'crop' or 'stretch', got {resize!r}")
+        raise ArgumentError("resize", f"must be 'crop' or 'stretch', got {resize!r}")
     width, height = image.size
     if width == height or resize == "stretch":
         return image
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
-    log(f"note: the {width}x{height} identity image was centre-cropped to {side}x{side} (--resize stretch keeps all)")
+    logger.info(
+        f"the {width}x{height} identity image was centre-cropped to {side}x{side} (resize 'stretch' keeps all)"
+    )
     return image.crop((left, top, left + side, top + side))
-
-
-def random_frame_index(path: str, seed: Optional[int]) -> int:
-    """The frame `random_frame=True` takes from a video: drawn with `seed` among all its frames."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            total = stream.frames or sum(1 for _ in container.decode(stream))
-    except av.FFmpegError as error:
-        raise MediaError(f"{path} could not be read as a video: {error}") from None
-    if total < 1:
-        raise MediaError(f"{path} has no video frames")
-    return random.Random(seed).randrange(total)
-
-
-def _video_frame(path: str, frame: Optional[int], random_frame: bool, seed: Optional[int]) -> PIL.Image.Image:
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise MediaError(f"{path} has no video stream")
-            stream = container.streams.video[0]
-            if random_frame:
-                frame = random_frame_index(path, seed)
-            wanted, count = frame or 0, 0
-            for decoded in container.decode(stream):
-                if count == wanted:
-                    return decoded.to_image().convert("RGB")
-                count += 1
-            raise MediaError(f"{path} has no frame {wanted} (it has {count} frames)")
-    except av.FFmpegError as error:
-        raise MediaError(f"{path} could not be read as a video: {error}") from None
 
 
 def read_image(path: str) -> PIL.Image.Image:
@@ -120,26 +87,96 @@ def read_image(path: str) -> PIL.Image.Image:
         raise MediaError(f"{path} is not an image that can be read ({error})") from None
 
 
-def read_video_frames(path: str, start: int = 0, count: int = 1) -> List[PIL.Image.Image]:
-    """Up to `count` frames of a video from frame `start` on (at least that one, or `MediaError`)."""
+# --------------------------------------------------------------------------------------------------
+# Video: the one reader
+
+
+@contextlib.contextmanager
+def _video_stream(path: str):
+    """The opened container and its first video stream; `MediaError` for a file that is no readable video."""
     import av
 
     _check_file(path, "video")
-    frames = []
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise MediaError(f"{path} has no video stream")
-            for index, decoded in enumerate(container.decode(video=0)):
-                if index >= start:
-                    frames.append(decoded.to_image().convert("RGB"))
-                if len(frames) == count:
-                    break
+            yield container, container.streams.video[0]
     except av.FFmpegError as error:
         raise MediaError(f"{path} could not be read as a video: {error}") from None
+
+
+def iter_video_frames(path: str, start: int = 0, count: Optional[int] = None) -> Iterator[np.ndarray]:
+    """The frames of a video from frame `start` on (at most `count` of them), as `(height, width, 3)` uint8 RGB,
+    decoded one at a time."""
+    import av
+
+    with _video_stream(path) as (container, stream):
+        try:
+            index = 0
+            for decoded in container.decode(stream):
+                if count is not None and index >= start + count:
+                    break
+                if index >= start:
+                    yield decoded.to_ndarray(format="rgb24")
+                index += 1
+        except av.FFmpegError as error:
+            raise MediaError(f"{path} could not be read as a video: {error}") from None
+
+
+def video_frame_count(path: str, decode: bool = True) -> Optional[int]:
+    """How many frames a video has: from its header, else (with `decode`) by decoding it, else None."""
+    with _video_stream(path) as (container, stream):
+        if stream.frames:
+            return stream.frames
+        if not decode:
+            if stream.duration and stream.average_rate:
+                return round(float(stream.duration * stream.time_base * stream.average_rate))
+            return None
+    return sum(1 for _ in iter_video_frames(path))
+
+
+def read_video_frames(path: str, start: int = 0, count: Optional[int] = 1) -> List[PIL.Image.Image]:
+    """Up to `count` frames (None: all) of a video from frame `start` on, as RGB images; at least that one, or
+    `MediaError`."""
+    frames = [PIL.Image.fromarray(frame) for frame in iter_video_frames(path, start, count)]
     if not frames:
-        raise MediaError(f"{path} has no frame {start}")
+        raise MediaError(f"{path} has no frame {start}" + (f" (it has {video_frame_count(path)})" if start else ""))
     return frames
+
+
+def read_video(path: str, size: Optional[int] = None) -> np.ndarray:
+    """All frames of a video as `(num_frames, size, size, 3)` uint8, centre-cropped to a square and resized with
+    an antialiasing bilinear filter (`size=None`: as they are); `MediaError` for a video with no frames."""
+    import torch.nn.functional as F
+
+    frames = list(iter_video_frames(path))
+    if not frames:
+        raise MediaError(f"{path} holds no video frames")
+    array = np.stack(frames)
+    if size is None:
+        return array
+    height, width = array.shape[1:3]
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    array = array[:, top : top + side, left : left + side]
+    if side == size:
+        return np.ascontiguousarray(array)
+    tensor = torch.from_numpy(array).permute(0, 3, 1, 2).float()
+    resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def random_frame_index(path: str, seed: Optional[int]) -> int:
+    """The frame `random_frame=True` takes from a video: drawn with `seed` among all its frames."""
+    total = video_frame_count(path)
+    if not total:
+        raise MediaError(f"{path} has no video frames")
+    return random.Random(seed).randrange(total)
+
+
+# --------------------------------------------------------------------------------------------------
+# Identity frame, continued
 
 
 def load_identity_frame(
@@ -148,7 +185,6 @@ def load_identity_frame(
     random_frame: bool = False,
     resize: str = "crop",
     seed: Optional[int] = None,
-    log: Callable[[str], None] = print,
 ) -> PIL.Image.Image:
     """The identity frame from an image (PNG, JPEG, WebP, BMP, ...) or a video file, as a square RGB image.
 
@@ -158,13 +194,16 @@ def load_identity_frame(
         random_frame: For a video, take a random frame (reproducible with `seed`).
         resize: `"crop"` centre-crops a non-square image to a square; `"stretch"` keeps it whole (the
             pipeline then stretches it, as the original code did).
-        log: Where notes (such as the crop) are reported.
     """
     _check_file(path, "identity image")
     if frame is not None and frame < 0:
-        raise ValueError(f"frame must be >= 0, got {frame}")
+        raise ArgumentError("frame", f"must be >= 0, got {frame}")
+
+    def video_frame() -> PIL.Image.Image:
+        return read_video_frames(path, random_frame_index(path, seed) if random_frame else frame or 0)[0]
+
     if os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS:
-        image = _video_frame(path, frame, random_frame, seed)
+        image = video_frame()
     else:
         try:
             with PIL.Image.open(path) as opened:
@@ -172,15 +211,15 @@ def load_identity_frame(
                 image = to_rgb(opened)
         except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
             try:
-                image = _video_frame(path, frame, random_frame, seed)
+                image = video_frame()
             except MediaError:
                 raise MediaError(f"{path} is not an image or video that can be read ({error})") from None
         else:
             if frame is not None or random_frame:
-                raise ValueError("frame and random_frame apply to videos only")
+                raise ArgumentError("frame", f"applies to videos only, and {path} is an image")
     if min(image.size) < 8:
         raise MediaError(f"the identity image {path} is too small ({image.size[0]}x{image.size[1]})")
-    return square(image, resize, log)
+    return square(image, resize)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -218,22 +257,48 @@ def _read_with_av(path: str):
     return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), rate
 
 
+def audio_duration(path: str) -> Optional[float]:
+    """The length in seconds of an audio or video file's sound, from its header (no decoding); None when the file
+    cannot tell it (or cannot be read: `load_audio` then says why)."""
+    import soundfile
+
+    try:
+        info = soundfile.info(path)
+        if info.frames > 0 and info.samplerate > 0:
+            return info.frames / info.samplerate
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, OSError):
+        pass
+    import av
+
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                return None
+            stream = container.streams.audio[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / 1_000_000
+    except (av.FFmpegError, OSError):
+        pass
+    return None
+
+
 def load_audio(
     path: str,
     start: float = 0.0,
     duration: Optional[float] = None,
     sampling_rate: int = SAMPLING_RATE,
-    log: Callable[[str], None] = print,
 ) -> np.ndarray:
     """Speech from any common audio or video file as mono float32 at `sampling_rate` (16 kHz by default).
 
     Channels are averaged; other sample rates are converted with a band-limited resampler. `start` and
-    `duration` (seconds) select a part. Silence is allowed but reported. (How long a clip the model handles
-    well is the model's business: the pipeline warns about audio longer than its `trained_clip_seconds`.)
+    `duration` (seconds) select a part. Silence is allowed but reported as a warning. (How long a clip the model
+    handles well is the model's business: the pipeline warns about audio longer than its `trained_clip_seconds`.)
     """
     _check_file(path, "audio file")
     if start < 0 or (duration is not None and duration <= 0):
-        raise ValueError(f"start must be >= 0 and duration > 0, got start={start}, duration={duration}")
+        raise ArgumentError("start", f"must be >= 0 and duration > 0, got start={start}, duration={duration}")
     decoded = _read_with_soundfile(path)
     if decoded is None:
         decoded = _read_with_av(path)
@@ -242,7 +307,7 @@ def load_audio(
         raise MediaError(f"{path} holds no audio samples")
     first = int(round(start * rate))
     if first >= len(samples):
-        raise MediaError(f"--start {start:g}s is beyond the end of {path} ({len(samples) / rate:.2f}s)")
+        raise ArgumentError("start", f"{start:g} s is beyond the end of {path} ({len(samples) / rate:.2f} s)")
     last = len(samples) if duration is None else min(len(samples), first + int(round(duration * rate)))
     samples = samples[first:last]
     if not np.isfinite(samples).all():
@@ -257,7 +322,7 @@ def load_audio(
             part = f"the part of {path} from {first / rate:g}s to {last / rate:g}s"
         else:
             part = path
-        log(f"warning: {part} is silent; the face will not speak")
+        logger.warning(f"{part} is silent; the face will not speak")
     return waveform
 
 
@@ -268,31 +333,30 @@ def load_audio(
 FramesInput = Union[np.ndarray, torch.Tensor, Sequence[PIL.Image.Image]]
 
 
-def _frames_to_uint8(frames: FramesInput, size: Optional[int]) -> List[np.ndarray]:
-    if isinstance(frames, torch.Tensor):
-        frames = frames.detach().cpu().numpy()
-        if frames.ndim == 4 and frames.shape[1] in (1, 3) and frames.shape[-1] not in (1, 3):
-            frames = frames.transpose(0, 2, 3, 1)
-    if isinstance(frames, np.ndarray):
-        if frames.ndim != 4 or frames.shape[-1] != 3:
-            raise ValueError(f"frames must be (num_frames, height, width, 3), got shape {frames.shape}")
-        if frames.dtype != np.uint8:
-            frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        images = [PIL.Image.fromarray(f) for f in frames]
+def _to_uint8_image(frame, size: Optional[int]) -> np.ndarray:
+    """One frame (HxWx3 float in [0, 1] or uint8, 3xHxW tensor, or PIL image) as HxWx3 uint8, scaled to `size`."""
+    if isinstance(frame, torch.Tensor):
+        frame = frame.detach().cpu().numpy()
+        if frame.ndim == 3 and frame.shape[0] in (1, 3) and frame.shape[-1] not in (1, 3):
+            frame = frame.transpose(1, 2, 0)
+    if isinstance(frame, np.ndarray):
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise ValueError(f"a frame must be (height, width, 3), got shape {frame.shape}")
+        if frame.dtype != np.uint8:
+            frame = (np.clip(frame, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        image = PIL.Image.fromarray(frame)
+    elif isinstance(frame, PIL.Image.Image):
+        image = frame.convert("RGB")
     else:
-        images = [f.convert("RGB") for f in frames]
-    if not images:
-        raise ValueError("there are no frames to write")
-    if size is not None:
-        images = [im.resize((size, size), PIL.Image.BICUBIC) if im.size != (size, size) else im for im in images]
-    if images[0].size[0] % 2 or images[0].size[1] % 2:
-        raise ValueError(f"H.264 with yuv420p needs even frame sizes, got {images[0].size}")
-    return [np.asarray(im) for im in images]
+        raise TypeError(f"a frame must be an array, a tensor or a PIL image, got {type(frame).__name__}")
+    if size is not None and image.size != (size, size):
+        image = image.resize((size, size), PIL.Image.BICUBIC)
+    return np.asarray(image)
 
 
 def _check_output(path: str, overwrite: bool) -> str:
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
+        raise FileExistsError(f"{path} exists (overwrite=True replaces it)")
     directory = os.path.dirname(os.path.abspath(path)) or "."
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"the folder for {path} does not exist: {directory}")
@@ -313,7 +377,10 @@ def _written_in_place_of(path: str, suffix: str):
     """Yield a temporary file name beside `path`; once the block succeeds it becomes `path` (with the mode a plain
     `open()` gives), and if it fails it is removed, so no half-written file is ever left."""
     directory = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".partial-", dir=directory)
+    try:
+        handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".partial-", dir=directory)
+    except OSError as error:  # name the file asked for, not the temporary one
+        raise type(error)(error.errno, error.strerror, path) from None
     os.close(handle)
     try:
         yield temporary
@@ -323,6 +390,163 @@ def _written_in_place_of(path: str, suffix: str):
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+class VideoWriter:
+    """Writes a talking-head MP4 (H.264 yuv420p + AAC, as browsers play it) frame by frame, as frames are made, with
+    the audio that belongs to each frame muxed beside it, so memory does not grow with the length of the video.
+
+        with VideoWriter("out.mp4", audio=waveform) as writer:
+            for frame in frames:
+                writer.write(frame)
+
+    Frame `i` gets the samples `round(i * sampling_rate / fps)` up to the next frame's (zeros past the audio's
+    end), so audio and video end together. By default the file is written under a temporary name beside `path`
+    and renamed when complete; if the block fails (or is interrupted) the temporary file is removed and an
+    existing `path` is kept. With `live=True` the file is a fragmented MP4 written at `path` itself, which a
+    player can open while it grows; if the block fails the frames written so far are closed into a playable
+    file (`frames_written` says how many).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        audio: Optional[np.ndarray] = None,
+        fps: int = FPS,
+        sampling_rate: int = SAMPLING_RATE,
+        size: Optional[int] = 256,
+        overwrite: bool = False,
+        live: bool = False,
+    ):
+        _check_output(path, overwrite)
+        self.path, self.fps, self.sampling_rate, self.size, self.live = path, fps, sampling_rate, size, live
+        self.audio = None if audio is None else np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0)
+        self.frames_written = 0
+        self._container = self._video = self._audio_stream = None
+        self._target = None
+
+    # --- the file ---
+
+    def __enter__(self) -> "VideoWriter":
+        self.open()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def open(self) -> None:
+        import av
+
+        if self.live:
+            self._target = self.path
+            options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+        else:
+            directory = os.path.dirname(os.path.abspath(self.path))
+            try:
+                handle, self._target = tempfile.mkstemp(suffix=".mp4", prefix=".partial-", dir=directory)
+            except OSError as error:  # name the file asked for, not the temporary one
+                raise type(error)(error.errno, error.strerror, self.path) from None
+            os.close(handle)
+            options = {}
+        try:
+            self._container = av.open(self._target, mode="w", format="mp4", options=options)
+        except BaseException:
+            self._remove_target()
+            raise
+
+    def _start_streams(self, width: int, height: int) -> None:
+        import av  # noqa: F401  (the container is open)
+
+        if width % 2 or height % 2:
+            raise ValueError(f"H.264 with yuv420p needs even frame sizes, got {width}x{height}")
+        self._video = self._container.add_stream("libx264", rate=Fraction(self.fps))
+        self._video.width, self._video.height = width, height
+        self._video.pix_fmt = "yuv420p"
+        # A live file gets a keyframe (so a fragment) every second, so a player can follow it.
+        self._video.options = {"crf": "18", "preset": "medium", **({"g": str(self.fps)} if self.live else {})}
+        if self.audio is not None:
+            self._audio_stream = self._container.add_stream("aac", rate=self.sampling_rate)
+            self._audio_stream.layout = "mono"
+
+    def write(self, frame) -> None:
+        """Encode one frame (HxWx3 float in [0, 1] or uint8, a 3xHxW tensor, or a PIL image) and its audio."""
+        import av
+
+        if self._container is None:
+            self.open()
+        image = _to_uint8_image(frame, self.size)
+        if self._video is None:
+            self._start_streams(image.shape[1], image.shape[0])
+        elif (image.shape[1], image.shape[0]) != (self._video.width, self._video.height):
+            raise ValueError(
+                f"every frame must have the first one's size {self._video.width}x{self._video.height}, "
+                f"got {image.shape[1]}x{image.shape[0]}"
+            )
+        for packet in self._video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            self._container.mux(packet)
+        if self._audio_stream is not None:
+            self._write_audio(self.frames_written)
+        self.frames_written += 1
+
+    def _write_audio(self, index: int) -> None:
+        import av
+
+        first = round(index * self.sampling_rate / self.fps)
+        last = round((index + 1) * self.sampling_rate / self.fps)
+        samples = np.zeros(last - first, np.float32)
+        piece = self.audio[first:last]
+        samples[: len(piece)] = piece
+        frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
+        frame.sample_rate = self.sampling_rate
+        frame.pts = first
+        for packet in self._audio_stream.encode(frame):
+            self._container.mux(packet)
+
+    def _finish(self) -> None:
+        for stream in (self._video, self._audio_stream):
+            if stream is not None:
+                for packet in stream.encode(None):
+                    self._container.mux(packet)
+        self._container.close()
+        self._container = None
+
+    def close(self) -> str:
+        """Finish the file (and, unless live, give it its name and the mode a plain `open()` gives)."""
+        if self.frames_written == 0:
+            self.abort()
+            raise ValueError("there are no frames to write")
+        try:
+            self._finish()
+            if not self.live:
+                os.chmod(self._target, default_file_mode())
+                os.replace(self._target, self.path)
+        except BaseException:
+            self._remove_target()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Stop: a live file keeps the frames written so far (playable); otherwise nothing is left behind."""
+        if self._container is not None:
+            if self.live and self.frames_written:
+                try:
+                    self._finish()
+                    return
+                except Exception:
+                    pass
+            try:
+                self._container.close()
+            except Exception:
+                pass
+            self._container = None
+        self._remove_target()
+
+    def _remove_target(self) -> None:
+        if self._target is not None and os.path.exists(self._target):
+            os.remove(self._target)
 
 
 def export_to_video_with_audio(
@@ -338,41 +562,20 @@ def export_to_video_with_audio(
 
     `frames` are (num_frames, height, width, 3) floats in [0, 1] or uint8, or PIL images; `size` scales them
     (256 by default: the original's x2 enlargement; None keeps them). The audio is cut or zero-padded to the
-    video's length. The file is written under a temporary name and renamed when complete.
+    video's length. The file is written under a temporary name and renamed when complete (see `VideoWriter`,
+    which writes frames as they come).
     """
-    images = _frames_to_uint8(frames, size)
-    _check_output(path, overwrite)
-    import av
-
-    with _written_in_place_of(path, ".mp4") as temporary:
-        with av.open(temporary, mode="w", format="mp4") as container:
-            video = container.add_stream("libx264", rate=Fraction(fps))
-            video.width, video.height = images[0].shape[1], images[0].shape[0]
-            video.pix_fmt = "yuv420p"
-            video.options = {"crf": "18", "preset": "medium"}
-            audio_stream = None
-            if audio is not None:
-                audio_stream = container.add_stream("aac", rate=sampling_rate)
-                audio_stream.layout = "mono"
-            for image in images:
-                for packet in video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                    container.mux(packet)
-            for packet in video.encode():
-                container.mux(packet)
-            if audio_stream is not None:
-                samples = np.zeros(round(len(images) * sampling_rate / fps), np.float32)
-                clip = np.asarray(audio, np.float32).reshape(-1)[: len(samples)]
-                samples[: len(clip)] = np.clip(clip, -1.0, 1.0)
-                chunk = 1024
-                for offset in range(0, len(samples), chunk):
-                    piece = samples[offset : offset + chunk][None]
-                    frame = av.AudioFrame.from_ndarray(piece, format="flt", layout="mono")
-                    frame.sample_rate = sampling_rate
-                    frame.pts = offset
-                    for packet in audio_stream.encode(frame):
-                        container.mux(packet)
-                for packet in audio_stream.encode(None):
-                    container.mux(packet)
+    if isinstance(frames, torch.Tensor):
+        frames = frames.detach().cpu().numpy()
+        if frames.ndim == 4 and frames.shape[1] in (1, 3) and frames.shape[-1] not in (1, 3):
+            frames = frames.transpose(0, 2, 3, 1)
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or frames.shape[-1] != 3):
+        raise ValueError(f"frames must be (num_frames, height, width, 3), got shape {frames.shape}")
+    if len(frames) == 0:
+        raise ValueError("there are no frames to write")
+    with VideoWriter(path, audio, fps=fps, sampling_rate=sampling_rate, size=size, overwrite=overwrite) as writer:
+        for frame in frames:
+            writer.write(frame)
     return path
 
 
@@ -388,10 +591,14 @@ def save_image(image: PIL.Image.Image, path: str) -> str:
 
 def save_frames(frames: FramesInput, directory: str, size: Optional[int] = None) -> List[str]:
     """Save frames as numbered PNGs (frame_00000.png, ...) in `directory`, created if needed."""
-    images = _frames_to_uint8(frames, size)
+    if len(frames) == 0:
+        raise ValueError("there are no frames to write")
     os.makedirs(directory, exist_ok=True)
-    paths = []
-    for index, image in enumerate(images):
-        paths.append(os.path.join(directory, f"frame_{index:05d}.png"))
-        PIL.Image.fromarray(image).save(paths[-1])
-    return paths
+    return [save_frame(frame, directory, index, size) for index, frame in enumerate(frames)]
+
+
+def save_frame(frame, directory: str, index: int, size: Optional[int] = None) -> str:
+    """Save one frame as `directory/frame_{index:05d}.png` (written under a temporary name, then renamed)."""
+    return save_image(
+        PIL.Image.fromarray(_to_uint8_image(frame, size)), os.path.join(directory, f"frame_{index:05d}.png")
+    )

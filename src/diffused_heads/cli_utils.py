@@ -1,0 +1,121 @@
+"""What every command shares: the help layout, the warning channel on the terminal, and one `error:` line for
+a user's mistake. Command modules import this; nothing below them does."""
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Callable, Dict, Optional
+
+from .errors import MissingExtra, with_argument
+
+# The sampler names and precisions of `runtime`, here too so that --help answers without importing torch.
+SCHEDULER_CHOICES = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show (not "(default: None)" after a help text that says it)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the model and of where it runs, shared by the commands that generate."""
+    parser.add_argument(
+        "--model",
+        help="model folder or Hub id (made by 'diffused-heads convert'); default: the built-in demo model",
+    )
+    parser.add_argument(
+        "--steps", type=int, help="denoising steps per frame (default: the model's own; 100 for a converted model)"
+    )
+    parser.add_argument(
+        "--scheduler",
+        choices=SCHEDULER_CHOICES,
+        help="default: the model's own (DDPM: the original sampler for a converted model, DDPM with the "
+        "posterior variance for the built-in one)",
+    )
+    parser.add_argument(
+        "--stabilize-every",
+        type=int,
+        metavar="N",
+        help="every N frames put the identity frame back as the older motion frame (limits drift; 0: never); "
+        "default: the model's own (1 for the built-in model, off for a converted one)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="UNet precision")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the UNet (compiles once, pays off on long clips)"
+    )
+    parser.add_argument("--size", type=int, default=256, help="output frame size in pixels (the released model: 128)")
+
+
+class _TerminalHandler(logging.Handler):
+    """The package's log records as `warning: ...` / `note: ...` lines on the current `sys.stderr`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "warning: " if record.levelno >= logging.WARNING else "note: "
+        try:
+            print(prefix + record.getMessage(), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Show the package's warnings (and notes, `logging.INFO`) on stderr as `warning: ...` / `note: ...`, once."""
+    logger = logging.getLogger("diffused_heads")
+    if not any(isinstance(h, _TerminalHandler) for h in logger.handlers):
+        logger.addHandler(_TerminalHandler())
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
+def flag(argument: str, flags: Optional[Dict[str, str]] = None) -> str:
+    """The command-line flag of a library argument: `flags[argument]`, else `--argument-with-dashes`."""
+    return (flags or {}).get(argument) or "--" + argument.replace("_", "-")
+
+
+def message_of(error: BaseException, flags: Optional[Dict[str, str]] = None) -> str:
+    """A user error as the command line says it: an argument's name replaced by its flag."""
+    if getattr(error, "argument", None):  # an ArgumentError, or another error about one argument
+        return with_argument(flag(error.argument, flags), error.detail)
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.strerror}: {os.fsdecode(error.filename)}"
+    return str(error)
+
+
+USER_ERRORS = (ValueError, OSError, MissingExtra)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that files being written are cleaned up as on Ctrl-C."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def run_command(body: Callable[[], int], flags: Optional[Dict[str, str]] = None, interrupted: str = "") -> int:
+    """Run a command's body with the warning channel set up: a user error (a bad value, a file that cannot be
+    read or written) ends as one `error:` line and exit status 1; Ctrl-C and SIGTERM unwind the body (so nothing
+    half-written is left) and end with exit status 130 and 143."""
+    setup_logging()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return body() or 0
+    except USER_ERRORS as error:
+        print(f"error: {message_of(error, flags)}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, Terminated) as stop:
+        print("interrupted" + (f"; {interrupted}" if interrupted else ""), file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
