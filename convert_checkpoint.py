@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from diffused_heads.errors import with_argument
 from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
 from diffused_heads.hub.pipeline_diffused_heads import ORIGINAL_SCHEDULER_CONFIG, DiffusedHeadsPipeline
 from diffused_heads.hub.unet.unet_diffused_heads import AttentionBlock, DiffusedHeadsUNetModel
@@ -59,8 +60,13 @@ TOP_LEVEL_KEYS = {
 }
 
 
-class ConversionError(Exception):
-    """A problem with the inputs or the output of a conversion, reported to the user in one line."""
+class ConversionError(ValueError):
+    """A problem with the inputs or the output of a conversion, reported to the user in one line; `argument` names
+    the argument of `convert` it is about, if any (the command line shows its flag instead)."""
+
+    def __init__(self, message: str, argument: Optional[str] = None):
+        super().__init__(with_argument(argument, message) if argument else message)
+        self.argument, self.detail = argument, message
 
 
 @dataclass
@@ -148,25 +154,26 @@ def load_torchscript(path: str, what: str) -> Tuple[torch.jit.ScriptModule, dict
     runs on the CPU without dropout.
     """
     if not os.path.exists(path):
-        raise ConversionError(f"{what}: file not found: {path}")
+        raise ConversionError(f": file not found: {path}", argument=what)
     if not os.path.isfile(path):
-        raise ConversionError(f"{what}: not a file: {path}")
+        raise ConversionError(f": not a file: {path}", argument=what)
     if not zipfile.is_zipfile(path):
-        raise ConversionError(f"{what}: {path} is not a TorchScript archive (not a zip file, or truncated)")
+        raise ConversionError(f": {path} is not a TorchScript archive (not a zip file, or truncated)", argument=what)
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
     except (zipfile.BadZipFile, OSError) as error:
-        raise ConversionError(f"{what}: {path} is a damaged archive ({error})") from None
+        raise ConversionError(f": {path} is a damaged archive ({error})", argument=what) from None
     if not any(re.search(r"(^|/)code/", n) for n in names) or not any(n.endswith("constants.pkl") for n in names):
         raise ConversionError(
-            f"{what}: {path} is a zip archive but not TorchScript (no code/ and constants.pkl; a torch.save "
-            "checkpoint is not accepted)"
+            f": {path} is a zip archive but not TorchScript (no code/ and constants.pkl; a torch.save "
+            "checkpoint is not accepted)",
+            argument=what,
         )
     try:
         code = read_archive_code(path)
     except (zipfile.BadZipFile, OSError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{what}: {path} is a damaged archive ({error})") from None
+        raise ConversionError(f": {path} is a damaged archive ({error})", argument=what) from None
     source = path
     if code.needs_rewrite:
         handle, source = tempfile.mkstemp(prefix="cpu-", suffix=".pt")
@@ -179,7 +186,9 @@ def load_torchscript(path: str, what: str) -> Tuple[torch.jit.ScriptModule, dict
     try:
         module = torch.jit.load(source, map_location="cpu")
     except Exception as error:  # torch raises RuntimeError with multi-line messages for damaged archives
-        raise ConversionError(f"{what}: {path} could not be loaded as TorchScript: {_one_line(error)}") from None
+        raise ConversionError(
+            f": {path} could not be loaded as TorchScript: {_one_line(error)}", argument=what
+        ) from None
     finally:
         if source != path:
             os.remove(source)
@@ -226,7 +235,9 @@ def _has(state, prefix: str) -> bool:
 def _require(state, keys: List[str], what: str):
     missing = [k for k in keys if k not in state]
     if missing:
-        raise ConversionError(f"{what}: does not look like a Diffused Heads UNet; missing keys: {', '.join(missing)}")
+        raise ConversionError(
+            f": does not look like a Diffused Heads UNet; missing keys: {', '.join(missing)}", argument=what
+        )
 
 
 def derive_unet_config(
@@ -239,7 +250,7 @@ def derive_unet_config(
     _require(
         state,
         ["time_embed.fc.0.weight", "audio_embed.0.weight", "input_blocks.0.0.weight", "out.0.weight", "out.2.weight"],
-        "--unet",
+        "unet_path",
     )
     base = state["time_embed.fc.0.weight"].shape[1]
     out_channels = state["out.2.weight"].shape[0]
@@ -248,7 +259,8 @@ def derive_unet_config(
     motion_frame_channels = (conv_in - 2 * in_channels) // 2
     if motion_frame_channels not in (1, in_channels) or conv_in != 2 * in_channels + 2 * motion_frame_channels:
         raise ConversionError(
-            f"--unet: cannot split {conv_in} input channels into frame, motion and identity channels"
+            f": cannot split {conv_in} input channels into frame, motion and identity channels",
+            argument="unet_path",
         )
 
     num_inputs, num_outputs = _count(state, "input_blocks"), _count(state, "output_blocks")
@@ -257,7 +269,9 @@ def derive_unet_config(
         i for i in range(num_outputs) if sum(_has(state, f"output_blocks.{i}.{j}.in_layers") for j in range(3)) == 2
     ]
     if num_outputs == 0 or num_inputs != num_outputs:
-        raise ConversionError(f"--unet: unexpected block counts ({num_inputs} input, {num_outputs} output blocks)")
+        raise ConversionError(
+            f": unexpected block counts ({num_inputs} input, {num_outputs} output blocks)", argument="unet_path"
+        )
     num_levels = len(upsampling) + 1
     layers = num_outputs // num_levels - 1
     if (
@@ -265,7 +279,7 @@ def derive_unet_config(
         or num_levels * (layers + 1) != num_outputs
         or upsampling != [(layers + 1) * (j + 1) - 1 for j in range(num_levels - 1)]
     ):
-        raise ConversionError("--unet: the output blocks do not form a regular level structure")
+        raise ConversionError(": the output blocks do not form a regular level structure", argument="unet_path")
 
     widths, attention = [], []
     for level in range(num_levels):
@@ -277,8 +291,8 @@ def derive_unet_config(
         audio_embedding_dim = base  # the released code sizes the audio embeddings like the base width
     if context_features % audio_embedding_dim:
         raise ConversionError(
-            f"--unet: audio input of {context_features} features is no whole number of "
-            f"{audio_embedding_dim}-d embeddings"
+            f": audio input of {context_features} features is no whole number of {audio_embedding_dim}-d embeddings",
+            argument="unet_path",
         )
     return dict(
         sample_size=sample_size,
@@ -336,7 +350,9 @@ def legacy_qkv_to_grouped(tensor: torch.Tensor, head_dim: int) -> torch.Tensor:
     """Reorder (3C, ...) rows from per-head [q, k, v] groups to all queries, all keys, all values."""
     channels = tensor.shape[0] // 3
     if channels % head_dim:
-        raise ConversionError(f"--unet: attention width {channels} is not a multiple of the head size {head_dim}")
+        raise ConversionError(
+            f": attention width {channels} is not a multiple of the head size {head_dim}", argument="unet_path"
+        )
     heads = channels // head_dim
     rest = tensor.shape[1:]
     return tensor.reshape(heads, 3, head_dim, *rest).transpose(0, 1).reshape(3 * channels, *rest)
@@ -366,11 +382,13 @@ def convert_unet_state_dict(state: Dict[str, torch.Tensor], config: dict) -> Dic
         if target is None:
             unplaced.append(key)
         elif target in converted:
-            raise ConversionError(f"--unet: two source tensors map to {target}")
+            raise ConversionError(f": two source tensors map to {target}", argument="unet_path")
         else:
             converted[target] = tensor
     if unplaced:
-        raise ConversionError(f"--unet: {len(unplaced)} tensors have no place in the UNet: {', '.join(unplaced[:8])}")
+        raise ConversionError(
+            f": {len(unplaced)} tensors have no place in the UNet: {', '.join(unplaced[:8])}", argument="unet_path"
+        )
     return converted
 
 
@@ -385,7 +403,9 @@ def build_unet(state: Dict[str, torch.Tensor], config: dict) -> Tuple[DiffusedHe
     if missing or wrong:
         details = [f"not found: {', '.join(missing[:8])}"] if missing else []
         details += [f"wrong shape: {', '.join(wrong[:8])}"] if wrong else []
-        raise ConversionError(f"--unet: the file does not fit the derived configuration ({'; '.join(details)})")
+        raise ConversionError(
+            f": the file does not fit the derived configuration ({'; '.join(details)})", argument="unet_path"
+        )
     model.load_state_dict({k: v.contiguous() for k, v in converted.items()}, assign=True)
     return model.eval(), len(converted)
 
@@ -412,8 +432,9 @@ def derive_audio_encoder_config(
     grus = len([k for k in state if re.fullmatch(r"rnn\.weight_hh_l\d+", k)])
     if convs < 2 or grus < 1 or "rnn.weight_ih_l0" not in state:
         raise ConversionError(
-            "--audio-encoder: does not look like the Diffused Heads speech encoder; expected encoder.cl.N and "
-            f"rnn.weight_*_lN tensors, found e.g. {', '.join(list(state)[:4])}"
+            ": does not look like the Diffused Heads speech encoder; expected encoder.cl.N and "
+            f"rnn.weight_*_lN tensors, found e.g. {', '.join(list(state)[:4])}",
+            argument="audio_encoder_path",
         )
     channels, kernels, strides, paddings = [], [], [], []
     length = window_length
@@ -428,8 +449,9 @@ def derive_audio_encoder_config(
     code_size, _, final_kernel = state[f"encoder.cl.{convs - 1}.weight"].shape
     if final_kernel != length:
         raise ConversionError(
-            f"--audio-encoder: the last convolution spans {final_kernel} steps but a {window_length}-sample window "
-            f"leaves {length}; strides {strides} or paddings {paddings} are not those of the file"
+            f": the last convolution spans {final_kernel} steps but a {window_length}-sample window "
+            f"leaves {length}; strides {strides} or paddings {paddings} are not those of the file",
+            argument="audio_encoder_path",
         )
     return dict(
         sampling_rate=16000,
@@ -464,7 +486,9 @@ def convert_audio_encoder_state_dict(state: Dict[str, torch.Tensor], config: dic
             continue
         converted[target] = tensor
     if unplaced:
-        raise ConversionError(f"--audio-encoder: tensors with no place in the encoder: {', '.join(unplaced[:8])}")
+        raise ConversionError(
+            f": tensors with no place in the encoder: {', '.join(unplaced[:8])}", argument="audio_encoder_path"
+        )
     return converted
 
 
@@ -477,8 +501,9 @@ def build_audio_encoder(state, config) -> Tuple[DiffusedHeadsAudioEncoder, int]:
     wrong = [k for k in converted if k not in expected or tuple(converted[k].shape) != expected[k]]
     if missing or wrong:
         raise ConversionError(
-            f"--audio-encoder: the file does not fit the derived configuration (not found: {missing[:8]}, "
-            f"unexpected or wrong shape: {wrong[:8]})"
+            f": the file does not fit the derived configuration (not found: {missing[:8]}, "
+            f"unexpected or wrong shape: {wrong[:8]})",
+            argument="audio_encoder_path",
         )
     model.load_state_dict(converted)
     return model.eval(), len(converted)
@@ -559,8 +584,9 @@ def batch_norm_statistics(module: torch.jit.ScriptModule, facts: dict, log=print
         return "running"
     if len(training) != len(norms):
         raise ConversionError(
-            f"--audio-encoder: some BatchNorm layers were saved in training mode ({', '.join(training)}) and some "
-            "not; the original computation cannot be restated with one setting"
+            f": some BatchNorm layers were saved in training mode ({', '.join(training)}) and some "
+            "not; the original computation cannot be restated with one setting",
+            argument="audio_encoder_path",
         )
     log(
         "The audio encoder was saved in training mode and the original sampler never calls .eval(): its BatchNorm "
@@ -718,66 +744,46 @@ def write_model_folder(
         f.write(card)
 
 
-def convert(
-    unet_path: str,
-    audio_encoder_path: str,
-    output_dir: str,
-    dtype: str = "float32",
-    verify: bool = True,
-    overwrite: bool = False,
-    push_to_hub: Optional[str] = None,
-    private: bool = False,
-    hub_api=None,
-    sample_size: int = 128,
-    reference_video: Optional[str] = None,
-    log=print,
-) -> ConversionReport:
-    """Convert, verify and write the model folder; returns what was measured. Raises `ConversionError`.
-
-    `sample_size` is the frame size the UNet was trained at (128 for the released CREMA-D model); the weights do
-    not store it."""
-    if dtype not in DTYPES:
-        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if not isinstance(sample_size, int) or sample_size < 8 or sample_size % 4:
-        raise ConversionError(f"--sample-size must be a multiple of 4 of at least 8, got {sample_size!r}")
+def check_output_dir(output_dir: str, overwrite: bool) -> str:
+    """The absolute output folder, once it is clear it can be written (its parent exists and is writable)."""
     output_dir = os.path.abspath(output_dir)
     if os.path.exists(output_dir) and not overwrite:
-        raise ConversionError(f"--output-dir {output_dir} exists; pass --overwrite to replace it")
+        raise ConversionError(f"{output_dir} exists; pass --overwrite to replace it", argument="output_dir")
     parent = os.path.dirname(output_dir)
     if os.path.exists(parent) and not os.path.isdir(parent):
-        raise ConversionError(f"--output-dir: {parent} is a file, not a folder")
+        raise ConversionError(f": {parent} is a file, not a folder", argument="output_dir")
     if not os.path.isdir(parent):
-        raise ConversionError(f"--output-dir: parent folder {parent} does not exist")
+        raise ConversionError(f": parent folder {parent} does not exist", argument="output_dir")
     if not os.access(parent, os.W_OK):
-        raise ConversionError(f"--output-dir: cannot write in {parent}")
+        raise ConversionError(f": cannot write in {parent}", argument="output_dir")
+    return output_dir
 
-    template = None
-    if reference_video is not None:
-        from diffused_heads.faces import template_from_reference
-        from diffused_heads.media import MediaError
 
-        try:
-            template = template_from_reference(reference_video)
-        except MediaError as error:
-            raise ConversionError(f"--reference-video: {error}") from None
-        log(f"Identity template measured on {reference_video}: background {template.background}")
-
-    report = ConversionReport()
+def read_released_files(unet_path: str, audio_encoder_path: str, report: ConversionReport, log=print):
+    """Both TorchScript modules, loaded as saved, checked to be a UNet and a speech encoder (in that order)."""
     log(f"Loading {unet_path} and {audio_encoder_path}")
-    unet_module, report.source["unet"] = load_torchscript(unet_path, "--unet")
-    encoder_module, report.source["audio_encoder"] = load_torchscript(audio_encoder_path, "--audio-encoder")
+    unet_module, report.source["unet"] = load_torchscript(unet_path, "unet_path")
+    encoder_module, report.source["audio_encoder"] = load_torchscript(audio_encoder_path, "audio_encoder_path")
     for name, facts in report.source.items():
         if facts["traced_on"] not in ("cpu", "unknown"):
             log(f"The {name} file was traced on {facts['traced_on']}; its code is run on the CPU here")
-    unet_state = unet_module.state_dict()
-    encoder_state = encoder_module.state_dict()
+    unet_state, encoder_state = unet_module.state_dict(), encoder_module.state_dict()
     if _has(unet_state, "rnn") and not _has(unet_state, "time_embed"):
-        raise ConversionError("--unet: this file is a speech encoder, not the UNet (were the two files swapped?)")
+        raise ConversionError(
+            ": this file is a speech encoder, not the UNet (were the two files swapped?)", argument="unet_path"
+        )
     if _has(encoder_state, "time_embed") and not _has(encoder_state, "rnn"):
         raise ConversionError(
-            "--audio-encoder: this file is a UNet, not the speech encoder (were the two files swapped?)"
+            ": this file is a UNet, not the speech encoder (were the two files swapped?)",
+            argument="audio_encoder_path",
         )
+    return unet_module, encoder_module
 
+
+def derive_configs(unet_module, encoder_module, report: ConversionReport, sample_size: int, log=print) -> None:
+    """Both configurations, from the tensors' shapes and, where shapes cannot tell, from running parts of the
+    modules; stored in `report`."""
+    unet_state, encoder_state = unet_module.state_dict(), encoder_module.state_dict()
     encoder_config = derive_audio_encoder_config(encoder_state, encoder_module)
     encoder_config["batch_norm_statistics"] = batch_norm_statistics(
         encoder_module, report.source["audio_encoder"], log
@@ -798,48 +804,34 @@ def convert(
         unet_config["attention_head_dim"] = head_dim
     report.unet_config, report.audio_encoder_config = unet_config, encoder_config
 
-    unet, report.unet_tensors = build_unet(unet_state, unet_config)
-    audio_encoder, report.audio_encoder_tensors = build_audio_encoder(encoder_state, encoder_config)
-    log(
-        f"Placed {report.unet_tensors}/{len(unet_state)} UNet tensors "
-        f"({sum(p.numel() for p in unet.parameters()):,} parameters) and "
-        f"{report.audio_encoder_tensors}/{len(encoder_state)} audio encoder tensors"
+
+def verify(unet_module, encoder_module, unet, audio_encoder, report: ConversionReport, log=print) -> None:
+    """Run both pairs of modules on the same inputs; raise unless they agree within `RELATIVE_TOLERANCE`."""
+    start = time.perf_counter()
+    report.verification["unet"] = _checked(verify_unet, "the UNet", unet_module, unet)
+    report.verification["audio_encoder"] = _checked(
+        verify_audio_encoder, "the audio encoder", encoder_module, audio_encoder
     )
-
-    if verify:
-        start = time.perf_counter()
-        report.verification["unet"] = _checked(verify_unet, "the UNet", unet_module, unet)
-        report.verification["audio_encoder"] = _checked(
-            verify_audio_encoder, "the audio encoder", encoder_module, audio_encoder
+    for name, diff in report.verification.items():
+        log(f"Verified {name}: max abs diff {diff['max_abs']:.3e}, max rel diff {diff['max_rel']:.3e}")
+    log(f"Verification took {time.perf_counter() - start:.1f} s")
+    failed = [n for n, d in report.verification.items() if not d["max_rel"] <= RELATIVE_TOLERANCE]
+    if failed:
+        raise ConversionError(
+            f"verification failed for {', '.join(failed)}: relative difference above {RELATIVE_TOLERANCE:g}; "
+            "nothing was written"
         )
-        for name, diff in report.verification.items():
-            log(f"Verified {name}: max abs diff {diff['max_abs']:.3e}, max rel diff {diff['max_rel']:.3e}")
-        log(f"Verification took {time.perf_counter() - start:.1f} s")
-        failed = [n for n, d in report.verification.items() if not d["max_rel"] <= RELATIVE_TOLERANCE]
-        if failed:
-            raise ConversionError(
-                f"verification failed for {', '.join(failed)}: relative difference above {RELATIVE_TOLERANCE:g}; "
-                "nothing was written"
-            )
-    else:
-        log("Verification skipped (--no-verify)")
-    del unet_module, encoder_module, unet_state, encoder_state
 
-    if dtype != "float32":
-        # The audio encoder stays float32: it is small and runs once per clip. (nn.Module.to skips a diffusers
-        # warning about float32-only modules, which this UNet does not have.)
-        unet = torch.nn.Module.to(unet, DTYPES[dtype])
-    report.sha256 = {
-        os.path.basename(unet_path): sha256_of(unet_path),
-        os.path.basename(audio_encoder_path): sha256_of(audio_encoder_path),
-    }
 
-    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=parent)
+def write_atomically(output_dir: str, write) -> None:
+    """Call `write(folder)` on a new folder beside `output_dir`, then put it in `output_dir`'s place: a failure
+    leaves nothing behind, and an existing folder is replaced only by a complete one."""
+    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.", dir=os.path.dirname(output_dir))
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary, 0o777 & ~umask)  # mkdtemp makes 0o700; give the folder the mode os.mkdir would
-        write_model_folder(unet, audio_encoder, temporary, report, dtype, push_to_hub or output_dir, template)
+        write(temporary)
         if os.path.exists(output_dir):
             old = temporary + ".old"
             os.rename(output_dir, old)
@@ -850,26 +842,88 @@ def convert(
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise
+
+
+def push_folder(output_dir: str, repo_id: str, private: bool = False, hub_api=None) -> str:
+    """Upload the folder to a Hub model repository (created if needed); returns its address."""
+    if hub_api is None:
+        from huggingface_hub import HfApi
+
+        hub_api = HfApi()
+    repo_url = hub_api.create_repo(repo_id=repo_id, private=private, exist_ok=True)
+    hub_api.upload_folder(
+        repo_id=repo_id,
+        folder_path=output_dir,
+        repo_type="model",
+        commit_message="Add Diffused Heads converted from the released TorchScript files",
+    )
+    return getattr(repo_url, "url", None) or f"https://huggingface.co/{repo_id}"
+
+
+def convert(
+    unet_path: str,
+    audio_encoder_path: str,
+    output_dir: str,
+    dtype: str = "float32",
+    verify_models: bool = True,
+    overwrite: bool = False,
+    push_to_hub: Optional[str] = None,
+    private: bool = False,
+    hub_api=None,
+    sample_size: int = 128,
+    identity_template=None,
+    log=print,
+) -> ConversionReport:
+    """Convert, verify and write the model folder; returns what was measured. Raises `ConversionError`.
+
+    `sample_size` is the frame size the UNet was trained at (128 for the released CREMA-D model); the weights do
+    not store it. `identity_template` (a `diffused_heads.faces.IdentityTemplate`, measured on a real frame of the
+    training data) is stored with the model, for face preparation. `log` receives the report's lines."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"must be one of {', '.join(DTYPES)}, got {dtype!r}", argument="dtype")
+    if not isinstance(sample_size, int) or sample_size < 8 or sample_size % 4:
+        raise ConversionError(f"must be a multiple of 4 of at least 8, got {sample_size!r}", argument="sample_size")
+    output_dir = check_output_dir(output_dir, overwrite)
+
+    report = ConversionReport()
+    unet_module, encoder_module = read_released_files(unet_path, audio_encoder_path, report, log)
+    derive_configs(unet_module, encoder_module, report, sample_size, log)
+    unet, report.unet_tensors = build_unet(unet_module.state_dict(), report.unet_config)
+    audio_encoder, report.audio_encoder_tensors = build_audio_encoder(
+        encoder_module.state_dict(), report.audio_encoder_config
+    )
+    log(
+        f"Placed {report.unet_tensors}/{len(unet_module.state_dict())} UNet tensors "
+        f"({sum(p.numel() for p in unet.parameters()):,} parameters) and "
+        f"{report.audio_encoder_tensors}/{len(encoder_module.state_dict())} audio encoder tensors"
+    )
+    if verify_models:
+        verify(unet_module, encoder_module, unet, audio_encoder, report, log)
+    else:
+        log("Verification skipped (--no-verify)")
+    del unet_module, encoder_module
+
+    if dtype != "float32":
+        # The audio encoder stays float32: it is small and runs once per clip. (nn.Module.to skips a diffusers
+        # warning about float32-only modules, which this UNet does not have.)
+        unet = torch.nn.Module.to(unet, DTYPES[dtype])
+    report.sha256 = {
+        os.path.basename(unet_path): sha256_of(unet_path),
+        os.path.basename(audio_encoder_path): sha256_of(audio_encoder_path),
+    }
+    repo = push_to_hub or output_dir
+    write_atomically(
+        output_dir,
+        lambda folder: write_model_folder(unet, audio_encoder, folder, report, dtype, repo, identity_template),
+    )
     log(f"Wrote {output_dir}")
-
     if push_to_hub:
-        if hub_api is None:
-            from huggingface_hub import HfApi
-
-            hub_api = HfApi()
-        repo_url = hub_api.create_repo(repo_id=push_to_hub, private=private, exist_ok=True)
-        hub_api.upload_folder(
-            repo_id=push_to_hub,
-            folder_path=output_dir,
-            repo_type="model",
-            commit_message="Add Diffused Heads converted from the released TorchScript files",
-        )
-        log(f"Uploaded to {getattr(repo_url, 'url', None) or f'https://huggingface.co/{push_to_hub}'}")
+        log(f"Uploaded to {push_folder(output_dir, push_to_hub, private, hub_api)}")
     return report
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="diffused-heads convert", description=__doc__.split("\n\n")[0])
+def build_parser(prog: str = "convert_checkpoint.py") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--unet", required=True, help="the released UNet TorchScript file (crema_script.pt)")
     parser.add_argument("--audio-encoder", required=True, help="the released audio encoder file (audio_encoder.pt)")
     parser.add_argument("--output-dir", required=True, help="the diffusers model folder to write")
@@ -887,39 +941,35 @@ def parse_args(argv=None):
         default=128,
         help="frame size the UNet was trained at; not stored in the weights (128 for the released CREMA-D model)",
     )
-    parser.add_argument(
-        "--reference-video",
-        metavar="CLIP",
-        help="a preprocessed clip of the training data: its face framing and background colour are stored with the "
-        "model, and face preparation for it uses them (needs the faces extra)",
-    )
     parser.add_argument("--no-verify", action="store_true", help="skip running both models on the same inputs")
     parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    return parser.parse_args(argv)
+    return parser
+
+
+# The command-line flag of each argument of `convert` that errors name.
+FLAGS = {"unet_path": "--unet", "audio_encoder_path": "--audio-encoder"}
+
+
+def run(args, identity_template=None) -> ConversionReport:
+    return convert(
+        args.unet,
+        args.audio_encoder,
+        args.output_dir,
+        dtype=args.dtype,
+        verify_models=not args.no_verify,
+        overwrite=args.overwrite,
+        push_to_hub=args.push_to_hub,
+        private=args.private,
+        sample_size=args.sample_size,
+        identity_template=identity_template,
+    )
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        convert(
-            args.unet,
-            args.audio_encoder,
-            args.output_dir,
-            dtype=args.dtype,
-            verify=not args.no_verify,
-            overwrite=args.overwrite,
-            push_to_hub=args.push_to_hub,
-            private=args.private,
-            sample_size=args.sample_size,
-            reference_video=args.reference_video,
-        )
-    except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
-        print(f"error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
-        return 1
-    return 0
+    from diffused_heads.cli_utils import run_command
+
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: run(args) and 0, flags=FLAGS)
 
 
 if __name__ == "__main__":

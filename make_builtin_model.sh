@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped demo model (src/diffused_heads/builtin) and the example inputs (src/diffused_heads/examples)
 # from nothing: synthetic data, training on the CPU (about 45 minutes on 2 cores), and the evaluation on held-out
-# clips. Needs the package installed (pip install -e . --config-settings editable_mode=strict, or pip install .)
+# clips. Needs the package installed (pip install -e .)
 # and, for the speech, espeak-ng (Debian: apt-get install espeak-ng); without it the clips get synthetic
 # syllable-like sounds and the result differs.
 set -euo pipefail
@@ -14,7 +14,8 @@ diffused-heads make-dataset --output data/eval --num-clips 40 --split eval --siz
 
 diffused-heads train --data data/train --output-dir runs/builtin --checkpoint-dir runs/builtin-checkpoints \
   --preset builtin --train-audio-encoder --prediction-type v_prediction --max-steps 2500 --batch-size 12 --learning-rate 2e-4 --lr-warmup-steps 200 \
-  --lip-loss-weight 0.5 --motion-dropout 0.25 --ema-decay 0.999 --checkpoint-every 250 --seed 0
+  --lip-loss-weight 0.5 --motion-dropout 0.25 --ema-decay 0.999 --checkpoint-every 250 --seed 0 \
+  --inference-steps 10 --stabilize-every 1 --sampling-variance fixed_small
 
 # Weights and configurations, with links to the one copy of the code (the wheel stores the files themselves),
 # so that the folder loads with DiffusionPipeline.from_pretrained(..., trust_remote_code=True) as well.
@@ -30,14 +31,4 @@ for part in unet audio_encoder scheduler; do
 done
 ln -s ../../../../unet/unet_diffused_heads.py "$builtin/unet/unet_diffused_heads.py"
 ln -s ../../../../audio_encoder/audio_encoder_diffused_heads.py "$builtin/audio_encoder/audio_encoder_diffused_heads.py"
-# Sample with the posterior variance (fixed_small) rather than the learned one: the learned variance gets only
-# the 1e-4-weighted L_vlb and is still poor after 2500 steps (README: "The built-in demo model").
-python - "$builtin/scheduler" <<'PY'
-import sys
-
-from diffusers import DDPMScheduler
-
-DDPMScheduler.from_pretrained(sys.argv[1], variance_type="fixed_small").save_config(sys.argv[1])
-PY
-
 diffused-heads evaluate --model "$builtin" --data data/eval --num-clips 12 --steps 10 --json runs/builtin-eval.json

@@ -9,32 +9,23 @@ run one at a time; each model is loaded once and kept for the next request.
 """
 
 import argparse
+import logging
 import os
-import sys
 import tempfile
 import threading
 import time
-from typing import Optional
+from typing import List, Optional
 
 # Gradio would otherwise report usage and look for updates over the network at start-up.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-import torch  # noqa: E402
+from . import example_audio_path, example_image_path, runtime  # noqa: E402
+from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, run_command  # noqa: E402
+from .errors import MissingExtra  # noqa: E402
+from .media import SAMPLING_RATE, VideoWriter, load_audio  # noqa: E402
 
-from . import example_audio_path, example_image_path  # noqa: E402
-from .cli import HelpFormatter  # noqa: E402
-from .generate import (  # noqa: E402
-    SCHEDULERS,
-    UsageError,
-    configure_threads,
-    identity_frame,
-    load_pipeline,
-    make_scheduler,
-)
-from .media import SAMPLING_RATE, MediaError, export_to_video_with_audio, load_audio  # noqa: E402
-
-OWN_SCHEDULER = "the model's own"
+OWN = "the model's own"
 APP_EXTRA = 'the web page needs the app extra: pip install "diffused-heads-diffusers[app]"'
 
 
@@ -43,7 +34,7 @@ class Models:
 
     def __init__(self, default_model: Optional[str]):
         self.default_model = default_model
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = runtime.resolve_device("auto")
         self.pipelines = {}
         self.lock = threading.Lock()
 
@@ -55,11 +46,37 @@ class Models:
         key = self.key(model)
         with self.lock:
             if key not in self.pipelines:
-                options = argparse.Namespace(model=key, scheduler=None, compile=False)
-                pipe = load_pipeline(options, self.device, torch.float32, announce=False)
-                pipe.set_progress_bar_config(disable=True)
-                self.pipelines[key] = pipe
+                self.pipelines[key] = runtime.load_pipeline(key, self.device)
             return key, self.pipelines[key]
+
+
+class RequestLog(logging.Handler):
+    """The package's warnings during one request (of this thread), to show on the page."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.thread, self.messages = threading.get_ident(), []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.messages.append(record.getMessage())
+
+    def __enter__(self) -> List[str]:
+        logging.getLogger("diffused_heads").addHandler(self)
+        return self.messages
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("diffused_heads").removeHandler(self)
+
+
+def own_or_int(value) -> Optional[int]:
+    """A setting of the page: None for the model's own (or empty), else a whole number."""
+    if value in (None, "", OWN):
+        return None
+    try:
+        return int(str(value).split()[0])
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
 
 
 def run_request(
@@ -67,66 +84,66 @@ def run_request(
     face: Optional[str],
     speech: Optional[str],
     model: Optional[str],
-    steps: int,
+    steps,
     scheduler: str,
     seed: int,
-    stabilize_every: int,
+    stabilize_every,
     prepare: bool,
     max_seconds: float,
     output_dir: str,
     progress=None,
 ):
-    """One generation, as the page runs it. Returns (video path, identity frame, notes); raises UsageError,
-    MediaError or ValueError with a readable message for bad input."""
-    notes = []
-    if not face:
-        raise UsageError("add a face photo (or a video) first")
-    if not speech:
-        raise UsageError("add speech first: upload a recording or record one")
-    steps, seed = int(steps), int(seed or 0)
-    if steps < 1:
-        raise UsageError("steps must be at least 1")
-    key, pipe = models.get(model)
-    identity = identity_frame(face, notes.append, model=key, prepare=prepare)
-    audio = load_audio(speech, log=notes.append)
-    seconds = len(audio) / SAMPLING_RATE
-    if seconds > max_seconds:
-        raise UsageError(
-            f"the speech is {seconds:.1f} s long; this page takes up to {max_seconds:g} s (the command line "
-            "'diffused-heads generate' takes any length)"
-        )
-    num_frames = pipe.audio_encoder.num_frames(len(audio))
-    if num_frames < 2:
-        raise UsageError(f"the speech is too short ({seconds * 1000:.0f} ms); say at least a few words")
-    default_scheduler = pipe.scheduler
-    if scheduler and scheduler != OWN_SCHEDULER:
-        pipe.scheduler = make_scheduler(scheduler, default_scheduler.config)
-    started = time.perf_counter()
+    """One generation, as the page runs it. Returns (video path, identity frame, warnings); raises ValueError
+    (MediaError among them) with a readable message for bad input."""
+    with RequestLog() as warnings:
+        if not face:
+            raise ValueError("add a face photo (or a video) first")
+        if not speech:
+            raise ValueError("add speech first: upload a recording or record one")
+        steps, stabilize_every, seed = own_or_int(steps), own_or_int(stabilize_every), int(seed or 0)
+        if steps is not None and steps < 1:
+            raise ValueError("the steps must be at least 1")
+        if stabilize_every is not None and stabilize_every < 0:
+            raise ValueError("the identity frame can be put back every 0 (never) or more frames")
+        key, pipe = models.get(model)
+        identity = runtime.identity_frame(face, model=key, prepare=prepare)
+        audio = load_audio(speech)
+        seconds = len(audio) / SAMPLING_RATE
+        if seconds > max_seconds:
+            raise ValueError(
+                f"the speech is {seconds:.1f} s long; this page takes up to {max_seconds:g} s (the command line "
+                "'diffused-heads generate' takes any length)"
+            )
+        num_frames = pipe.audio_encoder.num_frames(len(audio))
+        if num_frames < 2:
+            raise ValueError(f"the speech is too short ({seconds * 1000:.0f} ms); say at least a few words")
+        pipe = runtime.with_scheduler(pipe, None if scheduler in (None, "", OWN) else scheduler)
+        steps = steps or runtime.default_steps(pipe)
+        started = time.perf_counter()
 
-    def on_step(pipeline, step, timestep, callback_kwargs):
-        if progress is not None:
-            frame = step // steps + 1
-            elapsed = time.perf_counter() - started
-            left = elapsed / (step + 1) * (num_frames * steps - step - 1)
-            progress((step + 1, num_frames * steps), desc=f"frame {frame}/{num_frames}, about {left:.0f} s left")
-        return callback_kwargs
+        def on_step(pipeline, step, timestep, callback_kwargs):
+            if progress is not None:
+                frame = step // steps + 1
+                elapsed = time.perf_counter() - started
+                left = elapsed / (step + 1) * (num_frames * steps - step - 1)
+                progress((step + 1, num_frames * steps), desc=f"frame {frame}/{num_frames}, about {left:.0f} s left")
+            return callback_kwargs
 
-    try:
-        generator = torch.Generator(models.device).manual_seed(seed)
-        output = pipe(
-            identity,
-            audio,
-            sampling_rate=SAMPLING_RATE,
-            num_inference_steps=steps,
-            stabilize_every=None if stabilize_every in (None, "") else int(stabilize_every),
-            generator=generator,
-            callback_on_step_end=on_step,
-        )
-    finally:
-        pipe.scheduler = default_scheduler
-    path = os.path.join(tempfile.mkdtemp(dir=output_dir), "talking-head.mp4")
-    export_to_video_with_audio(output.frames[0], output.audio[0], path)
-    return path, identity, notes
+        import torch
+
+        path = os.path.join(tempfile.mkdtemp(dir=output_dir), "talking-head.mp4")
+        with VideoWriter(path, audio) as writer:
+            for output in pipe.stream(
+                identity,
+                audio,
+                sampling_rate=SAMPLING_RATE,
+                num_inference_steps=steps,
+                stabilize_every=stabilize_every,
+                generator=torch.Generator(models.device).manual_seed(seed),
+                callback_on_step_end=on_step,
+            ):
+                writer.write(output.frames[0])
+    return path, identity, warnings
 
 
 def _readable(error: Exception, *uploads: Optional[str]) -> str:
@@ -143,14 +160,14 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
     try:
         import gradio as gr
     except ImportError:
-        raise UsageError(APP_EXTRA) from None
+        raise MissingExtra(APP_EXTRA) from None
 
     models = Models(default_model)
     output_dir = tempfile.mkdtemp(prefix="diffused-heads-app-")
 
     def generate(face, speech, model, steps, scheduler, seed, stabilize_every, prepare, progress=gr.Progress()):
         try:
-            path, identity, notes = run_request(
+            path, identity, warnings = run_request(
                 models,
                 face,
                 speech,
@@ -164,19 +181,18 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
                 output_dir,
                 progress,
             )
-        except (UsageError, MediaError, ValueError) as error:
+        except (ValueError, OSError) as error:
             raise gr.Error(_readable(error, face, speech), title="Cannot make this video") from None
-        for note in notes:
-            if note.startswith("warning:"):
-                gr.Warning(note[len("warning: ") :])
+        for warning in warnings:
+            gr.Warning(warning)
         return path, identity
 
     def preview(face, model, prepare):
         if not face:
             return None
         try:
-            return identity_frame(face, lambda message: None, model=models.key(model), prepare=prepare)
-        except (UsageError, MediaError, ValueError) as error:
+            return runtime.identity_frame(face, model=models.key(model), prepare=prepare)
+        except (ValueError, OSError) as error:
             raise gr.Error(_readable(error, face), title="Cannot use this face") from None
 
     with gr.Blocks(title="Diffused Heads") as page:
@@ -192,11 +208,19 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
                 prepare = gr.Checkbox(value=True, label="Prepare the face (align it, green background)")
                 with gr.Accordion("Settings", open=False):
                     model = gr.Textbox(label="Model folder", placeholder="the built-in demo model")
-                    steps = gr.Slider(1, 100, value=10, step=1, label="Denoising steps per frame")
-                    scheduler = gr.Dropdown([OWN_SCHEDULER, *SCHEDULERS], value=OWN_SCHEDULER, label="Sampler")
+                    steps = gr.Dropdown(
+                        [OWN, "5", "10", "20", "50", "100"],
+                        value=OWN,
+                        allow_custom_value=True,
+                        label="Denoising steps per frame",
+                    )
+                    scheduler = gr.Dropdown([OWN, *SCHEDULER_CHOICES], value=OWN, label="Sampler")
                     seed = gr.Number(value=0, precision=0, label="Seed")
-                    stabilize = gr.Number(
-                        value=None, precision=0, label="Stabilise every N frames (empty: the model's own; 0: off)"
+                    stabilize = gr.Dropdown(
+                        [OWN, "0 (off)", "1", "5", "15"],
+                        value=OWN,
+                        allow_custom_value=True,
+                        label="Put the identity frame back every N frames",
                     )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
@@ -233,11 +257,11 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        configure_threads(args.threads)
+
+    def serve() -> int:
+        runtime.configure_threads(args.threads)
         page = build_app(args.model, args.max_seconds)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
-    return 0
+        page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
+        return 0
+
+    return run_command(serve)

@@ -10,43 +10,32 @@ Jobs come from a CSV file (with a header) or a JSON-lines file with the fields `
 one job per video of the folder instead: its first frame (or, with `--random-frame`, a frame drawn with the job's
 seed) animated with its own audio track, as the authors' sampling script does for a test set.
 
-Every process takes its share of the jobs (`PartialState.split_between_processes`) and generates up to
-`--batch-size` clips at a time; clips of different lengths share a batch (each keeps its own length). Each job
-draws its noise from its own generator seeded with its seed, so a job gives the same video whatever the number
-of processes and whatever else is in its batch (up to the last float bits of batched arithmetic). A job whose
-output exists is skipped; a job that fails is recorded with its error and the others go on. At the end the main
-process writes `summary.json` in the output folder and prints a table; the exit code is 1 if a job failed.
+The jobs are put into batches of up to `--batch-size` clips (of the same steps and sampler, neighbours in length)
+before they are shared out, and every process takes whole batches (`PartialState.split_between_processes`): a
+job's video depends on its batch, never on the number of processes. Each job draws its noise from its own
+generator seeded with its seed, exactly as a lone run of it does; batched arithmetic still differs from a lone
+run's in the last float bits, which the frame loop amplifies (README: "Batches"), so `--batch-size 1` is the
+setting that reproduces `generate`. Frames are written as they are made. A job whose output exists is skipped
+(before any model is loaded); a job that fails is recorded with its error and the others go on. At the end the
+main process writes the run's summary (`summary-NNN.json`, and `summary.json` for the latest run) in the output
+folder and prints a table; the exit code is 1 if a job failed.
 """
 
 import argparse
 import csv
 import json
+import logging
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
-import torch
+from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, add_model_options, run_command
+from .errors import ArgumentError
 
-from .cli import HelpFormatter
-from .generate import (
-    DTYPES,
-    SCHEDULERS,
-    UsageError,
-    configure_threads,
-    identity_frame,
-    load_pipeline,
-    make_scheduler,
-)
-from .media import (
-    SAMPLES_PER_FRAME,
-    SAMPLING_RATE,
-    VIDEO_EXTENSIONS,
-    MediaError,
-    export_to_video_with_audio,
-    load_audio,
-)
+logger = logging.getLogger(__name__)
 
 JOB_FIELDS = ("image", "audio", "output", "seed", "frame", "steps", "scheduler")
 PROGRESS_FOLDER = ".diffused-heads-progress"
@@ -87,7 +76,11 @@ def _resolve(path: str, folder: str) -> str:
 def read_jobs(path: str, output_dir: str, default_seed: int) -> List[Job]:
     """Jobs from a CSV (header row) or JSON-lines file; relative paths are taken from the file's folder."""
     if not os.path.isfile(path):
-        raise UsageError(f"--jobs {path}: no such file")
+        raise ArgumentError("jobs", f"{path}: no such file")
+
+    def bad(number, message):
+        return ArgumentError("jobs", f"{path}, line {number}: {message}")
+
     folder = os.path.dirname(os.path.abspath(path))
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
@@ -97,85 +90,99 @@ def read_jobs(path: str, output_dir: str, default_seed: int) -> List[Job]:
                     try:
                         row = json.loads(line)
                     except ValueError as error:
-                        raise UsageError(f"--jobs {path}, line {number}: not JSON ({error})") from None
+                        raise bad(number, f"not JSON ({error})") from None
                     if not isinstance(row, dict):
-                        raise UsageError(f"--jobs {path}, line {number}: expected an object with image and audio")
+                        raise bad(number, "expected an object with image and audio")
                     rows.append((number, row))
         else:
             reader = csv.DictReader(f)
             if not reader.fieldnames or not {"image", "audio"} <= set(reader.fieldnames):
-                raise UsageError(f"--jobs {path}: a CSV file needs a header row with at least image,audio")
+                raise ArgumentError("jobs", f"{path}: a CSV file needs a header row with at least image,audio")
             rows = [(number, row) for number, row in enumerate(reader, 2)]
     jobs = []
     for number, row in rows:
         unknown = set(row) - set(JOB_FIELDS)
         if unknown:
-            raise UsageError(f"--jobs {path}, line {number}: unknown fields {sorted(unknown)}; known: {JOB_FIELDS}")
+            raise bad(number, f"unknown fields {sorted(unknown)}; known: {JOB_FIELDS}")
         if not row.get("image") or not row.get("audio"):
-            raise UsageError(f"--jobs {path}, line {number}: image and audio are required")
+            raise bad(number, "image and audio are required")
         try:
             seed = int(row["seed"]) if row.get("seed") not in (None, "") else default_seed
             frame = int(row["frame"]) if row.get("frame") not in (None, "") else None
             steps = int(row["steps"]) if row.get("steps") not in (None, "") else None
         except (TypeError, ValueError):
-            raise UsageError(f"--jobs {path}, line {number}: seed, frame and steps must be whole numbers") from None
+            raise bad(number, "seed, frame and steps must be whole numbers") from None
         scheduler = row.get("scheduler") or None
-        if scheduler is not None and scheduler not in SCHEDULERS:
-            raise UsageError(f"--jobs {path}, line {number}: scheduler {scheduler!r} is not one of {SCHEDULERS}")
+        if scheduler is not None and scheduler not in SCHEDULER_CHOICES:
+            raise bad(number, f"scheduler {scheduler!r} is not one of {SCHEDULER_CHOICES}")
         if steps is not None and steps < 1:
-            raise UsageError(f"--jobs {path}, line {number}: steps must be at least 1")
+            raise bad(number, "steps must be at least 1")
         audio = _resolve(str(row["audio"]), folder)
         output = row.get("output") or os.path.splitext(os.path.basename(audio))[0] + ".mp4"
         jobs.append(Job(len(jobs), _resolve(str(row["image"]), folder), audio, output, seed, frame, steps, scheduler))
-    return _place_outputs(jobs, output_dir, path)
+    return _place_outputs(jobs, output_dir, f"{path}", lines=[number for number, _ in rows])
 
 
 def clip_jobs(folder: str, output_dir: str, default_seed: int) -> List[Job]:
     """One job per video of `folder`: its own frame and its own audio track."""
+    from .media import VIDEO_EXTENSIONS, video_frame_count
+
     if not os.path.isdir(folder):
-        raise UsageError(f"--clips {folder}: no such folder")
+        raise ArgumentError("clips", f"{folder}: no such folder")
     videos = sorted(n for n in os.listdir(folder) if os.path.splitext(n)[1].lower() in VIDEO_EXTENSIONS)
     if not videos:
-        raise UsageError(f"--clips {folder}: no videos ({', '.join(sorted(VIDEO_EXTENSIONS))})")
+        raise ArgumentError("clips", f"{folder}: no videos ({', '.join(sorted(VIDEO_EXTENSIONS))})")
     jobs = [
         Job(i, os.path.join(folder, n), os.path.join(folder, n), os.path.splitext(n)[0] + ".mp4", default_seed)
         for i, n in enumerate(videos)
     ]
     for job in jobs:
-        job.max_frames = _frame_count(job.image)
+        try:
+            job.max_frames = video_frame_count(job.image, decode=False)
+        except ValueError:  # the job reports the reading error itself when it runs
+            job.max_frames = None
     return _place_outputs(jobs, output_dir, folder)
 
 
-def _frame_count(path: str) -> Optional[int]:
-    """Frames of a video (None when it cannot be told: the job then reports the reading error itself)."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            if stream.frames:
-                return stream.frames
-            if stream.duration and stream.average_rate:
-                return round(float(stream.duration * stream.time_base * stream.average_rate))
-    except (av.FFmpegError, IndexError, OSError):
-        pass
-    return None
-
-
-def _place_outputs(jobs: List[Job], output_dir: str, source: str) -> List[Job]:
+def _place_outputs(jobs: List[Job], output_dir: str, source: str, lines: Optional[List[int]] = None) -> List[Job]:
+    """Each job's output as an absolute path inside `output_dir` (an output that would land outside is refused),
+    distinct for every job."""
     if not jobs:
-        raise UsageError(f"{source} holds no jobs")
+        raise ArgumentError("jobs", f"{source} holds no jobs")
+    root = os.path.realpath(output_dir)
     seen = {}
     for job in jobs:
+        where = f"{source}, line {lines[job.index]}" if lines else source
         if os.path.splitext(job.output)[1].lower() != ".mp4":
             job.output += ".mp4"
-        job.output = os.path.abspath(os.path.join(output_dir, job.output))
+        placed = os.path.realpath(os.path.join(root, job.output))
+        if os.path.commonpath([root, placed]) != root or placed == root:
+            raise ArgumentError("jobs", f"{where}: output {job.output!r} is not inside the output folder")
+        job.output = placed
         if job.output in seen:
-            raise UsageError(
-                f"jobs {seen[job.output]} and {job.index} would both write {job.output}; give them an output name"
+            raise ArgumentError(
+                "jobs",
+                f"{where}: jobs {seen[job.output]} and {job.index} would both write {job.output}; give them an "
+                "output name",
             )
         seen[job.output] = job.index
     return jobs
+
+
+def plan_batches(jobs: List[Job], batch_size: int) -> List[List[Job]]:
+    """The jobs in batches of up to `batch_size`, each of one steps-and-sampler setting, neighbours in length
+    (so little is computed for padding), in a fixed order: the same batches for any number of processes."""
+    from .media import audio_duration
+
+    groups = {}
+    for job in jobs:
+        groups.setdefault((job.steps, job.scheduler), []).append(job)
+    batches = []
+    for group in groups.values():
+        lengths = {job.index: audio_duration(job.audio) for job in group}
+        group = sorted(group, key=lambda job: (lengths[job.index] is None, lengths[job.index] or 0.0, job.index))
+        batches += [group[start : start + batch_size] for start in range(0, len(group), batch_size)]
+    return batches
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,18 +190,24 @@ def _place_outputs(jobs: List[Job], output_dir: str, source: str) -> List[Job]:
 
 
 class ProgressBoard:
-    """Jobs finished per process, shared through small files in the output folder (which every process of a
-    run, on any node, writes to), so that the main process can show the whole run's progress."""
+    """Frames made per process, shared through small files in the output folder (which every process of a run,
+    on any node, writes to), so that the main process can show the whole run's progress."""
 
     def __init__(self, output_dir: str, process_index: int, num_processes: int):
         self.folder = os.path.join(output_dir, PROGRESS_FOLDER)
         self.process_index, self.num_processes = process_index, num_processes
+        self.posted_at = 0.0
         os.makedirs(self.folder, exist_ok=True)
 
     def _path(self, index: int) -> str:
         return os.path.join(self.folder, f"{index}.json")
 
-    def post(self, jobs: int, frames: int, finished: bool = False) -> None:
+    def post(self, jobs: int, frames: int, finished: bool = False, every: float = 0.0) -> None:
+        """Post this process's counts (at most once per `every` seconds unless finished)."""
+        now = time.monotonic()
+        if not finished and now - self.posted_at < every:
+            return
+        self.posted_at = now
         temporary = self._path(self.process_index) + ".tmp"
         with open(temporary, "w", encoding="utf-8") as f:
             json.dump({"jobs": jobs, "frames": frames, "finished": finished}, f)
@@ -214,46 +227,116 @@ class ProgressBoard:
         return total
 
     def remove(self) -> None:
-        for index in range(self.num_processes):
-            for path in (self._path(index), self._path(index) + ".tmp"):
-                if os.path.exists(path):
-                    os.remove(path)
-        if os.path.isdir(self.folder) and not os.listdir(self.folder):
-            os.rmdir(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def prepare_job(job: Job, args):
-    """The identity frame (prepared as `generate` prepares it) and the 16 kHz speech of a job; raises
-    MediaError/ValueError/UsageError for bad input."""
-    quiet = lambda message: None  # noqa: E731  (per-job notes would drown the progress display)
-    identity = identity_frame(
+    """The identity frame (prepared as `generate` prepares it) and the 16 kHz speech of a job; raises ValueError
+    (MediaError, ArgumentError) or OSError for bad input."""
+    from . import runtime
+    from .media import SAMPLES_PER_FRAME, load_audio
+
+    identity = runtime.identity_frame(
         job.image,
-        quiet,
         model=args.model,
         prepare=not args.no_prepare,
         frame=job.frame,
         random_frame=args.random_frame,
         seed=job.seed,
     )
-    audio = load_audio(job.audio, log=quiet)
+    audio = load_audio(job.audio)
     if job.max_frames:  # compressed audio tracks run a little past the video (codec padding)
         audio = audio[: job.max_frames * SAMPLES_PER_FRAME]
     return identity, audio
 
 
-def run_batch(pipe, jobs: List[Job], inputs: list, steps: int, args, device):
-    """Generate a batch of clips (any lengths). Every clip draws its noise from its own seeded generator, which the
-    pipeline uses exactly as in a run of that clip alone."""
-    output = pipe(
-        [identity for identity, _ in inputs],
-        [audio for _, audio in inputs],
-        sampling_rate=SAMPLING_RATE,
-        num_inference_steps=steps,
-        stabilize_every=args.stabilize_every,
-        generator=[torch.Generator(device).manual_seed(job.seed) for job in jobs],
-        output_type="np",
-    )
-    return list(output.frames), list(output.audio)
+class Share:
+    """This process's part of the run: its batches, the model (loaded only if there is something to make), the
+    results and the counts posted to the board."""
+
+    def __init__(self, args, device, board: ProgressBoard, bar):
+        self.args, self.device, self.board, self.bar = args, device, board, bar
+        self.results: List[Result] = []
+        self.jobs_done = self.frames_done = 0
+        self.pipe = None
+
+    def record(self, result: Result) -> None:
+        self.results.append(result)
+        self.jobs_done += 1
+        self.board.post(self.jobs_done, self.frames_done, every=0.5)
+
+    def frame_made(self) -> None:
+        self.frames_done += 1
+        self.board.post(self.jobs_done, self.frames_done, every=0.5)
+        if self.bar is not None:
+            progress = self.board.read()
+            self.bar.n = progress["frames"]
+            self.bar.set_postfix(jobs=progress["jobs"], refresh=False)
+            self.bar.refresh()
+
+    def run(self, batches: List[List[Job]]) -> None:
+        for batch in batches:
+            self.run_batch(batch)
+
+    def run_batch(self, batch: List[Job]) -> None:
+        """Prepare the batch's jobs (just before they run), generate them together and write each clip's frames as
+        they are made."""
+        import torch
+
+        from . import runtime
+        from .media import SAMPLING_RATE, VideoWriter
+
+        ready = []
+        for job in batch:
+            try:
+                ready.append((job, *prepare_job(job, self.args)))
+            except (ValueError, OSError) as error:
+                self.record(Result(job.index, job.output, "failed", error=str(error)))
+        if not ready:
+            return
+        if self.pipe is None:
+            self.pipe = runtime.load_pipeline(self.args.model, self.device, self.args.dtype, compile=self.args.compile)
+        pipe = runtime.with_scheduler(self.pipe, batch[0].scheduler or self.args.scheduler)
+        steps = batch[0].steps or self.args.steps or runtime.default_steps(pipe)
+        writers = {}
+        for job, _, audio in ready:
+            os.makedirs(os.path.dirname(job.output), exist_ok=True)
+            writers[job.index] = VideoWriter(job.output, audio, size=self.args.size)
+        started, active = time.perf_counter(), {job.index: job for job, _, _ in ready}
+        try:
+            for output in pipe.stream(
+                [identity for _, identity, _ in ready],
+                [audio for _, _, audio in ready],
+                sampling_rate=SAMPLING_RATE,
+                num_inference_steps=steps,
+                stabilize_every=self.args.stabilize_every,
+                generator=[torch.Generator(self.device).manual_seed(job.seed) for job, _, _ in ready],
+            ):
+                for k, (job, _, _) in enumerate(ready):
+                    if job.index not in active or output.frame_index >= output.num_frames[k]:
+                        continue
+                    try:
+                        writers[job.index].write(output.frames[k])
+                        self.frame_made()
+                        if output.frame_index + 1 == output.num_frames[k]:
+                            writers[job.index].close()
+                            del active[job.index]
+                            seconds = time.perf_counter() - started
+                            self.record(Result(job.index, job.output, "done", output.num_frames[k], seconds))
+                    except (OSError, ValueError) as error:
+                        writers[job.index].abort()
+                        del active[job.index]
+                        self.record(Result(job.index, job.output, "failed", error=f"writing failed: {error}"))
+                if not active:
+                    break
+        except (ValueError, RuntimeError) as error:
+            for index, job in list(active.items()):
+                writers[index].abort()
+                self.record(Result(index, job.output, "failed", error=f"generation failed: {error}"))
+            active.clear()
+        finally:  # an interruption: nothing half-written stays
+            for index in active:
+                writers[index].abort()
 
 
 def parse_args(argv=None):
@@ -265,23 +348,19 @@ def parse_args(argv=None):
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--jobs", help="CSV (with a header) or JSON-lines file: image, audio[, output, seed, ...]")
     source.add_argument("--clips", help="a folder of videos: each is animated from its own frame with its own audio")
-    parser.add_argument("--output-dir", required=True, help="where the videos and summary.json go (created)")
-    parser.add_argument("--model", help="model folder or Hub id; default: the built-in demo model")
-    parser.add_argument(
-        "--steps", type=int, help="denoising steps per frame (default: 100; 10 for the built-in model)"
-    )
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the model's own")
+    parser.add_argument("--output-dir", required=True, help="where the videos and the run's summary go (created)")
+    add_model_options(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the jobs that name none")
     parser.add_argument("--random-frame", action="store_true", help="a seeded random frame of a video, not the first")
     parser.add_argument(
         "--no-prepare", action="store_true", help="use the images as they are (see generate --no-prepare)"
     )
-    parser.add_argument("--batch-size", type=int, default=4, help="clips generated at once in a process")
-    parser.add_argument("--stabilize-every", type=int, metavar="N", help="as for generate")
-    parser.add_argument("--size", type=int, default=256, help="output frame size in pixels")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="UNet precision")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (pays off on long runs)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=4,
+        help="clips generated at once in a process (1 reproduces generate exactly: see the README's Batches)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / processes)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
@@ -289,63 +368,6 @@ def parse_args(argv=None):
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
     return args
-
-
-def generate_share(pipe, jobs: List[Job], args, device, board: ProgressBoard, bar) -> List[Result]:
-    """Generate this process's jobs, `--batch-size` at a time, grouped by steps and scheduler."""
-    results, done_jobs, done_frames = [], 0, 0
-    pending = []
-    for job in jobs:
-        if os.path.exists(job.output):
-            results.append(Result(job.index, job.output, "skipped"))
-            done_jobs += 1
-            continue
-        pending.append(job)
-    board.post(done_jobs, done_frames)
-    default_scheduler = pipe.scheduler
-    groups = {}
-    for job in pending:
-        groups.setdefault((job.steps or args.steps, job.scheduler or args.scheduler), []).append(job)
-    for (steps, scheduler), group in groups.items():
-        pipe.scheduler = make_scheduler(scheduler, default_scheduler.config) if scheduler else default_scheduler
-        loaded = []
-        for job in group:
-            try:
-                loaded.append((job, prepare_job(job, args)))
-            except (MediaError, UsageError, ValueError, OSError) as error:
-                results.append(Result(job.index, job.output, "failed", error=str(error)))
-                done_jobs += 1
-        # Neighbours in length share a batch, so little is computed for padding.
-        loaded.sort(key=lambda item: len(item[1][1]))
-        for start in range(0, len(loaded), args.batch_size):
-            chunk = loaded[start : start + args.batch_size]
-            batch_jobs = [job for job, _ in chunk]
-            started = time.perf_counter()
-            try:
-                frames, audio = run_batch(pipe, batch_jobs, [inputs for _, inputs in chunk], steps, args, device)
-            except (ValueError, RuntimeError) as error:
-                for job in batch_jobs:
-                    results.append(Result(job.index, job.output, "failed", error=f"generation failed: {error}"))
-                done_jobs += len(batch_jobs)
-                continue
-            seconds = (time.perf_counter() - started) / len(batch_jobs)
-            for job, video, waveform in zip(batch_jobs, frames, audio):
-                try:
-                    os.makedirs(os.path.dirname(job.output), exist_ok=True)
-                    export_to_video_with_audio(video, waveform, job.output, size=args.size, overwrite=False)
-                    results.append(Result(job.index, job.output, "done", frames=len(video), seconds=seconds))
-                    done_frames += len(video)
-                except (OSError, ValueError) as error:
-                    results.append(Result(job.index, job.output, "failed", error=f"writing failed: {error}"))
-                done_jobs += 1
-            board.post(done_jobs, done_frames)
-            if bar is not None:
-                progress = board.read()
-                bar.n = progress["jobs"]
-                bar.set_postfix(frames=progress["frames"], refresh=False)
-                bar.refresh()
-    pipe.scheduler = default_scheduler
-    return results
 
 
 def print_summary(summary: dict, results: List[dict]) -> None:
@@ -364,15 +386,44 @@ def print_summary(summary: dict, results: List[dict]) -> None:
     )
 
 
+def write_summary(output_dir: str, content: dict) -> str:
+    """The run's summary as `summary-NNN.json` (the next free number: earlier runs' are kept) and as
+    `summary.json`, the latest run's."""
+    number = 1
+    while os.path.exists(os.path.join(output_dir, f"summary-{number:03d}.json")):
+        number += 1
+    path = os.path.join(output_dir, f"summary-{number:03d}.json")
+    for target in (path, os.path.join(output_dir, "summary.json")):
+        temporary = target + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump(content, f, indent=1)
+        os.replace(temporary, target)
+    return path
+
+
+def estimated_frames(job: Job) -> int:
+    """The frames a job will make, from its audio's length in the file's header (0 when that cannot be read)."""
+    from .media import audio_duration
+
+    seconds = audio_duration(job.audio) or 0.0
+    frames = (round(seconds * 16000) + 2560 - 3200) // 640 + 1 if seconds else 0
+    return min(frames, job.max_frames) if job.max_frames else max(frames, 0)
+
+
 def run(args) -> int:
+    import torch
     from accelerate import PartialState
     from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
+    from . import runtime
+
     # On a machine without a GPU the processes talk over gloo (accelerate's multi-CPU mode).
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     # torchrun (under accelerate launch) says how many processes share this machine.
-    configure_threads(args.threads, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes)))
+    runtime.configure_threads(
+        args.threads, processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", state.num_processes))
+    )
     started = time.perf_counter()
     os.makedirs(args.output_dir, exist_ok=True)
     if args.jobs:
@@ -382,33 +433,36 @@ def run(args) -> int:
 
     device = state.device if args.device != "cpu" else torch.device("cpu")
     if args.device == "cuda" and device.type != "cuda":
-        raise UsageError("--device cuda was asked for but no CUDA GPU is available")
-    if device.type == "cpu" and args.dtype == "float16":
-        raise UsageError("--dtype float16 needs a GPU; use float32 or bfloat16 on the CPU")
-    pipe = load_pipeline(args, device, DTYPES[args.dtype], announce=state.is_main_process)
-    if args.steps is None:
-        args.steps = 10 if args.model is None else 100
-    pipe.set_progress_bar_config(disable=True)
+        raise ArgumentError("device", "cuda was asked for but no CUDA GPU is available")
+    runtime.resolve_dtype(args.dtype, device)
+    skipped = [Result(job.index, job.output, "skipped") for job in jobs if os.path.exists(job.output)]
+    pending = [job for job in jobs if not os.path.exists(job.output)]
+    batches = plan_batches(pending, args.batch_size)
 
     board = ProgressBoard(args.output_dir, state.process_index, state.num_processes)
     bar = None
     if state.is_main_process:
-        bar = tqdm(total=len(jobs), unit="job", desc="generate-batch", dynamic_ncols=True)
-    with state.split_between_processes(jobs) as share:
-        results = generate_share(pipe, share, args, device, board, bar)
-    board.post(len(results), sum(r.frames for r in results), finished=True)
+        total = sum(estimated_frames(job) for job in pending)
+        bar = tqdm(total=total, unit="frame", desc="generate-batch", dynamic_ncols=True, smoothing=0.1)
+        if skipped:
+            logger.info(f"{len(skipped)} of {len(jobs)} jobs are done already (their videos exist): skipped")
+    share = Share(args, device, board, bar)
+    with state.split_between_processes(batches) as mine:
+        share.run(mine)
+    board.post(share.jobs_done, share.frames_done, finished=True)
     if bar is not None:  # follow the other processes until all are finished
         while (progress := board.read())["finished"] < state.num_processes:
-            bar.n = progress["jobs"]
+            bar.n = progress["frames"]
             bar.refresh()
             time.sleep(0.5)
-        bar.n = len(jobs)
+        bar.n = board.read()["frames"]
         bar.close()
-    everything = gather_object([asdict(r) for r in results])
+    everything = gather_object([asdict(r) for r in share.results])
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
     board.remove()
+    everything += [asdict(r) for r in skipped]
     seconds = time.perf_counter() - started
     counts = {status: sum(r["status"] == status for r in everything) for status in ("done", "skipped", "failed")}
     frames = sum(r["frames"] for r in everything)
@@ -421,19 +475,15 @@ def run(args) -> int:
         "processes": state.num_processes,
         "batch_size": args.batch_size,
     }
-    with open(os.path.join(args.output_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump({"summary": summary, "jobs": sorted(everything, key=lambda r: r["index"])}, f, indent=1)
+    write_summary(args.output_dir, {"summary": summary, "jobs": sorted(everything, key=lambda r: r["index"])})
     print_summary(summary, everything)
     return 1 if counts["failed"] else 0
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except (UsageError, MediaError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; finished videos are kept, none is half-written", file=sys.stderr)
-        return 130
+    return run_command(lambda: run(args), interrupted="finished videos are kept, none is half-written")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,5 @@
 """The `diffused-heads` command: one entry point, a subcommand per tool, each with its own `--help`."""
 
-import argparse
 import importlib
 import sys
 from typing import List, Optional
@@ -9,22 +8,13 @@ from typing import List, Optional
 COMMANDS = {
     "generate": (".generate", "make a talking-head video from a face image and speech"),
     "generate-batch": (".batch", "make many videos from a jobs file or a folder of clips; runs under accelerate"),
-    "prepare-face": (".faces", "align a face photo and put it on the training green (the faces extra)"),
+    "prepare-face": (".prepare_face", "align a face photo and put it on the training green (the faces extra)"),
     "app": (".app", "serve a web page: photo and voice in, talking video out (the app extra)"),
-    "convert": (".hub.convert_checkpoint", "convert the released TorchScript files into a verified model folder"),
+    "convert": (".convert", "convert the released TorchScript files into a verified model folder"),
     "train": (".train", "train a model (or fine-tune one) on talking-face clips; runs under accelerate launch"),
     "evaluate": (".evaluate", "lip-sync and identity figures of a model on synthetic held-out clips"),
-    "make-dataset": (".synthetic_data", "make synthetic talking-face clips for training and evaluation"),
+    "make-dataset": (".make_dataset", "make synthetic talking-face clips for training and evaluation"),
 }
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a default only where there is one to show (not "(default: None)" after a help text that says it)."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def usage() -> str:

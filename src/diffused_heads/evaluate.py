@@ -27,12 +27,10 @@ import time
 import numpy as np
 import torch
 
-from . import builtin_model_path
-from .cli import HelpFormatter
-from .generate import SCHEDULERS, make_scheduler
-from .media import load_audio
+from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, run_command
+from .errors import ArgumentError
+from .media import load_audio, read_video
 from .synthetic_data import MOUTH_INSIDE, speech_envelope
-from .train import decode_video
 
 
 def mouth_opening(frames: np.ndarray, region) -> np.ndarray:
@@ -76,10 +74,10 @@ def mouth_region(boxes, source_size: float, size: int):
 def read_clip(stem: str, size: int):
     """Ground-truth frames `(F, size, size, 3)` in [0, 1] (decoded as for training), the 16 kHz speech and the
     clip's mouth region at `size`."""
-    frames = decode_video(stem + ".mp4", size).permute(0, 2, 3, 1).numpy().astype(np.float32) / 255.0
+    frames = read_video(stem + ".mp4", size).astype(np.float32) / 255.0
     with open(stem + ".json", encoding="utf-8") as f:
         info = json.load(f)
-    waveform = load_audio(stem + ".wav", log=lambda message: None)
+    waveform = load_audio(stem + ".wav")
     return frames, waveform, mouth_region(info["mouth_boxes"], info["size"], size)
 
 
@@ -130,8 +128,8 @@ def parse_args(argv=None):
     )
     parser.add_argument("--model", help="pipeline folder (default: the built-in demo model)")
     parser.add_argument("--data", required=True, help="folder made by diffused-heads make-dataset --split eval")
-    parser.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
-    parser.add_argument("--scheduler", choices=SCHEDULERS, help="default: the model's own")
+    parser.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's own)")
+    parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, help="default: the model's own")
     parser.add_argument(
         "--scheduler-option",
         action="append",
@@ -151,38 +149,33 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from .generate import configure_threads
-    from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+def run(args) -> int:
+    from . import runtime
+    from .hub.pipeline_diffused_heads import scheduler_uses_variance
 
-    configure_threads()
-
+    runtime.configure_threads()
     stems = sorted(p[: -len(".json")] for p in glob.glob(os.path.join(args.data, "*.json")))
     stems = [s for s in stems if os.path.exists(s + ".mp4") and os.path.exists(s + ".wav")]
     if not stems:
-        print(f"error: no clips (NAME.mp4 + NAME.wav + NAME.json) in {args.data}", file=sys.stderr)
-        return 1
+        raise ArgumentError("data", f"{args.data} holds no clips (NAME.mp4 + NAME.wav + NAME.json)")
     if args.num_clips:
         stems = stems[: args.num_clips]
-    pipe = DiffusedHeadsPipeline.from_pretrained(args.model or builtin_model_path())
-    if args.scheduler is not None:
-        pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
-    if args.scheduler_option:
-        options = {}
-        for key, value in (option.split("=", 1) for option in args.scheduler_option):
-            try:
-                options[key] = json.loads(value)  # numbers and booleans
-            except ValueError:
-                options[key] = value
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **options)
-    pipe.set_progress_bar_config(disable=True)
-    rows, summary = evaluate(pipe, stems, args.steps, args.seed, stabilize_every=args.stabilize_every)
+    options = {}
+    for key, value in (option.split("=", 1) for option in args.scheduler_option):
+        try:
+            options[key] = json.loads(value)  # numbers and booleans
+        except ValueError:
+            options[key] = value
+    pipe = runtime.load_pipeline(args.model, "cpu")
+    pipe = runtime.with_scheduler(pipe, args.scheduler, **options)
+    steps = args.steps or runtime.default_steps(pipe)
+    rows, summary = evaluate(pipe, stems, steps, args.seed, stabilize_every=args.stabilize_every)
     config = pipe.scheduler.config
     sampler = f"{type(pipe.scheduler).__name__} (timestep_spacing {config.timestep_spacing}"
-    sampler += f", variance_type {config.variance_type})" if pipe._learns_variance or "DDPM" in sampler else ")"
+    uses_variance = scheduler_uses_variance(pipe.scheduler) or "DDPM" in sampler
+    sampler += f", variance_type {config.variance_type})" if uses_variance else ")"
     print(
-        f"\n{summary['clips']} clips, {summary['frames']} frames, {sampler} {args.steps} steps:\n"
+        f"\n{summary['clips']} clips, {summary['frames']} frames, {sampler} {steps} steps:\n"
         f"  mouth vs speech envelope  r = {summary['r_gen_env']:.3f} (ground truth {summary['r_gt_env']:.3f})\n"
         f"  generated vs ground-truth mouth  r = {summary['r_gen_gt']:.3f}\n"
         f"  identity kept outside the mouth: PSNR {summary['psnr_id_gen']:.1f} dB "
@@ -192,6 +185,11 @@ def main(argv=None) -> int:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"args": vars(args), "summary": summary, "clips": rows}, f, indent=1)
     return 0
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ with `save_pretrained` to `--output-dir`, ready for `DiffusedHeadsPipeline.from_
 import argparse
 import glob
 import json
+import logging
 import math
 import os
 import shutil
@@ -33,9 +34,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .cli import HelpFormatter
+from .cli_utils import HelpFormatter
 from .hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
 from .hub.pipeline_diffused_heads import (
     ORIGINAL_SCHEDULER_CONFIG,
@@ -44,7 +44,9 @@ from .hub.pipeline_diffused_heads import (
     to_motion_frame,
 )
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES, DiffusedHeadsUNetModel
-from .media import FPS, MediaError, load_audio
+from .media import FPS, VIDEO_EXTENSIONS, MediaError, load_audio, read_video
+
+logger = logging.getLogger(__name__)
 
 # Configurations a model can be made from. "crema" is the released model's; "builtin" is the small model
 # shipped in `builtin/` (48×48, about 3.5 M UNet parameters).
@@ -93,38 +95,23 @@ class Clip:
 
 def decode_video(path: str, size: int) -> torch.Tensor:
     """All frames of a video as `(F, 3, size, size)` uint8, centre-cropped to a square and resized."""
-    import av
-
     try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise TrainingError(f"{path} has no video stream")
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    except av.FFmpegError as error:
-        raise TrainingError(f"{path} could not be read as video: {error}") from None
-    if not frames:
-        raise TrainingError(f"{path} holds no video frames")
-    array = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)
-    height, width = array.shape[-2:]
-    if height != width:
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        array = array[..., top : top + side, left : left + side]
-    if array.shape[-1] != size:
-        resized = F.interpolate(array.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        array = resized.round().clamp(0, 255).to(torch.uint8)
-    return array.contiguous()
+        return torch.from_numpy(read_video(path, size)).permute(0, 3, 1, 2).contiguous()
+    except MediaError as error:
+        raise TrainingError(str(error)) from None
 
 
-def load_clips(folder: str, size: int, encoder: DiffusedHeadsAudioEncoder, log=print) -> List[Clip]:
+def load_clips(folder: str, size: int, encoder: DiffusedHeadsAudioEncoder) -> List[Clip]:
     """Every clip of `folder`, decoded at `size`×`size`, cut to the frames its audio covers."""
     if not os.path.isdir(folder):
         raise TrainingError(f"the data folder {folder} does not exist")
     paths = sorted(
-        p for ext in ("mp4", "mov", "mkv", "webm", "avi") for p in glob.glob(os.path.join(folder, f"*.{ext}"))
+        os.path.join(folder, name)
+        for name in os.listdir(folder)
+        if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
     )
     if not paths:
-        raise TrainingError(f"no video clips (*.mp4, *.mov, *.mkv, *.webm, *.avi) in {folder}")
+        raise TrainingError(f"no video clips ({', '.join(sorted(VIDEO_EXTENSIONS))}) in {folder}")
     rate = encoder.config.sampling_rate
     clips = []
     for path in paths:
@@ -132,12 +119,12 @@ def load_clips(folder: str, size: int, encoder: DiffusedHeadsAudioEncoder, log=p
         frames = decode_video(path, size)
         audio_path = stem + ".wav" if os.path.exists(stem + ".wav") else path
         try:
-            waveform = load_audio(audio_path, sampling_rate=rate, log=lambda message: None)
+            waveform = load_audio(audio_path, sampling_rate=rate)
         except MediaError as error:
             raise TrainingError(str(error)) from None
         num_frames = min(len(frames), encoder.num_frames(len(waveform)))
         if num_frames < 2:
-            log(f"skipping {path}: shorter than two frames")
+            logger.warning(f"skipping {path}: shorter than two frames")
             continue
         waveform = waveform[: num_frames * rate // FPS]
         boxes = None
@@ -354,6 +341,24 @@ def parse_args(argv=None):
         help="what a new model predicts: the noise (the original) or v, which keeps the clean-frame estimate "
         "sound at high noise levels and trains faster (a model from --init-from keeps its own)",
     )
+    p.add_argument(
+        "--inference-steps",
+        type=int,
+        help="the saved model's own denoising steps per frame (default: the starting model's, else none: 100)",
+    )
+    p.add_argument(
+        "--stabilize-every",
+        type=int,
+        metavar="N",
+        help="the saved model's own stabilize_every (default: the starting model's, else none)",
+    )
+    p.add_argument(
+        "--sampling-variance",
+        choices=("learned_range", "fixed_small"),
+        help="the variance the saved scheduler samples with: the learned one (the original) or the posterior "
+        "variance (fixed_small), for a model whose learned variance is still poor (default: the starting model's, "
+        "else learned_range)",
+    )
     p.add_argument("--max-steps", type=int, default=3000, help="optimisation steps")
     p.add_argument("--batch-size", type=int, default=10, help="frames per step per process")
     p.add_argument("--learning-rate", type=float, default=5e-5, help="Adam learning rate")
@@ -379,6 +384,10 @@ def parse_args(argv=None):
     for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.inference_steps is not None and args.inference_steps < 1:
+        p.error("--inference-steps must be at least 1")
+    if args.stabilize_every is not None and args.stabilize_every < 0:
+        p.error("--stabilize-every must be 0 (off) or more")
     if not 0.0 <= args.motion_dropout <= 1.0 or not 0.0 <= args.ema_decay < 1.0:
         p.error("--motion-dropout must be in [0, 1] and --ema-decay in [0, 1)")
     if args.checkpoint_dir is None:
@@ -399,7 +408,8 @@ def build_components(args):
             reason = " ".join(str(error).split())
             raise TrainingError(f"--init-from {args.init_from} could not be loaded: {reason}") from None
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        return pipe.unet, pipe.audio_encoder, scheduler, pipe.config.get("trained_clip_seconds")
+        defaults = {name: pipe.config.get(name) for name in MODEL_DEFAULTS}
+        return pipe.unet, pipe.audio_encoder, scheduler, defaults
     if not args.train_audio_encoder:
         raise TrainingError(
             "a new model has an untrained audio encoder: pass --train-audio-encoder, or --init-from a pipeline "
@@ -421,7 +431,28 @@ def build_components(args):
     except (TypeError, ValueError) as error:
         raise TrainingError(f"invalid model configuration: {error}") from None
     scheduler = DDPMScheduler(**{**ORIGINAL_SCHEDULER_CONFIG, "prediction_type": args.prediction_type})
-    return unet, encoder, scheduler, None
+    return unet, encoder, scheduler, {}
+
+
+# The sampling defaults a saved model carries in its pipeline config.
+MODEL_DEFAULTS = ("trained_clip_seconds", "stabilize_every", "num_inference_steps")
+
+
+def pipeline_to_save(args, unet, encoder, noise_scheduler, defaults: dict, longest_clip: float):
+    """The trained pipeline as it is saved: its components, the scheduler it samples with and the model's own
+    defaults (from the options, else from the starting model)."""
+    from diffusers import DDPMScheduler
+
+    variance = args.sampling_variance or noise_scheduler.config.variance_type
+    return DiffusedHeadsPipeline(
+        unet=unet,
+        audio_encoder=encoder,
+        scheduler=DDPMScheduler.from_config(noise_scheduler.config, variance_type=variance),
+        # The saved model warns about audio longer than what it has seen (or than its starting point had seen).
+        trained_clip_seconds=round(max(longest_clip, defaults.get("trained_clip_seconds") or 0.0), 2),
+        stabilize_every=args.stabilize_every if args.stabilize_every is not None else defaults.get("stabilize_every"),
+        num_inference_steps=args.inference_steps or defaults.get("num_inference_steps"),
+    )
 
 
 def _checkpoints(folder: str) -> List[str]:
@@ -439,19 +470,17 @@ def train(args) -> str:
         torch.set_num_threads(args.threads)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
     log = accelerator.print
-    unet, encoder, noise_scheduler, trained_clip_seconds = build_components(args)
+    unet, encoder, noise_scheduler, defaults = build_components(args)
     if unet.config.audio_embedding_dim != encoder.config.hidden_size:
         raise TrainingError("the UNet's audio_embedding_dim differs from the audio encoder's hidden_size")
     if unet.config.out_channels not in (unet.config.in_channels, 2 * unet.config.in_channels):
         raise TrainingError("out_channels must be in_channels (noise only) or twice that (noise and variance)")
     size, context = unet.config.sample_size, unet.config.audio_context
-    clips = load_clips(args.data, size, encoder, log=log)
+    clips = load_clips(args.data, size, encoder)
     num_frames = sum(len(c.frames) for c in clips)
     with_boxes = sum(c.mouth_boxes is not None for c in clips)
     log(f"{len(clips)} clips, {num_frames} frames ({num_frames / FPS / 60:.1f} min), {with_boxes} with mouth boxes")
-    # The saved model warns about audio longer than what it has seen (or than its starting point had seen).
     longest_clip = max(len(c.frames) for c in clips) / FPS
-    trained_clip_seconds = max(longest_clip, trained_clip_seconds or 0.0)
     if args.lip_loss_weight and 0 < with_boxes < len(clips):
         raise TrainingError("some clips have mouth boxes and some do not; give boxes for all or none")
 
@@ -573,12 +602,7 @@ def train(args) -> str:
             ema_encoder.copy_to(encoder.parameters())
         unet.requires_grad_(False)
         encoder.requires_grad_(False)
-        pipe = DiffusedHeadsPipeline(
-            unet=unet.to("cpu"),
-            audio_encoder=encoder.to("cpu"),
-            scheduler=noise_scheduler,
-            trained_clip_seconds=round(trained_clip_seconds, 2),
-        )
+        pipe = pipeline_to_save(args, unet.to("cpu"), encoder.to("cpu"), noise_scheduler, defaults, longest_clip)
         pipe.save_pretrained(args.output_dir)
         log(f"saved the pipeline to {args.output_dir} after {state.step} steps ({time.time() - started:.0f} s)")
     accelerator.end_training()
