@@ -1,81 +1,8 @@
-import os
+"""Fixtures for every test (helpers to import live in helpers.py)."""
 
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler
-
-from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
-from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
-
-from original_model import randomize_  # noqa: F401  (shared: gives weights non-trivial values)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-
-TINY_UNET = dict(
-    sample_size=16,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    attention_levels=(False, True),
-    attention_head_dim=8,
-    norm_num_groups=4,
-    audio_embedding_dim=8,
-)
-TINY_ENCODER = dict(
-    conv_channels=(4, 8),
-    conv_kernel_sizes=(80, 4),
-    conv_strides=(16, 2),
-    conv_paddings=(32, 1),
-    code_size=8,
-    hidden_size=8,
-    num_gru_layers=2,
-)
-
-
-def read_manifest(name):
-    """(key, shape) pairs of a state-dict manifest in tests/fixtures."""
-    rows = []
-    with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
-        next(f)
-        for line in f:
-            key, shape = line.rstrip("\n").split("\t")
-            rows.append((key, () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))))
-    return rows
-
-
-def tiny_unet(seed=0, **overrides):
-    torch.manual_seed(seed)
-    return randomize_(DiffusedHeadsUNetModel(**{**TINY_UNET, **overrides}), seed).eval()
-
-
-def tiny_audio_encoder(seed=1, **overrides):
-    torch.manual_seed(seed)
-    return randomize_(DiffusedHeadsAudioEncoder(**{**TINY_ENCODER, **overrides}), seed).eval()
-
-
-def ddpm_scheduler():
-    return DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler"))  # the repository's own config
-
-
-def tiny_pipeline(seed=0, unet=None, **unet_overrides):
-    pipe = DiffusedHeadsPipeline(
-        unet=unet if unet is not None else tiny_unet(seed, **unet_overrides),
-        audio_encoder=tiny_audio_encoder(seed + 1),
-        scheduler=ddpm_scheduler(),
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def speech_like(seconds=0.4, rate=16000, seed=0):
-    """A deterministic, speech-like test signal: a modulated harmonic tone plus a little noise."""
-    rng = np.random.RandomState(seed)
-    t = np.arange(int(seconds * rate)) / rate
-    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)
-    tone = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 6))
-    return (0.3 * envelope * tone + 0.01 * rng.randn(len(t))).astype(np.float32)
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,13 @@ import soundfile
 
 from diffused_heads import example_audio_path, example_image_path
 
-from conftest import tiny_pipeline
+from helpers import tiny_pipeline
 
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
 from gradio_client import Client, handle_file  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.slow  # a server in another process, and a browser
 
 
 def free_port() -> int:

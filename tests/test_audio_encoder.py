@@ -4,7 +4,7 @@ import torch
 
 from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
 
-from conftest import read_manifest, speech_like, tiny_audio_encoder
+from helpers import read_manifest, speech_like, tiny_audio_encoder
 
 
 def per_window_protocol(encoder, waveform):

@@ -12,10 +12,10 @@ import pytest
 import soundfile
 
 from diffused_heads.batch import clip_jobs, read_jobs
-from diffused_heads.generate import UsageError
+from diffused_heads.errors import ArgumentError
 from diffused_heads.media import export_to_video_with_audio
 
-from conftest import speech_like, tiny_pipeline
+from helpers import speech_like, tiny_pipeline
 
 SECONDS = (0.3, 0.5, 0.2, 0.4)
 
@@ -59,6 +59,7 @@ def decoded(path) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_videos_of_one_and_resume_without_regenerating(workspace):
     # The same arithmetic in both runs (one thread per process): a different thread count changes how the
     # convolutions add up, in the last float bits, which the frame loop of an untrained UNet can amplify.
@@ -78,6 +79,7 @@ def test_two_processes_give_the_videos_of_one_and_resume_without_regenerating(wo
         "clip1.mp4",
         "clip2.mp4",
         "clip3.mp4",
+        "summary-001.json",
         "summary.json",
     ]
     for k, seconds in enumerate(SECONDS):
@@ -93,8 +95,13 @@ def test_two_processes_give_the_videos_of_one_and_resume_without_regenerating(wo
         if name != "summary.json":
             assert os.stat(workspace / "two" / name).st_mtime_ns == stamp, name
     assert not (workspace / "two" / ".diffused-heads-progress").exists()
+    # Each run's summary is kept.
+    first = json.loads((workspace / "two" / "summary-001.json").read_text())["summary"]
+    assert (first["done"], first["skipped"]) == (4, 0)
+    assert json.loads((workspace / "two" / "summary-002.json").read_text())["summary"] == counts
 
 
+@pytest.mark.slow
 def test_batch_size_and_thread_count_change_a_clip_only_in_the_last_bits(workspace):
     alone, summary = generate_batch(workspace, "alone", "--batch-size", "1", "--threads", "2")
     assert summary["summary"]["done"] == 4
@@ -107,6 +114,7 @@ def test_batch_size_and_thread_count_change_a_clip_only_in_the_last_bits(workspa
         assert difference < 1.0, k
 
 
+@pytest.mark.slow
 def test_a_clip_folder_animates_each_video_with_its_own_audio(workspace, tmp_path):
     clips = tmp_path / "clips"
     clips.mkdir()
@@ -139,7 +147,7 @@ def test_a_clip_folder_animates_each_video_with_its_own_audio(workspace, tmp_pat
 def test_bad_jobs_files_are_named(content, message, tmp_path):
     path = tmp_path / "jobs.csv"
     path.write_text(content)
-    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(ArgumentError, match=message.replace("[", r"\[").replace("]", r"\]")):
         read_jobs(str(path), str(tmp_path / "out"), default_seed=0)
 
 

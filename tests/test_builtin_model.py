@@ -19,6 +19,8 @@ from diffused_heads.synthetic_data import FaceStyle, draw_face
 BUILTIN = builtin_model_path()
 EXAMPLES = os.path.dirname(example_image_path())
 
+pytestmark = pytest.mark.slow  # the real model, or the app's server and a browser
+
 
 @pytest.fixture(scope="module")
 def pipe():
@@ -29,7 +31,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def identity():
-    return load_identity_frame(os.path.join(EXAMPLES, "identity.png"), log=lambda message: None)
+    return load_identity_frame(os.path.join(EXAMPLES, "identity.png"))
 
 
 def example_info():
@@ -120,3 +122,20 @@ def test_the_face_holds_over_the_clip(pipe, identity):
     assert held[40:].mean() > held[10:20].mean() - 1.0, (held[10:20].mean(), held[40:].mean())
     assert held.min() > 28, held.min()
     assert chained[40:].mean() < chained[10:20].mean() - 1.5  # the test can tell a decaying face
+
+
+def test_the_same_seed_gives_the_pinned_frames(pipe, identity):
+    """Six frames of the example, 10 steps, seed 0, pinned (every third pixel) when the model was shipped: the
+    pipeline's arithmetic and its use of the random numbers do not change under refactoring."""
+    from diffused_heads.media import load_audio
+
+    torch.set_num_threads(1)
+    speech = load_audio(os.path.join(EXAMPLES, "speech.wav"))[: 6 * SAMPLES_PER_FRAME]
+    frames = pipe(identity, speech, num_inference_steps=10, generator=torch.Generator().manual_seed(0)).frames[0]
+    pinned = np.load(os.path.join(os.path.dirname(__file__), "fixtures", "builtin_frames_seed0.npy"))
+    assert frames.shape == (6, 48, 48, 3)
+    np.testing.assert_allclose(frames[:, ::3, ::3], pinned, atol=2e-4)
+    # The model's own defaults come from its config: the same frames without naming the steps.
+    assert pipe.config.num_inference_steps == 10 and pipe.config.stabilize_every == 1
+    again = pipe(identity, speech, generator=torch.Generator().manual_seed(0)).frames[0]
+    np.testing.assert_array_equal(again, frames)

@@ -12,7 +12,7 @@ from diffused_heads.hub import convert_checkpoint
 from diffused_heads.hub.convert_checkpoint import convert, derive_audio_encoder_config, derive_unet_config, main
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 
-from conftest import read_manifest, speech_like
+from helpers import read_manifest, speech_like
 from original_model import as_if_traced_on, scripted_audio_encoder, traced_unet
 
 TINY_ORIGINAL_UNET = dict(channels=16, mult=(1, 2), blocks=1, attn_levels=(1,), head_dim=8, groups=4, audio_in=40)
@@ -63,7 +63,7 @@ def test_conversion_places_every_tensor_and_matches(released, tmp_path):
 
 def test_converted_unet_equals_the_original_module(released, tmp_path):
     """Direct parity with the (eager) original, also for a batch and other timesteps."""
-    run_convert(released, tmp_path / "model", verify=False)
+    run_convert(released, tmp_path / "model", verify_models=False)
     unet = DiffusedHeadsUNetModel.from_pretrained(tmp_path / "model" / "unet").eval()
     g = torch.Generator().manual_seed(3)
     args = (
@@ -131,7 +131,12 @@ def test_push_to_hub_sends_the_folder_to_the_repository(released, tmp_path):
 
     api = FakeApi()
     _, messages = run_convert(
-        released, tmp_path / "model", push_to_hub="someone/diffused-heads", private=True, hub_api=api, verify=False
+        released,
+        tmp_path / "model",
+        push_to_hub="someone/diffused-heads",
+        private=True,
+        hub_api=api,
+        verify_models=False,
     )
     assert api.calls[0] == ("create_repo", {"repo_id": "someone/diffused-heads", "private": True, "exist_ok": True})
     name, kwargs, files = api.calls[1]

@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from diffused_heads import faces
+from diffused_heads import faces, prepare_face
 from diffused_heads.faces import (
     IdentityTemplate,
     default_template,
@@ -17,6 +17,8 @@ from diffused_heads.faces import (
     template_from_reference,
 )
 from diffused_heads.media import GREEN_BACKGROUND, MediaError, export_to_video_with_audio
+
+from helpers import logged
 
 mediapipe = pytest.importorskip("mediapipe", reason="the faces extra (mediapipe 0.10.14) is not installed")
 
@@ -33,12 +35,8 @@ def astronaut() -> PIL.Image.Image:
     return PIL.Image.fromarray(data.astronaut())
 
 
-def quiet(message):
-    pass
-
-
 def landmarks_of(image: PIL.Image.Image) -> np.ndarray:
-    return find_landmarks(image, log=quiet)
+    return find_landmarks(image)
 
 
 def assert_on_template(points: np.ndarray, template: np.ndarray):
@@ -78,7 +76,7 @@ def test_similarity_transform_recovers_rotation_scale_and_shift():
 @pytest.mark.parametrize("photo", [hopper, astronaut])
 def test_prepared_frame_puts_the_face_on_the_template_and_the_background_green(photo):
     image = photo()
-    frame = prepare_identity(image, log=quiet)
+    frame = prepare_identity(image)
     assert frame.size == (128, 128) and frame.mode == "RGB"
     found, template = landmarks_of(frame), default_template().scaled(128)
     assert_on_template(found, template)
@@ -103,9 +101,9 @@ def turned_scaled_shifted(image: PIL.Image.Image, case: str) -> PIL.Image.Image:
 
 @pytest.mark.parametrize("case", ["90", "180", "270", "scaled", "shifted"])
 def test_the_same_photo_turned_scaled_or_shifted_gives_the_same_frame(case):
-    messages = []
-    reference = landmarks_of(prepare_identity(hopper(), log=quiet))
-    moved = prepare_identity(turned_scaled_shifted(hopper(), case), log=messages.append)
+    reference = landmarks_of(prepare_identity(hopper()))
+    with logged() as messages:
+        moved = prepare_identity(turned_scaled_shifted(hopper(), case))
     assert np.abs(landmarks_of(moved) - reference).max() < 2.0
     if case in ("90", "180", "270"):
         assert any(f"turned by {case} degrees" in m or "turned by" in m for m in messages), messages
@@ -115,37 +113,37 @@ def test_several_faces_use_the_largest_and_say_how_many():
     group = PIL.Image.new("RGB", (1000, 620), (200, 200, 200))
     group.paste(astronaut().resize((400, 400)), (0, 100))
     group.paste(hopper(), (470, 10))
-    messages = []
-    frame = prepare_identity(group, log=messages.append)
+    with logged() as messages:
+        frame = prepare_identity(group)
     assert any("shows 2 faces; using the largest" in m for m in messages), messages
-    np.testing.assert_allclose(landmarks_of(frame), landmarks_of(prepare_identity(hopper(), log=quiet)), atol=2.0)
-    second = prepare_identity(group, face=1, log=quiet)
-    np.testing.assert_allclose(landmarks_of(second), landmarks_of(prepare_identity(astronaut(), log=quiet)), atol=2.0)
+    np.testing.assert_allclose(landmarks_of(frame), landmarks_of(prepare_identity(hopper())), atol=2.0)
+    second = prepare_identity(group, face=1)
+    np.testing.assert_allclose(landmarks_of(second), landmarks_of(prepare_identity(astronaut())), atol=2.0)
     with pytest.raises(MediaError, match="face 2 was asked for, but the photo shows 2"):
-        prepare_identity(group, face=2, log=quiet)
+        prepare_identity(group, face=2)
 
 
 def test_no_face_is_one_clear_error():
     gradient = np.tile(np.linspace(0, 255, 300, dtype=np.uint8)[None, :, None], (200, 1, 3))
     with pytest.raises(MediaError, match="no face found in the photo"):
-        prepare_identity(PIL.Image.fromarray(gradient), log=quiet)
+        prepare_identity(PIL.Image.fromarray(gradient))
 
 
 def test_small_and_cut_faces_give_a_warning_and_a_frame():
     canvas = PIL.Image.new("RGB", (1600, 1200), (120, 120, 120))
     small = canvas.copy()
     small.paste(hopper().resize((130, 152)), (700, 500))  # 31 px between the outer eye corners
-    messages = []
-    frame = prepare_identity(small, log=messages.append)
+    with logged() as messages:
+        frame = prepare_identity(small)
     assert frame.size == (128, 128) and any("the face is small (31 px" in m for m in messages), messages
     tiny = canvas.copy()
     tiny.paste(hopper().resize((90, 105)), (700, 500))  # too small to be found: one clear error
     with pytest.raises(MediaError, match="no face found"):
-        prepare_identity(tiny, log=quiet)
+        prepare_identity(tiny)
     photo = hopper()
     cut = photo.crop((0, 0, photo.width, 330))  # cut just below the nose
-    messages.clear()
-    frame = prepare_identity(cut, log=messages.append)
+    with logged() as messages:
+        frame = prepare_identity(cut)
     assert frame.size == (128, 128) and any("cut by the photo's edge" in m for m in messages), messages
     bottom = np.asarray(frame, np.float32)[-8:]
     assert np.linalg.norm(bottom - np.array(GREEN_BACKGROUND), axis=-1).mean() < 12  # filled with the background
@@ -162,7 +160,7 @@ def test_image_modes_and_sizes(mode, tmp_path):
         photo = photo.convert(mode)
     path = tmp_path / ("photo.jpg" if mode in ("CMYK", "huge") else "photo.png")
     photo.save(path)
-    frame = prepare_identity(str(path), log=quiet)
+    frame = prepare_identity(str(path))
     assert frame.size == (128, 128) and frame.mode == "RGB"
     # A working, aligned frame (grey photos give the detector less to go on: within 3 px on average).
     distances = np.linalg.norm(landmarks_of(frame) - default_template().scaled(128), axis=1)
@@ -183,14 +181,14 @@ def test_video_frames_use_smoothed_landmarks(tmp_path):
         frames.append(np.asarray(shifted))
     video = tmp_path / "clip.mp4"
     export_to_video_with_audio(np.stack(frames), None, str(video), size=None)
-    frame = prepare_identity(str(video), frame=0, log=quiet)
+    frame = prepare_identity(str(video), frame=0)
     # Aligned on the mean of the 7 frames' points, the chosen frame is off by its own shake (up to 3 px of the
     # photo, 1 px of the frame) on top of the face's own fit residual.
     distances = np.linalg.norm(landmarks_of(frame) - default_template().scaled(128), axis=1)
     assert np.sqrt((distances**2).mean()) < 2.5, distances
     decoded = faces.read_video_frames(str(video), start=0, count=7)
     np.testing.assert_allclose(
-        faces.smoothed_video_landmarks(decoded, log=quiet), np.mean([landmarks_of(f) for f in decoded], axis=0)
+        faces.smoothed_video_landmarks(decoded), np.mean([landmarks_of(f) for f in decoded], axis=0)
     )
 
 
@@ -198,7 +196,7 @@ def test_a_reference_frame_calibrates_the_template(tmp_path):
     custom = IdentityTemplate(
         points=[tuple(p) for p in (default_template().scaled(128) - 64) * 0.8 + 64], background=(20, 200, 90)
     )
-    reference = prepare_identity(hopper(), template=custom, log=quiet)
+    reference = prepare_identity(hopper(), template=custom)
     reference.save(tmp_path / "reference.png")
     measured = template_from_reference(str(tmp_path / "reference.png"))
     assert_on_template(np.asarray(measured.points), np.asarray(custom.points))
@@ -207,7 +205,7 @@ def test_a_reference_frame_calibrates_the_template(tmp_path):
     measured.save(tmp_path)
     loaded = faces.model_template(str(tmp_path))
     assert loaded.points == measured.points and loaded.background == measured.background
-    frame = prepare_identity(astronaut(), template=loaded, log=quiet)
+    frame = prepare_identity(astronaut(), template=loaded)
     assert_on_template(landmarks_of(frame), np.asarray(custom.points))
 
 
@@ -216,9 +214,9 @@ def test_without_the_extra_face_preparation_says_what_to_install(monkeypatch, tm
     monkeypatch.setattr(faces.FaceModels, "_shared", None)
     assert not faces.faces_available()
     with pytest.raises(MediaError, match=r"pip install \"diffused-heads-diffusers\[faces\]\""):
-        prepare_identity(hopper(), log=quiet)
+        prepare_identity(hopper())
     hopper().save(tmp_path / "photo.png")
-    assert faces.main(["--image", str(tmp_path / "photo.png"), "--output", str(tmp_path / "out.png")]) == 1
+    assert prepare_face.main(["--image", str(tmp_path / "photo.png"), "--output", str(tmp_path / "out.png")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: face preparation needs the faces extra")
     assert not (tmp_path / "out.png").exists()
@@ -228,14 +226,14 @@ def test_prepare_face_command(tmp_path, capsys):
     hopper().save(tmp_path / "photo.jpg")
     out = tmp_path / "prepared.png"
     args = ["--image", str(tmp_path / "photo.jpg"), "--output", str(out), "--background", "0,0,255", "--size", "96"]
-    assert faces.main(args) == 0
+    assert prepare_face.main(args) == 0
     frame = PIL.Image.open(out)
     assert frame.size == (96, 96)
     corner = np.asarray(frame.convert("RGB"), np.float32)[:8, :8]
     assert np.linalg.norm(corner - (0, 0, 255), axis=-1).mean() < 12
-    assert faces.main(args) == 1 and "exists" in capsys.readouterr().err
+    assert prepare_face.main(args) == 1 and "exists" in capsys.readouterr().err
     kept = tmp_path / "kept.png"
-    assert faces.main(["--image", str(tmp_path / "photo.jpg"), "--output", str(kept), "--keep-background"]) == 0
+    assert prepare_face.main(["--image", str(tmp_path / "photo.jpg"), "--output", str(kept), "--keep-background"]) == 0
     assert np.linalg.norm(np.asarray(PIL.Image.open(kept), np.float32)[:8, :8] - GREEN_BACKGROUND, axis=-1).mean() > 40
 
 
@@ -257,7 +255,7 @@ def test_generate_prepares_a_photo_and_not_a_ready_crop(tmp_path, capsys):
     hopper().save(tmp_path / "photo.jpg")
     assert generate(tmp_path, "--image", tmp_path / "photo.jpg", "--save-prepared", tmp_path / "used.png") == 0
     assert "note: prepared the face" in capsys.readouterr().err
-    expected = prepare_identity(str(tmp_path / "photo.jpg"), log=quiet)
+    expected = prepare_identity(str(tmp_path / "photo.jpg"))
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "used.png")), np.asarray(expected))
 
     assert (
@@ -265,7 +263,7 @@ def test_generate_prepares_a_photo_and_not_a_ready_crop(tmp_path, capsys):
         == 0
     )
     assert "prepared the face" not in capsys.readouterr().err
-    raw = load_identity_frame(str(tmp_path / "photo.jpg"), log=quiet)
+    raw = load_identity_frame(str(tmp_path / "photo.jpg"))
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "raw.png")), np.asarray(raw))
 
     # The built-in model's own drawn example is a ready crop (a face on the training green): used as it is.
@@ -301,7 +299,7 @@ def test_generate_uses_the_models_template_and_warns_without_the_extra(tmp_path,
 def test_the_converter_stores_a_template_measured_on_a_reference_clip(tmp_path):
     from test_convert import TINY_ORIGINAL_ENCODER, TINY_ORIGINAL_UNET
 
-    from diffused_heads.hub.convert_checkpoint import main as convert
+    from diffused_heads.convert import main as convert
 
     from original_model import scripted_audio_encoder, traced_unet
 
@@ -310,7 +308,7 @@ def test_the_converter_stores_a_template_measured_on_a_reference_clip(tmp_path):
     custom = IdentityTemplate(
         points=[tuple(p) for p in (default_template().scaled(128) - 64) * 0.85 + 64], background=(30, 190, 70)
     )
-    frame = np.asarray(prepare_identity(hopper(), template=custom, log=quiet))
+    frame = np.asarray(prepare_identity(hopper(), template=custom))
     export_to_video_with_audio(np.stack([frame] * 8), None, str(tmp_path / "clip.mp4"), size=None)
     args = ["--unet", tmp_path / "crema_script.pt", "--audio-encoder", tmp_path / "audio_encoder.pt"]
     args += ["--output-dir", tmp_path / "model", "--reference-video", tmp_path / "clip.mp4"]
@@ -341,9 +339,7 @@ def test_generate_batch_prepares_photos_as_generate_does(tmp_path):
     job = Job(0, str(tmp_path / "photo.jpg"), str(tmp_path / "speech.wav"), str(tmp_path / "out.mp4"), seed=0)
     options = dict(model=None, random_frame=False)
     identity, _ = prepare_job(job, argparse.Namespace(no_prepare=False, **options))
-    expected = prepare_identity(str(tmp_path / "photo.jpg"), log=quiet)
+    expected = prepare_identity(str(tmp_path / "photo.jpg"))
     np.testing.assert_array_equal(np.asarray(identity), np.asarray(expected))
     raw, _ = prepare_job(job, argparse.Namespace(no_prepare=True, **options))
-    np.testing.assert_array_equal(
-        np.asarray(raw), np.asarray(load_identity_frame(str(tmp_path / "photo.jpg"), log=quiet))
-    )
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(load_identity_frame(str(tmp_path / "photo.jpg"))))

@@ -9,8 +9,11 @@ import PIL.Image
 import pytest
 import soundfile
 
-from diffused_heads import generate
+from diffused_heads import generate, runtime
+from diffused_heads.errors import ArgumentError
 from diffused_heads.media import MediaError, export_to_video_with_audio, load_audio, load_identity_frame, save_frames
+
+from helpers import logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,7 +76,7 @@ def test_audio_formats_rates_and_channels(kind, rate, channels, tmp_path):
         write_with_av(path, samples, rate, "aac", "mp4", with_video=True)
     else:
         write_with_av(path, samples, rate, "libopus", "webm")
-    audio = load_audio(str(path), log=lambda m: None)
+    audio = load_audio(str(path))
     assert audio.dtype == np.float32 and audio.ndim == 1
     # Lossy codecs add priming samples; the length stays within 0.1 s of one second.
     assert abs(len(audio) - 16000) <= 1600
@@ -84,19 +87,20 @@ def test_audio_formats_rates_and_channels(kind, rate, channels, tmp_path):
 def test_start_duration_and_silence_warnings(tmp_path):
     path = tmp_path / "long.wav"
     soundfile.write(path, sine(16000, seconds=10.0), 16000)
-    messages = []
-    part = load_audio(str(path), start=1.0, duration=0.5, log=messages.append)
-    assert len(part) == 8000 and not messages
-    assert len(load_audio(str(path), log=messages.append)) == 160000 and not messages  # length is the model's call
+    with logged() as messages:
+        part = load_audio(str(path), start=1.0, duration=0.5)
+        assert len(part) == 8000 and not messages
+        assert len(load_audio(str(path))) == 160000 and not messages  # length is the model's call
     silent = tmp_path / "silent.wav"
     soundfile.write(silent, np.zeros((16000, 1), np.float32), 16000)
-    assert len(load_audio(str(silent), log=messages.append)) == 16000
+    with logged() as messages:
+        assert len(load_audio(str(silent))) == 16000
     assert messages == [f"warning: {silent} is silent; the face will not speak"]
     # Only the selected part is silent: the warning names that part, not the whole file.
     gap = tmp_path / "gap.wav"
     soundfile.write(gap, np.concatenate([sine(16000, 1.0)[:, 0], np.zeros(16000, np.float32)]), 16000)
-    messages.clear()
-    load_audio(str(gap), start=1.25, duration=0.5, log=messages.append)
+    with logged() as messages:
+        load_audio(str(gap), start=1.25, duration=0.5)
     assert messages == [f"warning: the part of {gap} from 1.25s to 1.75s is silent; the face will not speak"]
 
 
@@ -120,7 +124,7 @@ def test_bad_audio(content, message, tmp_path):
     elif content is not None:
         path.write_bytes(content)
     with pytest.raises(MediaError, match=message):
-        load_audio(str(path), log=lambda m: None)
+        load_audio(str(path))
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "P", "LA", "I;16"])
@@ -137,11 +141,11 @@ def test_identity_frame_modes_and_formats(mode, ext, tmp_path):
     )
     path = tmp_path / f"face.{ext}"
     image.save(path)
-    messages = []
-    frame = load_identity_frame(str(path), log=messages.append)
+    with logged() as messages:
+        frame = load_identity_frame(str(path))
     assert frame.mode == "RGB" and frame.size == (40, 40)
     assert any("centre-cropped" in m for m in messages)
-    assert load_identity_frame(str(path), resize="stretch", log=messages.append).size == (60, 40)
+    assert load_identity_frame(str(path), resize="stretch").size == (60, 40)
 
 
 def test_transparent_pixels_become_the_training_background(tmp_path):
@@ -263,7 +267,7 @@ def test_written_video_gets_the_mode_open_would_give(umask, mode, tmp_path):
 
 @pytest.fixture
 def tiny_model(tmp_path_factory):
-    from conftest import tiny_pipeline
+    from helpers import tiny_pipeline
 
     folder = tmp_path_factory.mktemp("model")
     tiny_pipeline().save_pretrained(folder)
@@ -416,13 +420,13 @@ def test_generate_passes_its_options_to_the_pipeline(tiny_model, tmp_path, monke
     from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
     calls = []
-    real_call = DiffusedHeadsPipeline.__call__
+    real_stream = DiffusedHeadsPipeline.stream
 
-    def recording_call(self, *args, **kwargs):
+    def recording_stream(self, *args, **kwargs):
         calls.append(kwargs)
-        return real_call(self, *args, **kwargs)
+        return real_stream(self, *args, **kwargs)
 
-    monkeypatch.setattr(DiffusedHeadsPipeline, "__call__", recording_call)
+    monkeypatch.setattr(DiffusedHeadsPipeline, "stream", recording_stream)
     sound = tmp_path / "speech.wav"
     soundfile.write(sound, sine(16000, seconds=0.3), 16000)
     common = ("--model", tiny_model, "--audio", sound, "--steps", 2)
@@ -469,10 +473,10 @@ def test_non_square_images_are_cropped_at_the_centre(size, tmp_path):
     image.paste((0, 0, 255), (left, top, left + side, top + side))  # the centre square is blue, the rest red
     path = tmp_path / "face.png"
     image.save(path)
-    frame = np.asarray(load_identity_frame(str(path), log=lambda m: None))
+    frame = np.asarray(load_identity_frame(str(path)))
     assert frame.shape == (side, side, 3)
     assert (frame == (0, 0, 255)).all()
-    stretched = np.asarray(load_identity_frame(str(path), resize="stretch", log=lambda m: None))
+    stretched = np.asarray(load_identity_frame(str(path), resize="stretch"))
     assert stretched.shape == (height, width, 3)
 
 
@@ -480,16 +484,16 @@ def test_default_threads_leave_out_the_cores_others_keep_busy(monkeypatch):
     import torch
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(generate, "busy_cores", lambda: 0.0)
-    assert generate.configure_threads() == cores == torch.get_num_threads()
-    assert generate.configure_threads(processes_per_node=cores) == 1
-    monkeypatch.setattr(generate, "busy_cores", lambda: float(cores))
-    assert generate.configure_threads() == 1
-    monkeypatch.setattr(generate, "busy_cores", lambda: None)  # not measurable: all of this process's share
-    assert generate.configure_threads() == cores
-    assert generate.configure_threads(3) == 3 == torch.get_num_threads()
-    with pytest.raises(generate.UsageError, match="--threads must be at least 1"):
-        generate.configure_threads(0)
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0.0)
+    assert runtime.configure_threads() == cores == torch.get_num_threads()
+    assert runtime.configure_threads(processes_per_node=cores) == 1
+    monkeypatch.setattr(runtime, "busy_cores", lambda: float(cores))
+    assert runtime.configure_threads() == 1
+    monkeypatch.setattr(runtime, "busy_cores", lambda: None)  # not measurable: all of this process's share
+    assert runtime.configure_threads() == cores
+    assert runtime.configure_threads(3) == 3 == torch.get_num_threads()
+    with pytest.raises(ArgumentError, match="threads must be at least 1"):
+        runtime.configure_threads(0)
     monkeypatch.undo()
-    measured = generate.busy_cores(interval=0.05)
+    measured = runtime.busy_cores(interval=0.05)
     assert measured is None or 0.0 <= measured <= os.cpu_count()

@@ -19,7 +19,7 @@ import diffused_heads
 from diffused_heads import cli
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
-from conftest import ROOT, speech_like, tiny_pipeline
+from helpers import ROOT, speech_like, tiny_pipeline
 
 DISTRIBUTION = "diffused-heads-diffusers"
 
@@ -30,6 +30,7 @@ def run_python(code: str, cwd, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=environment)
 
 
+@pytest.mark.slow
 def test_the_only_installed_top_level_name_is_diffused_heads(tmp_path):
     assert metadata.distribution(DISTRIBUTION).read_text("top_level.txt").split() == ["diffused_heads"]
     names = ["media", "unet", "audio_encoder", "pipeline_diffused_heads", "generate", "convert_checkpoint", "builtin"]
@@ -39,6 +40,7 @@ def test_the_only_installed_top_level_name_is_diffused_heads(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_public_names_import_from_any_folder(tmp_path):
     code = (
         "from diffused_heads import (DiffusedHeadsPipeline, DiffusedHeadsUNetModel, DiffusedHeadsAudioEncoder, "
@@ -53,6 +55,7 @@ def test_public_names_import_from_any_folder(tmp_path):
     assert result.stdout.split() == ["diffused_heads.hub.unet.unet_diffused_heads", "True", "True", "True"]
 
 
+@pytest.mark.slow
 def test_command_lists_its_subcommands(tmp_path):
     result = subprocess.run(["diffused-heads", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -142,6 +145,7 @@ def assert_loads_as_remote_code_without_the_package(folder, tmp_path, expected_f
     np.testing.assert_allclose(loaded_frames, expected_frames, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_saved_folder_holds_only_model_code_and_loads_without_the_package(tmp_path):
     pipe = tiny_pipeline()
     folder = tmp_path / "saved"
@@ -155,6 +159,7 @@ def test_saved_folder_holds_only_model_code_and_loads_without_the_package(tmp_pa
     assert_loads_as_remote_code_without_the_package(folder, tmp_path, frames_of(pipe))
 
 
+@pytest.mark.slow
 def test_builtin_model_loads_both_ways(tmp_path):
     path = diffused_heads.builtin_model_path()
     assert json.load(open(os.path.join(path, "model_index.json")))["trained_clip_seconds"] == 3.2
@@ -163,7 +168,7 @@ def test_builtin_model_loads_both_ways(tmp_path):
     assert local.config.trained_clip_seconds == 3.2
     remote = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     assert type(remote).__name__ == "DiffusedHeadsPipeline" and type(remote) is not DiffusedHeadsPipeline
-    identity = np.asarray(diffused_heads.load_identity_frame(diffused_heads.example_image_path(), log=lambda m: 0))
+    identity = np.asarray(diffused_heads.load_identity_frame(diffused_heads.example_image_path()))
     generator = torch.Generator().manual_seed(0)
     for pipe in (local, remote):
         pipe.set_progress_bar_config(disable=True)

@@ -12,9 +12,9 @@ from diffusers import (
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, scheduler_uses_variance
 
-from conftest import ddpm_scheduler, speech_like, tiny_audio_encoder, tiny_pipeline, tiny_unet
+from helpers import ddpm_scheduler, speech_like, tiny_audio_encoder, tiny_pipeline, tiny_unet
 
 
 class RecordingUNet(torch.nn.Module):
@@ -103,7 +103,7 @@ def test_output_is_the_final_sample_mapped_to_0_1_and_clipped(identity_image):
 
     def keep(p, step, t, kwargs):
         if step % 3 == 2:
-            finals.append(kwargs["latents"].clone())
+            finals.append(kwargs["frame_latents"].clone())
         return kwargs
 
     out = run(pipe, identity_image, output_type="pt", callback_on_step_end=keep)
@@ -118,7 +118,7 @@ def test_latents_returned_by_the_callback_replace_the_sample(identity_image):
     steps = 3
 
     def blank_last_step(p, step, t, kwargs):
-        return {"latents": torch.zeros_like(kwargs["latents"])} if step % steps == steps - 1 else kwargs
+        return {"frame_latents": torch.zeros_like(kwargs["frame_latents"])} if step % steps == steps - 1 else kwargs
 
     out = run(pipe, identity_image, num_inference_steps=steps, callback_on_step_end=blank_last_step)
     assert np.array_equal(out.frames, np.full_like(out.frames, 0.5))
@@ -135,7 +135,7 @@ def test_frame_loop_conditioning(identity_image):
 
     def keep_final(p, step, t, kwargs):
         if step % steps == steps - 1:
-            finals.append(kwargs["latents"].clone())
+            finals.append(kwargs["frame_latents"].clone())
         return kwargs
 
     audio = speech_like(0.3)
@@ -223,7 +223,7 @@ def test_v_prediction_models_work_with_every_scheduler(name, identity_image):
     pipe.set_progress_bar_config(disable=True)
     out = run(pipe, identity_image, num_inference_steps=20, output_type="pt")
     assert (out.frames - ((unet.x0 + 1) / 2)[0]).abs().max() < 1e-3, name
-    assert pipe._learns_variance == (name == "ddpm")
+    assert scheduler_uses_variance(pipe.scheduler) == (name == "ddpm")
 
 
 @pytest.mark.parametrize("name", list(SWAPS))
@@ -233,7 +233,7 @@ def test_scheduler_swaps_on_a_random_unet(name, identity_image):
     pipe.scheduler = SWAPS[name](pipe.scheduler.config)
     out = run(pipe, identity_image, num_inference_steps=5)
     assert np.isfinite(out.frames).all() and 0.0 <= out.frames.min() and out.frames.max() <= 1.0
-    assert not pipe._learns_variance  # only DDPM uses the variance channels
+    assert not scheduler_uses_variance(pipe.scheduler)  # only DDPM uses the variance channels
 
 
 def warnings_of(pipe, identity_image, **kwargs) -> str:
@@ -418,7 +418,7 @@ def test_half_precision_keeps_the_precision_sensitive_parts_in_float32(identity_
     dtypes = []
 
     def record(p, step, t, kwargs):
-        dtypes.append(kwargs["latents"].dtype)
+        dtypes.append(kwargs["frame_latents"].dtype)
         return kwargs
 
     half = run(
@@ -471,3 +471,100 @@ def test_stabilize_every_defaults_to_the_models_own_setting(identity_image, tmp_
     assert not any(torch.equal(older, identity) for older in switched_off[2:])
     with pytest.raises(ValueError, match="stabilize_every must be None, 0"):
         run(pipe, identity_image, stabilize_every=-1)
+
+
+# --- frames one by one, and the diffusers call conventions ---
+
+
+def test_stream_yields_each_frame_as_it_is_made_and_the_call_collects_them(identity_image):
+    recorder = RecordingUNet(tiny_unet())
+    pipe = tiny_pipeline(unet=recorder)
+    whole = run(pipe, identity_image, speech_like(0.3))
+    recorder.calls.clear()
+    arrivals = []
+    stream = pipe.stream(
+        identity_image, speech_like(0.3), num_inference_steps=3, generator=torch.Generator().manual_seed(0)
+    )
+    for output in stream:
+        arrivals.append((output.frame_index, len(recorder.calls)))
+        assert output.frames.shape == (1, 16, 16, 3) and output.num_frames == [whole.frames.shape[1]]
+        np.testing.assert_array_equal(output.frames[0], whole.frames[0, output.frame_index])
+        np.testing.assert_array_equal(output.audio[0], whole.audio[0])
+    # Frame k arrives once its own 3 steps are done, before any step of frame k + 1.
+    assert arrivals == [(k, 3 * (k + 1)) for k in range(whole.frames.shape[1])]
+    assert pipe.num_timesteps == 3
+
+
+def test_one_generator_draws_the_noise_of_the_whole_batch_at_once(identity_image):
+    """The noise is drawn frame by frame, but with the values one draw of `(batch, frames, 3, H, W)` gives, and the
+    scheduler's own noise comes after them: the reference draws them up front and passes them as `latents`."""
+    pipe = tiny_pipeline()
+    clips = [speech_like(0.2, seed=1), speech_like(0.3, seed=2)]
+    drawn = run(pipe, [identity_image, identity_image], clips, generator=torch.Generator().manual_seed(5)).frames
+    generator = torch.Generator().manual_seed(5)
+    num_frames = (int(0.3 * 16000) + 2560 - 3200) // 640 + 1
+    latents = torch.randn((2, num_frames, 3, 16, 16), generator=generator)
+    given = run(pipe, [identity_image, identity_image], clips, latents=latents, generator=generator).frames
+    for a, b in zip(drawn, given):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_generator_per_video_gives_each_video_as_a_lone_run_does(identity_image):
+    pipe = tiny_pipeline()
+    clips = [speech_like(0.2, seed=1), speech_like(0.3, seed=2)]
+    together = run(pipe, [identity_image] * 2, clips, generator=[torch.Generator().manual_seed(k) for k in (3, 4)])
+    for k, seed in enumerate((3, 4)):
+        alone = run(pipe, identity_image, clips[k], generator=torch.Generator().manual_seed(seed)).frames[0]
+        assert together.frames[k].shape == alone.shape
+        # Batched arithmetic may differ from a lone run's in the last bits only.
+        np.testing.assert_allclose(together.frames[k], alone, atol=1e-4)
+
+
+def test_interrupt_stops_after_the_current_frame(identity_image):
+    pipe = tiny_pipeline()
+
+    def stop_in_frame_two(pipeline, step, timestep, callback_kwargs):
+        if step // pipeline.num_timesteps == 1:
+            pipeline._interrupt = True
+        return callback_kwargs
+
+    out = run(pipe, identity_image, speech_like(0.3), callback_on_step_end=stop_in_frame_two)
+    full = run(pipe, identity_image, speech_like(0.3))
+    assert out.frames.shape[1] == 2 and full.frames.shape[1] > 2
+    np.testing.assert_array_equal(out.frames[0], full.frames[0, :2])
+    assert not pipe.interrupt or run(pipe, identity_image).frames.shape[1] > 2  # the next call starts afresh
+
+
+def test_callback_tensor_inputs_are_the_named_tensors(identity_image):
+    recorder = RecordingUNet(tiny_unet())
+    pipe = tiny_pipeline(unet=recorder)
+    seen = []
+
+    def record(pipeline, step, timestep, callback_kwargs):
+        seen.append({name: value.clone() for name, value in callback_kwargs.items()})
+        return {}
+
+    names = ["frame_latents", "identity_frames", "motion_frames", "audio_context"]
+    run(
+        pipe,
+        identity_image,
+        num_inference_steps=2,
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=names,
+    )
+    assert all(set(kwargs) == set(names) for kwargs in seen)
+    first_call = recorder.calls[0]
+    torch.testing.assert_close(seen[0]["identity_frames"], first_call["identity"])
+    torch.testing.assert_close(seen[0]["motion_frames"], first_call["motion"])
+    torch.testing.assert_close(seen[0]["audio_context"], first_call["audio"])
+    assert seen[0]["frame_latents"].shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        run(pipe, identity_image, callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents"])
+
+
+def test_the_model_config_gives_the_default_steps(identity_image):
+    recorder = RecordingUNet(tiny_unet())
+    pipe = tiny_pipeline(unet=recorder)
+    pipe.register_to_config(num_inference_steps=4)
+    run(pipe, identity_image, speech_like(0.05), num_inference_steps=None)
+    assert len(recorder.calls) == 4 * 1

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from conftest import ddpm_scheduler
+from helpers import ddpm_scheduler
 
 
 def released_schedule(num_steps):

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline
 
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
-from conftest import speech_like, tiny_pipeline
+from helpers import speech_like, tiny_pipeline
 
 
 def frames(pipe, identity):
@@ -84,3 +84,58 @@ def test_repository_root_is_a_model_folder_without_weights():
         for cls, folder in ((DiffusedHeadsUNetModel, "unet"), (DiffusedHeadsAudioEncoder, "audio_encoder")):
             stored = cls.from_config(cls.load_config(os.path.join(root, folder)))
             assert stored.to_json_string() == cls().to_json_string(), folder
+
+
+def test_every_diffusers_loading_keyword_reaches_the_components(tmp_path, identity_image):
+    """The package's class loads through diffusers' own `from_pretrained`: its keywords work, and the components
+    are the package's classes (no remote code is run)."""
+    pipe = tiny_pipeline()
+    expected = frames(pipe, identity_image)
+    pipe.save_pretrained(tmp_path / "plain")
+    pipe.save_pretrained(tmp_path / "variant", variant="fp16")
+    pipe.save_pretrained(tmp_path / "bin", safe_serialization=False)
+    unet_class = type(pipe.unet)
+
+    eager = DiffusedHeadsPipeline.from_pretrained(tmp_path / "plain", low_cpu_mem_usage=False)
+    lazy = DiffusedHeadsPipeline.from_pretrained(tmp_path / "plain", low_cpu_mem_usage=True, device_map="cpu")
+    for loaded in (eager, lazy):
+        assert type(loaded.unet) is unet_class and not loaded.unet.device.type == "meta"
+        np.testing.assert_allclose(frames(loaded, identity_image), expected, atol=1e-5, rtol=0)
+
+    assert os.path.isfile(tmp_path / "variant" / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    with_variant = DiffusedHeadsPipeline.from_pretrained(tmp_path / "variant", variant="fp16")
+    np.testing.assert_allclose(frames(with_variant, identity_image), expected, atol=1e-5, rtol=0)
+
+    # use_safetensors=True refuses a folder of pickles; False reads them.
+    try:
+        DiffusedHeadsPipeline.from_pretrained(tmp_path / "bin", use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as error:
+        assert "safetensors" in str(error)
+    else:
+        raise AssertionError("use_safetensors=True loaded a folder without safetensors")
+    from_bin = DiffusedHeadsPipeline.from_pretrained(tmp_path / "bin", use_safetensors=False)
+    np.testing.assert_allclose(frames(from_bin, identity_image), expected, atol=1e-5, rtol=0)
+
+    # Download options are accepted (they have nothing to do for a local folder).
+    DiffusedHeadsPipeline.from_pretrained(tmp_path / "plain", force_download=True, local_files_only=True)
+
+
+def test_from_pipe_shares_the_weights_and_changes_only_the_copy(tmp_path, identity_image):
+    pipe = tiny_pipeline()
+    pipe.register_to_config(stabilize_every=2, num_inference_steps=3)
+    ddim = type(pipe).from_pipe(
+        pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    )
+    assert ddim.unet is pipe.unet and ddim.audio_encoder is pipe.audio_encoder
+    assert isinstance(ddim.scheduler, DDIMScheduler) and not isinstance(pipe.scheduler, DDIMScheduler)
+    assert (ddim.config.stabilize_every, ddim.config.num_inference_steps) == (2, 3)
+
+    from diffused_heads import runtime
+
+    unipc = runtime.with_scheduler(pipe, "unipc")
+    assert type(unipc.scheduler).__name__ == "UniPCMultistepScheduler"
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler" and unipc.unet is pipe.unet
+    assert runtime.with_scheduler(pipe, None) is pipe
+    overridden = runtime.with_scheduler(pipe, None, variance_type="fixed_small")
+    assert overridden.scheduler.config.variance_type == "fixed_small"
+    assert pipe.scheduler.config.variance_type == "learned_range"

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import soundfile
 
+from diffused_heads import make_dataset
 from diffused_heads import synthetic_data as data
 from diffused_heads.evaluate import mouth_opening, pearson
 
@@ -51,7 +52,7 @@ def test_eval_split_uses_other_voices_and_identities(tmp_path):
     assert not set(data.TRAIN_VOICES) & set(data.EVAL_VOICES)
     for split in ("train", "eval"):
         args = ["--output", str(tmp_path / split), "--num-clips", "1", "--size", "32", "--max-seconds", "1.2"]
-        assert data.main([*args, "--split", split, "--speech", "synthetic"]) == 0
+        assert make_dataset.main([*args, "--split", split, "--speech", "synthetic"]) == 0
     train_info = json.loads((tmp_path / "train" / "train_00000.json").read_text())
     eval_info = json.loads((tmp_path / "eval" / "eval_00000.json").read_text())
     assert train_info["style"] != eval_info["style"]
@@ -61,5 +62,5 @@ def test_eval_split_uses_other_voices_and_identities(tmp_path):
 
 
 def test_bad_arguments(capsys, tmp_path):
-    assert data.main(["--output", str(tmp_path), "--size", "15"]) == 1
+    assert make_dataset.main(["--output", str(tmp_path), "--size", "15"]) == 1
     assert "error:" in capsys.readouterr().err

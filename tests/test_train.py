@@ -11,13 +11,12 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from scipy.stats import norm
 
-from diffused_heads import synthetic_data as make_synthetic_dataset
-from diffused_heads import train
+from diffused_heads import make_dataset, train
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 from diffused_heads.train import Clip, DiffusionObjective, mouth_masks, sample_batch
 
-from conftest import TINY_ENCODER, TINY_UNET, tiny_pipeline
+from helpers import ROOT, TINY_ENCODER, TINY_UNET, tiny_pipeline
 
 T = 1000
 
@@ -216,7 +215,7 @@ def clip_folder(tmp_path_factory):
         "--speech",
         "synthetic",
     ]
-    assert make_synthetic_dataset.main(args) == 0
+    assert make_dataset.main(args) == 0
     return folder
 
 
@@ -391,3 +390,31 @@ def test_missing_data_folder(tmp_path, capsys):
         == 1
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_build_script_writes_the_shipped_model_configs(tmp_path):
+    """make_builtin_model.sh's training command, run up to the saving (no training), writes the configurations
+    of the shipped built-in model: its defaults (steps, stabilisation, sampling variance) included."""
+    import shlex
+
+    from diffused_heads import builtin_model_path
+    from diffused_heads.train import build_components, parse_args, pipeline_to_save
+
+    with open(os.path.join(ROOT, "make_builtin_model.sh"), encoding="utf-8") as f:
+        script = f.read().replace("\\\n", " ")
+    [line] = [line for line in script.splitlines() if line.startswith("diffused-heads train ")]
+    args = parse_args(shlex.split(line)[2:])
+    unet, encoder, scheduler, defaults = build_components(args)
+    # The longest clip of the data: make-dataset's default --max-seconds, which the script keeps.
+    pipeline_to_save(args, unet, encoder, scheduler, defaults, longest_clip=3.2).save_pretrained(tmp_path)
+    for name in (
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "unet/config.json",
+        "audio_encoder/config.json",
+    ):
+        built, shipped = (
+            json.loads(open(os.path.join(folder, name)).read()) for folder in (tmp_path, builtin_model_path())
+        )
+        built.pop("_diffusers_version"), shipped.pop("_diffusers_version")
+        assert built == shipped, name

@@ -6,7 +6,7 @@ import torch
 
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel, timestep_features
 
-from conftest import TINY_UNET, read_manifest, tiny_unet
+from helpers import TINY_UNET, read_manifest, tiny_unet
 
 
 def _unet_inputs(unet, batch=2, seed=0):
