@@ -477,6 +477,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         lengths = [w.shape[-1] for w in waveforms]
         # Zeros after a clip change none of its windows (the encoder pads with zeros) nor, the GRU being causal,
         # its embeddings; each clip's audio window is clamped at its own end in the loop.
+        if len(waveforms) == 1:
+            return identities, waveforms[0][None], lengths
         waveforms = torch.stack([F.pad(w, (0, max(lengths) - w.shape[-1])) for w in waveforms])
         return identities, waveforms, lengths
 

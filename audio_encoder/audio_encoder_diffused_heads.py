@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 # Windows sent through the convolution stack at once; bounds memory on very long audio.
-_CONV_CHUNK = 4096
+_CONV_CHUNK = 512
 
 
 @dataclass
@@ -146,11 +146,20 @@ class DiffusedHeadsAudioEncoder(ModelMixin, ConfigMixin):
                 f"(at least {self.config.window_length - 2 * self.padding} samples are needed)"
             )
         dtype = self.convs[0].weight.dtype
-        windows = self.windows(waveform.to(dtype))
+        windows = self.windows(waveform.to(dtype))  # a view: the windows overlap in memory
         batch, num_frames, _ = windows.shape
-        flat = windows.reshape(batch * num_frames, -1)
-        codes = torch.cat([self.encode_windows(chunk) for chunk in flat.split(_CONV_CHUNK)])
-        embeddings, _ = self.gru(codes.reshape(batch, num_frames, -1))
+        # The convolutions run on a few hundred windows at a time, so long speech needs no copy of all of them.
+        per_chunk = max(1, _CONV_CHUNK // batch)
+        codes = torch.cat(
+            [
+                self.encode_windows(windows[:, start : start + per_chunk].reshape(-1, windows.shape[-1])).reshape(
+                    batch, -1, self.config.code_size
+                )
+                for start in range(0, num_frames, per_chunk)
+            ],
+            dim=1,
+        )
+        embeddings, _ = self.gru(codes)
 
         if not return_dict:
             return (embeddings,)

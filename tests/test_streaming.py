@@ -1,0 +1,136 @@
+"""Speech of any length: frames go to the file as they are made, a live file plays while it grows and after an
+interruption, audio and video stay in step to the end, and a terminated run leaves nothing behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import av
+import numpy as np
+import pytest
+import soundfile
+
+from diffused_heads import generate
+from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
+from diffused_heads.media import VideoWriter
+
+from helpers import speech_like, tiny_pipeline
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model")
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def decoded_frames(path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def durations(path):
+    """(video end, audio end) in seconds, as the file's header gives them."""
+    with av.open(str(path)) as container:
+        video, audio = container.streams.video[0], container.streams.audio[0]
+        frames = sum(1 for _ in container.decode(video))
+        return frames / float(video.average_rate), float(audio.duration * audio.time_base)
+
+
+def test_generate_writes_each_frame_before_the_next_is_made(tiny_model, tmp_path, monkeypatch):
+    events = []
+    real_forward, real_write = DiffusedHeadsUNetModel.forward, VideoWriter.write
+
+    def forward(self, *args, **kwargs):
+        events.append("unet")
+        return real_forward(self, *args, **kwargs)
+
+    def write(self, frame):
+        events.append("write")
+        return real_write(self, frame)
+
+    monkeypatch.setattr(DiffusedHeadsUNetModel, "forward", forward)
+    monkeypatch.setattr(VideoWriter, "write", write)
+    soundfile.write(tmp_path / "speech.wav", speech_like(0.3), 16000)
+    args = ["--model", tiny_model, "--audio", tmp_path / "speech.wav", "--steps", 2, "--output", tmp_path / "o.mp4"]
+    assert generate.main([str(a) for a in args]) == 0
+    frames = decoded_frames(tmp_path / "o.mp4")
+    assert frames == (4800 + 2560 - 3200) // 640 + 1
+    assert events == ["unet", "unet", "write"] * frames
+
+
+def test_an_interrupted_live_run_leaves_a_playable_file_of_the_frames_made(tiny_model, tmp_path, monkeypatch, capsys):
+    real_write = VideoWriter.write
+    written = []
+
+    def write(self, frame):
+        if len(written) == 5:
+            raise KeyboardInterrupt  # Ctrl-C while the sixth frame is being written
+        written.append(1)
+        return real_write(self, frame)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    soundfile.write(tmp_path / "speech.wav", speech_like(1.0), 16000)
+    out = tmp_path / "live.mp4"
+    args = ["--model", tiny_model, "--audio", tmp_path / "speech.wav", "--steps", 1, "--output", out, "--live"]
+    assert generate.main([str(a) for a in args]) == 130
+    err = capsys.readouterr().err
+    assert "holds the 5 frames made so far" in err and "the frames made so far are kept" in err
+    assert decoded_frames(out) == 5
+    video_end, audio_end = durations(out)
+    # A fragmented file's audio track keeps the padding of its last AAC packets (1024 samples each).
+    assert abs(video_end - 0.2) < 1e-9 and 0 <= audio_end - 0.2 < 0.1
+    assert sorted(os.listdir(tmp_path)) == ["live.mp4", "speech.wav"]
+
+
+def test_without_live_an_interruption_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    real_write = VideoWriter.write
+
+    def write(self, frame):
+        if self.frames_written == 3:
+            raise KeyboardInterrupt
+        return real_write(self, frame)
+
+    monkeypatch.setattr(VideoWriter, "write", write)
+    soundfile.write(tmp_path / "speech.wav", speech_like(0.5), 16000)
+    args = ["--model", tiny_model, "--audio", tmp_path / "speech.wav", "--steps", 1, "--output", tmp_path / "o.mp4"]
+    assert generate.main([str(a) for a in args]) == 130
+    assert os.listdir(tmp_path) == ["speech.wav"]
+
+
+def test_audio_and_video_end_together_after_minutes(tmp_path):
+    """Three minutes of frames (tiny ones) with their speech: the last frame ends where the audio track ends,
+    and the audio is the speech itself, frame for frame."""
+    seconds, rate = 180, 16000
+    speech = (0.3 * np.sin(2 * np.pi * 220 * np.arange(seconds * rate) / rate)).astype(np.float32)
+    frames = seconds * 25
+    with VideoWriter(str(tmp_path / "long.mp4"), speech, size=None) as writer:
+        for index in range(frames):
+            writer.write(np.full((16, 16, 3), (index % 256) / 255.0, np.float32))
+    video_end, audio_end = durations(tmp_path / "long.mp4")
+    assert video_end == seconds and audio_end == seconds
+    with av.open(str(tmp_path / "long.mp4")) as container:
+        decoded = np.concatenate([f.to_ndarray().reshape(-1) for f in container.decode(audio=0)])
+    # The last second of the decoded track is the last second of the speech (AAC is lossy: a loose match).
+    tail = decoded[(seconds - 1) * rate : seconds * rate]
+    assert np.corrcoef(tail, speech[-rate:])[0, 1] > 0.99
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_run_leaves_no_partial_file(tiny_model, tmp_path):
+    soundfile.write(tmp_path / "speech.wav", speech_like(20.0), 16000)
+    command = [sys.executable, "-m", "diffused_heads", "generate", "--model", str(tiny_model)]
+    command += ["--audio", str(tmp_path / "speech.wav"), "--steps", "5", "--output", str(tmp_path / "o.mp4")]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not any(name.startswith(".partial-") for name in os.listdir(tmp_path)):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.5)  # some frames into the file
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    assert "interrupted; no output was written" in err
+    assert sorted(os.listdir(tmp_path)) == ["speech.wav"]
