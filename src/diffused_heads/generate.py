@@ -81,6 +81,19 @@ def check_args(args) -> None:
         raise ArgumentError("size", f"must be an even number of at least 16, got {args.size}")
     if not args.image and (args.frame is not None or args.random_frame):
         raise ArgumentError("frame", "and --random-frame need a video as --image")
+    # Where the extra files go is checked before anything is made.
+    if args.save_prepared:
+        folder = os.path.dirname(os.path.abspath(args.save_prepared))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ArgumentError("save_prepared", f"{args.save_prepared}: cannot write in {folder}")
+    if args.save_frames:
+        existing = (
+            args.save_frames
+            if os.path.exists(args.save_frames)
+            else os.path.dirname(os.path.abspath(args.save_frames))
+        )
+        if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+            raise ArgumentError("save_frames", f"{args.save_frames}: cannot write in {existing}")
 
 
 def frame_progress(total: int, desc: str = "generating"):

@@ -9,13 +9,7 @@ import json
 import os
 import sys
 
-import numpy as np
-import soundfile
-from tqdm.auto import tqdm
-
 from .cli_utils import HelpFormatter, run_command
-from .media import SAMPLING_RATE, export_to_video_with_audio
-from .synthetic_data import EVAL_VOICES, TRAIN_VOICES, espeak_available, make_clip, make_examples
 
 
 def parse_args(argv=None):
@@ -43,6 +37,13 @@ def parse_args(argv=None):
 
 
 def run(args) -> int:
+    import numpy as np
+    import soundfile
+    from tqdm.auto import tqdm
+
+    from .media import SAMPLING_RATE, export_to_video_with_audio
+    from .synthetic_data import EVAL_VOICES, TRAIN_VOICES, espeak_available, make_clip, make_examples
+
     if args.examples:
         make_examples(args.output)
         print(f"wrote the example identity image and speech to {args.output}")

@@ -10,8 +10,9 @@ import logging
 import os
 import random
 import tempfile
+import warnings
 from fractions import Fraction
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -76,15 +77,66 @@ def square(image: PIL.Image.Image, resize: str = "crop") -> PIL.Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def read_image(path: str) -> PIL.Image.Image:
-    """An image file as 8-bit RGB, upright, whatever its mode (see `to_rgb`); `MediaError` if it is none."""
-    _check_file(path, "image")
+# Larger images are refused before they are decoded (a small file can hold a huge picture).
+MAX_PIXELS = 100_000_000
+
+
+def _decode_image(path: str, max_pixels: int):
+    """`(RGB image, None)`, or `(None, why)` when the file is no image; `MediaError` for one with too many pixels,
+    which is found from the header, before anything is decoded."""
     try:
-        with PIL.Image.open(path) as opened:
-            opened.load()
-            return to_rgb(opened)
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise MediaError(f"{path} is not an image that can be read ({error})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)  # the limit is checked here
+            with PIL.Image.open(path) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise MediaError(
+                        f"{path} has {width}x{height} pixels, more than the {max_pixels / 1e6:g} million read here"
+                    )
+                opened.load()
+                return to_rgb(opened), None
+    except PIL.Image.DecompressionBombError as error:
+        raise MediaError(f"{path} has more than the {max_pixels / 1e6:g} million pixels read here ({error})") from None
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, MediaError):
+            raise
+        return None, str(error)
+
+
+def picture_size(path: str) -> Optional[Tuple[int, int]]:
+    """The width and height of an image, or of a video's frames, from the file's header (nothing is decoded);
+    None for a file that is neither."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            with PIL.Image.open(path) as opened:
+                return opened.size
+    except PIL.Image.DecompressionBombError:
+        with open(path, "rb") as f:  # the header again, past Pillow's own limit
+            return _png_or_none_size(f.read(32))
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        pass
+    try:
+        with _video_stream(path) as (_, stream):
+            return stream.codec_context.width, stream.codec_context.height
+    except MediaError:
+        return None
+
+
+def _png_or_none_size(header: bytes) -> Optional[Tuple[int, int]]:
+    if header[:8] == b"\x89PNG\r\n\x1a\n" and header[12:16] == b"IHDR":
+        return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+    return (1 << 15, 1 << 15)  # too large for Pillow's own limit, whatever its exact size
+
+
+def read_image(path: str, max_pixels: int = MAX_PIXELS) -> PIL.Image.Image:
+    """An image file as 8-bit RGB, upright, whatever its mode (see `to_rgb`); `MediaError` if it is none, or if it
+    has more than `max_pixels` pixels."""
+    _check_file(path, "image")
+    image, why = _decode_image(path, max_pixels)
+    if image is None:
+        raise MediaError(f"{path} is not an image that can be read ({why})")
+    return image
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,7 +150,7 @@ def _video_stream(path: str):
 
     _check_file(path, "video")
     try:
-        with av.open(path) as container:
+        with open(path, "rb") as f, av.open(f) as container:  # a file object: any file name
             if not container.streams.video:
                 raise MediaError(f"{path} has no video stream")
             yield container, container.streams.video[0]
@@ -185,6 +237,7 @@ def load_identity_frame(
     random_frame: bool = False,
     resize: str = "crop",
     seed: Optional[int] = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> PIL.Image.Image:
     """The identity frame from an image (PNG, JPEG, WebP, BMP, ...) or a video file, as a square RGB image.
 
@@ -194,6 +247,7 @@ def load_identity_frame(
         random_frame: For a video, take a random frame (reproducible with `seed`).
         resize: `"crop"` centre-crops a non-square image to a square; `"stretch"` keeps it whole (the
             pipeline then stretches it, as the original code did).
+        max_pixels: Images with more pixels are refused (`MediaError`) before they are decoded.
     """
     _check_file(path, "identity image")
     if frame is not None and frame < 0:
@@ -205,15 +259,12 @@ def load_identity_frame(
     if os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS:
         image = video_frame()
     else:
-        try:
-            with PIL.Image.open(path) as opened:
-                opened.load()
-                image = to_rgb(opened)
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError) as error:
+        image, why = _decode_image(path, max_pixels)
+        if image is None:
             try:
                 image = video_frame()
             except MediaError:
-                raise MediaError(f"{path} is not an image or video that can be read ({error})") from None
+                raise MediaError(f"{path} is not an image or video that can be read ({why})") from None
         else:
             if frame is not None or random_frame:
                 raise ArgumentError("frame", f"applies to videos only, and {path} is an image")
@@ -230,7 +281,8 @@ def _read_with_soundfile(path: str):
     import soundfile
 
     try:
-        data, rate = soundfile.read(path, dtype="float32", always_2d=True)
+        with open(path, "rb") as f:  # a file object: libsndfile takes names in UTF-8 only
+            data, rate = soundfile.read(f, dtype="float32", always_2d=True)
     except (soundfile.LibsndfileError, RuntimeError, TypeError):
         return None
     return data.mean(axis=1), rate
@@ -240,7 +292,7 @@ def _read_with_av(path: str):
     import av
 
     try:
-        with av.open(path) as container:
+        with open(path, "rb") as f, av.open(f) as container:  # a file object: any file name
             if not container.streams.audio:
                 raise MediaError(f"{path} has no audio stream")
             stream = container.streams.audio[0]
@@ -252,9 +304,12 @@ def _read_with_av(path: str):
             for converted in resampler.resample(None):
                 chunks.append(converted.to_ndarray()[0])
             rate = stream.rate
+            # The track's length from the header: decoding AAC also returns the padding of its last packet.
+            length = round(float(stream.duration * stream.time_base) * rate) if stream.duration else None
     except av.FFmpegError as error:
         raise MediaError(f"{path} could not be read as audio: {error}") from None
-    return (np.concatenate(chunks) if chunks else np.zeros(0, np.float32)), rate
+    samples = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    return (samples[:length] if length else samples), rate
 
 
 def audio_duration(path: str) -> Optional[float]:
@@ -271,7 +326,7 @@ def audio_duration(path: str) -> Optional[float]:
     import av
 
     try:
-        with av.open(path) as container:
+        with open(path, "rb") as f, av.open(f) as container:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]
@@ -313,7 +368,7 @@ def load_audio(
     if not np.isfinite(samples).all():
         raise MediaError(f"{path} holds NaN or infinite samples")
     waveform = resample_audio(torch.from_numpy(np.ascontiguousarray(samples, np.float32)), rate, sampling_rate)
-    waveform = waveform.numpy().astype(np.float32)
+    waveform = waveform.numpy().astype(np.float32, copy=False)
     seconds = len(waveform) / sampling_rate
     if len(waveform) < SAMPLES_PER_FRAME * sampling_rate // SAMPLING_RATE:
         raise MediaError(f"{path} is too short ({seconds * 1000:.0f} ms); one video frame needs 40 ms of audio")
@@ -420,7 +475,7 @@ class VideoWriter:
     ):
         _check_output(path, overwrite)
         self.path, self.fps, self.sampling_rate, self.size, self.live = path, fps, sampling_rate, size, live
-        self.audio = None if audio is None else np.clip(np.asarray(audio, np.float32).reshape(-1), -1.0, 1.0)
+        self.audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
         self.frames_written = 0
         self._container = self._video = self._audio_stream = None
         self._target = None
@@ -498,7 +553,7 @@ class VideoWriter:
         last = round((index + 1) * self.sampling_rate / self.fps)
         samples = np.zeros(last - first, np.float32)
         piece = self.audio[first:last]
-        samples[: len(piece)] = piece
+        samples[: len(piece)] = np.clip(piece, -1.0, 1.0)
         frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
         frame.sample_rate = self.sampling_rate
         frame.pts = first

@@ -21,7 +21,7 @@ import torch
 
 from . import builtin_model_path
 from .errors import ArgumentError, MediaError
-from .media import VIDEO_EXTENSIONS, load_identity_frame, random_frame_index, square
+from .media import MAX_PIXELS, VIDEO_EXTENSIONS, load_identity_frame, random_frame_index, square
 
 logger = logging.getLogger(__name__)
 
@@ -264,8 +264,10 @@ def identity_frame(
     seed: Optional[int] = None,
     face: Union[str, int] = "largest",
     resize: str = "crop",
+    max_pixels: Optional[int] = None,
 ) -> PIL.Image.Image:
-    """The identity frame of an image or video file.
+    """The identity frame of an image or video file (images of more than `max_pixels` pixels are refused before
+    they are decoded; default: `media.MAX_PIXELS`).
 
     Prepared (aligned, on green; the faces extra) when `prepare` is on and the model folder has a calibrated
     template (or a `reference` is given) or the image is not already a model-ready crop (square, with a border of
@@ -277,7 +279,7 @@ def identity_frame(
     template = faces.resolve_template(model_folder, reference) if prepare and (reference or model_folder) else None
     if random_frame:
         frame = random_frame_index(image, seed)
-    whole = load_identity_frame(image, frame=frame, resize="stretch")
+    whole = load_identity_frame(image, frame=frame, resize="stretch", max_pixels=max_pixels or MAX_PIXELS)
     if prepare and template is None and faces.looks_prepared(whole):
         prepare = False
     if prepare and not faces.faces_available():
