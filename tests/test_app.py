@@ -10,10 +10,11 @@ import urllib.request
 
 import av
 import numpy as np
+import PIL.Image
 import pytest
 import soundfile
 
-from diffused_heads import example_audio_path, example_image_path
+from diffused_heads import builtin_model_path, example_audio_path, example_image_path
 
 from helpers import tiny_pipeline
 
@@ -48,16 +49,36 @@ def speech(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The app on a free localhost port (speech up to 1.2 s), stopped after the module's tests."""
+def offered(tmp_path_factory):
+    """The models the test page offers: the built-in one and an untrained tiny one."""
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    tiny_pipeline().save_pretrained(folder)
+    return [builtin_model_path(), str(folder)]
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, offered):
+    """The app on a free localhost port (speech up to 1.2 s, uploads up to 1 MB, pictures up to 4 megapixels, 2
+    waiting requests), with its own temporary folder, stopped after the module's tests; it must leave that folder
+    empty."""
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
+    folder = tmp_path_factory.mktemp("app")
+    temporary = folder / "tmp"
+    temporary.mkdir()
+    log = folder / "app.log"
+    command = [sys.executable, "-m", "diffused_heads", "app", "--port", str(port), "--max-seconds", "1.2"]
+    command += ["--max-upload-mb", "1", "--max-megapixels", "4", "--max-queue", "2"]
+    for model in offered:
+        command += ["--model", model]
+    environment = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    environment["TMPDIR"] = str(temporary)
     with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "diffused_heads", "app", "--port", str(port), "--max-seconds", "1.2"],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
     while True:
@@ -69,30 +90,31 @@ def server(tmp_path_factory):
                 process.kill()
                 pytest.fail(f"the app did not start: {log.read_text()[-2000:]}")
             time.sleep(0.5)
-    yield url
+    yield url, process
     process.terminate()
     process.wait(timeout=30)
+    assert os.listdir(temporary) == [], "the app left files behind"
 
 
-def request(client, face, speech, model="", steps=2):
+def request(client, face, speech, model="builtin", steps=2, scheduler="the model's own", seed=0, stabilize="0"):
     return client.predict(
         handle_file(str(face)),
         handle_file(str(speech)),
         model,
         steps,
-        "the model's own",
-        0,
-        0,
+        scheduler,
+        seed,
+        stabilize,
         True,
         api_name="/generate",
     )
 
 
 def test_generation_errors_and_the_queue_through_the_api(server, speech, tmp_path):
-    client = Client(server, verbose=False)
-    video, identity = request(client, example_image_path(), speech / "short.wav")
+    client = Client(server[0], verbose=False)
+    video, identity, last_frame = request(client, example_image_path(), speech / "short.wav")
     assert frames_in(video) == (int(0.6 * 16000) + 2560 - 3200) // 640 + 1 == 15
-    assert os.path.isfile(identity)
+    assert os.path.isfile(identity) and os.path.isfile(last_frame)
 
     # Bad input: a readable message, and the app keeps serving.
     for name, message in [
@@ -105,36 +127,107 @@ def test_generation_errors_and_the_queue_through_the_api(server, speech, tmp_pat
         assert "Traceback" not in str(error.value)
         assert "/tmp/gradio" not in str(error.value)  # names the file, not the server's copy of it
 
-    # Two requests at once: the second waits for the first and is not lost.
+    # Two requests at once: the second waits for the first and is not lost; frames show while they are made.
     jobs = [
         client.submit(
             handle_file(example_image_path()),
             handle_file(str(speech / "short.wav")),
-            "",
+            "builtin",
             2,
             "ddim",
             seed,
-            0,
+            "0",
             True,
             api_name="/generate",
         )
         for seed in (1, 2)
     ]
     results = [job.result(timeout=120) for job in jobs]
-    assert all(frames_in(video) == 15 for video, _ in results)
+    assert all(frames_in(video) == 15 for video, _, _ in results)
+    updates = jobs[0].outputs()
+    assert len(updates) == 4 and all(update[0] is None for update in updates[:3])  # frames 0, 5 and 10, then the video
 
 
-def test_switching_models_loads_the_other_model(server, speech, tmp_path):
-    tiny_pipeline().save_pretrained(tmp_path / "tiny")
-    client = Client(server, verbose=False)
-    builtin_video, _ = request(client, example_image_path(), speech / "short.wav")
-    tiny_video, _ = request(client, example_image_path(), speech / "short.wav", model=str(tmp_path / "tiny"))
+def test_switching_models_loads_the_other_model_and_only_the_offered_ones(server, speech, offered):
+    client = Client(server[0], verbose=False)
+    builtin_video, _, _ = request(client, example_image_path(), speech / "short.wav", model="builtin")
+    tiny_video, _, _ = request(client, example_image_path(), speech / "short.wav", model="tiny")
     with av.open(builtin_video) as a, av.open(tiny_video) as b:
         first_a = next(a.decode(video=0)).to_ndarray(format="rgb24").astype(float)
         first_b = next(b.decode(video=0)).to_ndarray(format="rgb24").astype(float)
     assert np.abs(first_a - first_b).mean() > 10  # an untrained tiny UNet draws nothing like the trained face
-    with pytest.raises(Exception, match="no such folder"):
-        request(client, example_image_path(), speech / "short.wav", model=str(tmp_path / "missing"))
+    answers = set()
+    for typed in ("/etc/passwd", os.path.dirname(offered[1]), "/root/.ssh", "no-such-model", "user/some-repo"):
+        # Gradio itself refuses a value outside the list; the page would too (Models.get).
+        with pytest.raises(Exception, match="not in the list of choices") as error:
+            request(client, example_image_path(), speech / "short.wav", model=typed)
+        answers.add(str(error.value).replace(typed, "VALUE"))
+    assert len(answers) == 1, answers  # the same answer for a file, a folder and nothing: no probing
+
+
+def test_limits_turn_away_huge_pictures_large_uploads_and_a_full_queue(server, speech, tmp_path):
+    url, process = server
+    client = Client(url, verbose=False)
+    PIL.Image.new("L", (13000, 13000)).save(tmp_path / "huge.png")  # 13000x13000 pixels in a few dozen KB
+    before = rss_mb(process.pid)
+    with pytest.raises(Exception, match="13000x13000 pixels; this page takes up to 4 million"):
+        request(client, tmp_path / "huge.png", speech / "short.wav")
+    assert rss_mb(process.pid) - before < 150  # the picture was never decoded
+
+    noise = np.random.RandomState(0).randint(0, 256, (1200, 1200, 3), dtype=np.uint8)
+    PIL.Image.fromarray(noise).save(tmp_path / "large.png")  # about 4 MB, over the 1 MB limit
+    assert (tmp_path / "large.png").stat().st_size > 2 * 1024 * 1024
+    with pytest.raises(Exception, match="(?i)file.*(size|large)|exceeds|limit"):
+        request(client, tmp_path / "large.png", speech / "short.wav")
+
+    # Two may wait: of five requests sent at once, some are turned away, and those taken all finish.
+    jobs = [
+        client.submit(
+            handle_file(example_image_path()),
+            handle_file(str(speech / "short.wav")),
+            "builtin",
+            2,
+            "the model's own",
+            seed,
+            "0",
+            True,
+            api_name="/generate",
+        )
+        for seed in range(5)
+    ]
+    outcomes = []
+    for job in jobs:
+        try:
+            outcomes.append(frames_in(job.result(timeout=180)[0]))
+        except Exception as error:
+            outcomes.append(str(error))
+    finished = [o for o in outcomes if o == 15]
+    turned_away = [o for o in outcomes if isinstance(o, str)]
+    assert 1 <= len(finished) <= 4 and turned_away, outcomes
+    assert all("queue" in message.lower() for message in turned_away), turned_away
+
+
+def test_the_page_keeps_the_models_defaults_unless_told_otherwise(monkeypatch, tmp_path):
+    from diffused_heads import runtime
+    from diffused_heads.app import OWN, Limits, Models, run_request
+    from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+
+    calls = []
+    real_stream = DiffusedHeadsPipeline.stream
+
+    def recording_stream(self, *args, **kwargs):
+        calls.append(kwargs)
+        return real_stream(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusedHeadsPipeline, "stream", recording_stream)
+    waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
+    soundfile.write(tmp_path / "s.wav", waveform[: int(0.12 * rate)], rate)
+    models = Models([None])
+    args = (models, example_image_path(), str(tmp_path / "s.wav"), "")
+    for steps, stabilize in ((OWN, OWN), ("3", "0 (off)"), (2, 5)):
+        list(run_request(*args, steps, OWN, 0, stabilize, True, Limits(), str(tmp_path)))
+    assert [(c["num_inference_steps"], c["stabilize_every"]) for c in calls] == [(10, None), (3, 0), (2, 5)]
+    assert runtime.default_steps(models.get(None)[1]) == 10
 
 
 def test_the_page_in_a_real_browser(server, speech, tmp_path):
@@ -165,7 +258,7 @@ def test_the_page_in_a_real_browser(server, speech, tmp_path):
     # The driver from the system's packages: selenium is never left to fetch one.
     browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
-        browser.get(server)
+        browser.get(server[0])
         wait = WebDriverWait(browser, 60)
         wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, "input[type=file]"))
         face_input = browser.find_elements(By.CSS_SELECTOR, "input[type=file]")[0]
@@ -202,13 +295,13 @@ def test_without_gradio_the_command_says_what_to_install(monkeypatch, capsys):
 
 
 def test_progress_reports_frames_and_steps(tmp_path):
-    from diffused_heads.app import Models, run_request
+    from diffused_heads.app import Limits, Models, run_request
 
     waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
     soundfile.write(tmp_path / "s.wav", waveform[: int(0.2 * rate)], rate)  # 5 frames
     calls = []
-    run_request(
-        Models(None),
+    outputs = run_request(
+        Models([None]),
         example_image_path(),
         str(tmp_path / "s.wav"),
         "",
@@ -217,9 +310,10 @@ def test_progress_reports_frames_and_steps(tmp_path):
         0,
         0,
         True,
-        5.0,
+        Limits(max_seconds=5.0),
         str(tmp_path),
         progress=lambda value, desc: calls.append((value, desc)),
     )
+    assert [video is None for video, _, _, _ in outputs] == [True, False]  # frame 0 shown, then the video
     assert [value for value, _ in calls] == [(k, 15) for k in range(1, 16)]
     assert calls[0][1].startswith("frame 1/5") and calls[-1][1].startswith("frame 5/5")

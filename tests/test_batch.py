@@ -163,3 +163,47 @@ def test_json_lines_jobs_and_their_defaults(tmp_path):
     assert (first.seed, first.steps, first.scheduler) == (5, 3, "ddim")
     assert first.output == str(tmp_path / "out" / "one.mp4")
     assert second.image == "/abs/b.png" and second.seed == 11 and second.output == str(tmp_path / "out" / "named.mp4")
+
+
+def test_an_output_outside_the_output_folder_is_refused(tmp_path):
+    for output in ("../escaped.mp4", "/tmp/elsewhere.mp4", "sub/../../up.mp4"):
+        path = tmp_path / "jobs.jsonl"
+        path.write_text(json.dumps({"image": "a.png", "audio": "a.wav", "output": output}) + "\n")
+        with pytest.raises(ArgumentError, match="is not inside the output folder"):
+            read_jobs(str(path), str(tmp_path / "out"), default_seed=0)
+    path.write_text(json.dumps({"image": "a.png", "audio": "a.wav", "output": "sub/inside.mp4"}) + "\n")
+    [job] = read_jobs(str(path), str(tmp_path / "out"), default_seed=0)
+    assert job.output == str(tmp_path / "out" / "sub" / "inside.mp4")
+
+
+def test_a_run_with_every_video_made_loads_no_model(workspace, tmp_path, monkeypatch, capsys):
+    from diffused_heads import batch, runtime
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for k in range(4):
+        (out / f"clip{k}.mp4").write_bytes(b"made earlier")
+    (out / "broken.mp4").write_bytes(b"made earlier")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(runtime, "load_pipeline", no_model)
+    args = ["--jobs", str(workspace / "jobs.csv"), "--output-dir", str(out), "--model", str(workspace / "model")]
+    assert batch.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())["summary"]
+    assert (summary["done"], summary["skipped"], summary["failed"]) == (0, 5, 0)
+
+
+def test_batches_are_planned_before_the_jobs_are_shared_out(workspace, tmp_path):
+    """The same batches whatever the number of processes: each process then takes whole batches."""
+    from accelerate import PartialState
+
+    from diffused_heads.batch import plan_batches
+
+    jobs = read_jobs(str(workspace / "jobs.csv"), str(tmp_path), default_seed=0)
+    batches = plan_batches(jobs, batch_size=2)
+    assert [[job.index for job in batch] for batch in batches] == [[3, 0], [4, 1], [2]]  # by length, unreadable last
+    assert all(len({(job.steps, job.scheduler) for job in batch}) == 1 for batch in batches)
+    with PartialState(cpu=True).split_between_processes(batches) as mine:
+        assert mine == batches  # one process takes them all

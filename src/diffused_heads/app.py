@@ -1,53 +1,101 @@
 """A web page for Diffused Heads: a face photo (or video) and speech in, a talking-head video out.
 
     pip install "diffused-heads-diffusers[app,faces]"
-    diffused-heads app                      # http://127.0.0.1:7860
-    diffused-heads app --model diffused-heads-crema --port 8000
+    diffused-heads app                                   # http://127.0.0.1:7860, the built-in demo model
+    diffused-heads app --model diffused-heads-crema --model ./my-finetune --port 8000
 
-Gradio Blocks: inputs on the left, the result on the right, the built-in example below. Requests are queued and
-run one at a time; each model is loaded once and kept for the next request.
+Gradio Blocks: inputs on the left, the result on the right (frames appear while they are made, then the video),
+the built-in example below. The page offers the models its operator names and nothing else: a visitor picks one
+from a list, and no path or Hub id typed on the page is ever read. Uploads, image sizes, speech length, the queue
+and the work done at once have limits (see `--help`); results are removed after `--keep-results` minutes and
+when the server stops.
 """
 
 import argparse
 import logging
 import os
+import shutil
+import sys
 import tempfile
 import threading
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
-# Gradio would otherwise report usage and look for updates over the network at start-up.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, run_command
+from .errors import MissingExtra
 
-from . import example_audio_path, example_image_path, runtime  # noqa: E402
-from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, run_command  # noqa: E402
-from .errors import MissingExtra  # noqa: E402
-from .media import SAMPLING_RATE, VideoWriter, load_audio  # noqa: E402
+logger = logging.getLogger(__name__)
 
 OWN = "the model's own"
+BUILTIN_LABEL = "built-in demo model"
 APP_EXTRA = 'the web page needs the app extra: pip install "diffused-heads-diffusers[app]"'
+# How often the page shows the frame being made (every this many frames).
+PREVIEW_EVERY = 5
+
+
+class Limits:
+    """What one request may ask of the server."""
+
+    def __init__(
+        self,
+        max_seconds: float = 30.0,
+        max_pixels: int = 40_000_000,
+        max_upload_mb: float = 50.0,
+        max_queue: int = 8,
+        concurrency: int = 1,
+        keep_minutes: float = 60.0,
+    ):
+        self.max_seconds, self.max_pixels, self.max_upload_mb = max_seconds, max_pixels, max_upload_mb
+        self.max_queue, self.concurrency, self.keep_minutes = max_queue, concurrency, keep_minutes
+
+
+def model_labels(models: List[Optional[str]]) -> Dict[str, Optional[str]]:
+    """`{label shown on the page: model folder or Hub id}` (None: the built-in model); labels are the folders'
+    names, so the page shows nothing of the server's file system."""
+    labels = {}
+    for model in models or [None]:
+        label = BUILTIN_LABEL if model is None else os.path.basename(os.path.normpath(model)) or model
+        base, number = label, 2
+        while label in labels:
+            label, number = f"{base} ({number})", number + 1
+        labels[label] = model
+    return labels
 
 
 class Models:
-    """Pipelines by model folder, each loaded once; the device is chosen once."""
+    """The models the operator offers, by label, each loaded once (on first use) and kept; the device is chosen
+    once."""
 
-    def __init__(self, default_model: Optional[str]):
-        self.default_model = default_model
+    def __init__(self, models: List[Optional[str]]):
+        from . import runtime
+
+        self.labels = model_labels(models)
         self.device = runtime.resolve_device("auto")
         self.pipelines = {}
         self.lock = threading.Lock()
 
-    def key(self, model: Optional[str]) -> Optional[str]:
-        """The model a request names (the page's default when the field is empty; None: the built-in model)."""
-        return (model or self.default_model or "").strip() or None
+    @property
+    def default(self) -> str:
+        return next(iter(self.labels))
 
-    def get(self, model: Optional[str]):
-        key = self.key(model)
+    def get(self, label: Optional[str]):
+        """The label (the page's first model when empty) and its pipeline."""
+        from . import runtime
+
+        label = label or self.default
+        if label not in self.labels:
+            raise ValueError(f"this page offers the models {', '.join(self.labels)}, not {label!r}")
         with self.lock:
-            if key not in self.pipelines:
-                self.pipelines[key] = runtime.load_pipeline(key, self.device)
-            return key, self.pipelines[key]
+            if label not in self.pipelines:
+                try:
+                    self.pipelines[label] = runtime.load_pipeline(self.labels[label], self.device)
+                except ValueError as error:  # said on the server's terminal only: it names the server's files
+                    logger.warning(f"the model {label!r} could not be loaded: {error}")
+                    raise ValueError(f"the model {label!r} could not be loaded on the server") from None
+            return label, self.pipelines[label]
+
+    def folder(self, label: Optional[str]) -> Optional[str]:
+        return self.labels.get(label or self.default)
 
 
 class RequestLog(logging.Handler):
@@ -79,6 +127,34 @@ def own_or_int(value) -> Optional[int]:
         raise ValueError(f"{value!r} is not a whole number") from None
 
 
+def check_upload(path: str, limits: Limits) -> None:
+    """Refuse a face file whose picture has more pixels than the page takes, from its header (before decoding)."""
+    from .media import picture_size
+
+    size = picture_size(path)
+    if size is not None and size[0] * size[1] > limits.max_pixels:
+        raise ValueError(
+            f"the picture is {size[0]}x{size[1]} pixels; this page takes up to {limits.max_pixels / 1e6:g} million"
+        )
+
+
+def identity_for_page(face: str, models: Models, model: Optional[str], prepare: bool, limits: Limits):
+    """The identity frame of an upload, checked against the limits first."""
+    from . import runtime
+
+    check_upload(face, limits)
+    return runtime.identity_frame(face, model=models.folder(model), prepare=prepare, max_pixels=limits.max_pixels)
+
+
+def thumbnail(image, side: int = 256):
+    """A copy of a frame small enough to send back to the page."""
+    import PIL.Image
+
+    if max(image.size) <= side:
+        return image
+    return image.resize((side, side), PIL.Image.BICUBIC)
+
+
 def run_request(
     models: Models,
     face: Optional[str],
@@ -89,30 +165,37 @@ def run_request(
     seed: int,
     stabilize_every,
     prepare: bool,
-    max_seconds: float,
+    limits: Limits,
     output_dir: str,
     progress=None,
 ):
-    """One generation, as the page runs it. Returns (video path, identity frame, warnings); raises ValueError
-    (MediaError among them) with a readable message for bad input."""
+    """One generation, as the page runs it: yields `(video path or None, identity frame, frame being made,
+    warnings)`, a frame every `PREVIEW_EVERY` frames and the finished video last. Raises ValueError (MediaError
+    among them) with a readable message for bad input."""
+    import PIL.Image
+    import torch
+
+    from . import runtime
+    from .media import SAMPLING_RATE, VideoWriter, load_audio
+
     with RequestLog() as warnings:
         if not face:
             raise ValueError("add a face photo (or a video) first")
         if not speech:
             raise ValueError("add speech first: upload a recording or record one")
         steps, stabilize_every, seed = own_or_int(steps), own_or_int(stabilize_every), int(seed or 0)
-        if steps is not None and steps < 1:
-            raise ValueError("the steps must be at least 1")
+        if steps is not None and not 1 <= steps <= 1000:
+            raise ValueError("the steps must be between 1 and 1000")
         if stabilize_every is not None and stabilize_every < 0:
             raise ValueError("the identity frame can be put back every 0 (never) or more frames")
-        key, pipe = models.get(model)
-        identity = runtime.identity_frame(face, model=key, prepare=prepare)
+        label, pipe = models.get(model)
+        identity = identity_for_page(face, models, label, prepare, limits)
         audio = load_audio(speech)
         seconds = len(audio) / SAMPLING_RATE
-        if seconds > max_seconds:
+        if seconds > limits.max_seconds:
             raise ValueError(
-                f"the speech is {seconds:.1f} s long; this page takes up to {max_seconds:g} s (the command line "
-                "'diffused-heads generate' takes any length)"
+                f"the speech is {seconds:.1f} s long; this page takes up to {limits.max_seconds:g} s (the command "
+                "line 'diffused-heads generate' takes any length)"
             )
         num_frames = pipe.audio_encoder.num_frames(len(audio))
         if num_frames < 2:
@@ -129,9 +212,9 @@ def run_request(
                 progress((step + 1, num_frames * steps), desc=f"frame {frame}/{num_frames}, about {left:.0f} s left")
             return callback_kwargs
 
-        import torch
-
+        remove_old_results(output_dir, limits.keep_minutes)
         path = os.path.join(tempfile.mkdtemp(dir=output_dir), "talking-head.mp4")
+        shown = thumbnail(identity)
         with VideoWriter(path, audio) as writer:
             for output in pipe.stream(
                 identity,
@@ -143,7 +226,22 @@ def run_request(
                 callback_on_step_end=on_step,
             ):
                 writer.write(output.frames[0])
-    return path, identity, warnings
+                latest = output.frames[0]
+                if output.frame_index % PREVIEW_EVERY == 0:
+                    yield None, shown, thumbnail(PIL.Image.fromarray((latest * 255).round().astype("uint8"))), warnings
+        yield path, shown, thumbnail(PIL.Image.fromarray((latest * 255).round().astype("uint8"))), warnings
+
+
+def remove_old_results(output_dir: str, keep_minutes: float) -> None:
+    """Remove the results made more than `keep_minutes` ago."""
+    cutoff = time.time() - keep_minutes * 60
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        path = os.path.join(output_dir, name)
+        try:
+            if name != "gradio" and os.path.getmtime(path) < cutoff:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def _readable(error: Exception, *uploads: Optional[str]) -> str:
@@ -155,19 +253,28 @@ def _readable(error: Exception, *uploads: Optional[str]) -> str:
     return message
 
 
-def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
-    """The Gradio page (a `gradio.Blocks`), not yet launched."""
+def build_app(models: Optional[List[Optional[str]]] = None, limits: Optional[Limits] = None, output_dir=None):
+    """The Gradio page (a `gradio.Blocks`), not yet launched, and the folder its results go to (with gradio's own
+    files, in `gradio/` inside it unless GRADIO_TEMP_DIR says otherwise)."""
+    limits = limits or Limits()
+    output_dir = output_dir or tempfile.mkdtemp(prefix="diffused-heads-app-")
+    if "gradio" not in sys.modules:  # gradio reads it when imported
+        os.environ.setdefault("GRADIO_TEMP_DIR", os.path.join(output_dir, "gradio"))
+    # Gradio would otherwise report usage and look for updates over the network at start-up.
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         import gradio as gr
     except ImportError:
         raise MissingExtra(APP_EXTRA) from None
+    from . import example_audio_path, example_image_path
 
-    models = Models(default_model)
-    output_dir = tempfile.mkdtemp(prefix="diffused-heads-app-")
+    models = Models(models or [None])
 
     def generate(face, speech, model, steps, scheduler, seed, stabilize_every, prepare, progress=gr.Progress()):
+        shown = set()
         try:
-            path, identity, warnings = run_request(
+            for video, identity, frame, warnings in run_request(
                 models,
                 face,
                 speech,
@@ -177,29 +284,31 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
                 seed,
                 stabilize_every,
                 prepare,
-                max_seconds,
+                limits,
                 output_dir,
                 progress,
-            )
+            ):
+                for warning in warnings:
+                    if warning not in shown:
+                        shown.add(warning)
+                        gr.Warning(_readable(Exception(warning), face, speech))
+                yield video, identity, frame
         except (ValueError, OSError) as error:
             raise gr.Error(_readable(error, face, speech), title="Cannot make this video") from None
-        for warning in warnings:
-            gr.Warning(warning)
-        return path, identity
 
     def preview(face, model, prepare):
         if not face:
             return None
         try:
-            return runtime.identity_frame(face, model=models.key(model), prepare=prepare)
+            return thumbnail(identity_for_page(face, models, model, prepare, limits))
         except (ValueError, OSError) as error:
             raise gr.Error(_readable(error, face), title="Cannot use this face") from None
 
-    with gr.Blocks(title="Diffused Heads") as page:
+    keep_seconds = int(limits.keep_minutes * 60)
+    with gr.Blocks(title="Diffused Heads", delete_cache=(max(60, keep_seconds // 4), keep_seconds)) as page:
         gr.Markdown(
             "# Diffused Heads\nA face and a voice in, a talking head out (Diffused Heads, WACV 2024, as a "
-            "diffusers pipeline). Without a model folder the built-in demo model is used: it knows only drawn "
-            "faces on green."
+            "diffusers pipeline). The built-in demo model knows only drawn faces on green."
         )
         with gr.Row():
             with gr.Column():
@@ -207,7 +316,7 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
                 speech = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath")
                 prepare = gr.Checkbox(value=True, label="Prepare the face (align it, green background)")
                 with gr.Accordion("Settings", open=False):
-                    model = gr.Textbox(label="Model folder", placeholder="the built-in demo model")
+                    model = gr.Dropdown(list(models.labels), value=models.default, label="Model")
                     steps = gr.Dropdown(
                         [OWN, "5", "10", "20", "50", "100"],
                         value=OWN,
@@ -225,7 +334,9 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 video = gr.Video(label="Talking head", buttons=["download"])
-                identity = gr.Image(label="Identity frame used", type="pil", height=200)
+                with gr.Row():
+                    identity = gr.Image(label="Identity frame used", type="pil", height=200)
+                    live = gr.Image(label="Frame being made", type="pil", height=200)
         gr.Examples(
             examples=[[example_image_path(), example_audio_path()]],
             inputs=[face, speech],
@@ -236,32 +347,68 @@ def build_app(default_model: Optional[str] = None, max_seconds: float = 30.0):
         button.click(
             generate,
             inputs=[face, speech, model, steps, scheduler, seed, stabilize, prepare],
-            outputs=[video, identity],
+            outputs=[video, identity, live],
             api_name="generate",
         )
-    page.queue(default_concurrency_limit=1)
-    return page
+    page.queue(default_concurrency_limit=limits.concurrency, max_size=limits.max_queue)
+    return page, output_dir
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="diffused-heads app", description="Serve the Diffused Heads web page.", formatter_class=HelpFormatter
     )
-    parser.add_argument("--model", help="model folder or Hub id used by default (default: the built-in demo model)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="a model folder or Hub id the page offers (repeatable; the first is the default); default: the "
+        "built-in demo model",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=7860, help="port to serve on")
-    parser.add_argument("--max-seconds", type=float, default=30.0, help="longest speech the page accepts")
+    parser.add_argument("--max-seconds", type=float, default=30.0, help="longest speech a request may have")
+    parser.add_argument("--max-megapixels", type=float, default=40.0, help="largest face picture, in megapixels")
+    parser.add_argument("--max-upload-mb", type=float, default=50.0, help="largest uploaded file, in MB")
+    parser.add_argument("--max-queue", type=int, default=8, help="requests that may wait; more are turned away")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests generated at the same time")
+    parser.add_argument("--keep-results", type=float, default=60.0, help="minutes a result is kept")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the cores that are free)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("max_seconds", "max_megapixels", "max_upload_mb", "max_queue", "concurrency", "keep_results"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive")
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     def serve() -> int:
+        from . import runtime
+
         runtime.configure_threads(args.threads)
-        page = build_app(args.model, args.max_seconds)
-        page.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False)
+        limits = Limits(
+            max_seconds=args.max_seconds,
+            max_pixels=int(args.max_megapixels * 1e6),
+            max_upload_mb=args.max_upload_mb,
+            max_queue=args.max_queue,
+            concurrency=args.concurrency,
+            keep_minutes=args.keep_results,
+        )
+        for model in args.model or []:
+            runtime.resolve_model(model)  # a typo is found at start-up, not by the first visitor
+        page, output_dir = build_app(args.model or [None], limits)
+        try:
+            page.launch(
+                server_name=args.host,
+                server_port=args.port,
+                share=False,
+                inbrowser=False,
+                max_file_size=f"{int(limits.max_upload_mb * 1024)}kb",
+            )
+        finally:
+            page.close()
+            shutil.rmtree(output_dir, ignore_errors=True)
         return 0
 
     return run_command(serve)
