@@ -135,12 +135,31 @@ def write_cpu_archive(path: str, destination: str) -> None:
                     shutil.copyfileobj(reader, writer, 1 << 24)
 
 
+# A BatchNorm call fixed by a trace: `torch.batch_norm(x, weight, bias, mean, var, True, ...)`, its sixth argument
+# `training`. A scripted module's code reads `self.training` instead.
+TRACED_BATCH_NORM = re.compile(r"torch\.batch_norm\((?:[^,()]+, ){5}(True|False),")
+
+
+def effective_training(submodule) -> Tuple[bool, str]:
+    """Whether a module computes in training mode, and where that is read from: a trace fixes the mode in its
+    graph (a later `.train()`/`.eval()` only changes the flag, not what the code computes); a scripted module's
+    code reads the flag."""
+    try:
+        code = submodule.code
+    except (RuntimeError, AttributeError):
+        code = ""
+    found = TRACED_BATCH_NORM.search(code)
+    if found:
+        return found.group(1) == "True", "graph"
+    return bool(submodule.training), "flag"
+
+
 def training_modules(module: torch.jit.ScriptModule) -> List[Tuple[str, str]]:
-    """(name, kind) of the submodules saved in training mode whose output depends on it."""
+    """(name, kind) of the submodules that compute in training mode, where their output depends on it."""
     found = []
     for name, submodule in module.named_modules():
         kind = getattr(submodule, "original_name", type(submodule).__name__)
-        if submodule.training and re.match(r"(BatchNorm|Dropout|InstanceNorm)", kind):
+        if re.match(r"(BatchNorm|Dropout|InstanceNorm)", kind) and effective_training(submodule)[0]:
             found.append((name, kind))
     return found
 
@@ -569,27 +588,40 @@ def attention_head_dim_from_module(module: torch.jit.ScriptModule, state, config
 
 
 def batch_norm_statistics(module: torch.jit.ScriptModule, facts: dict, log=print) -> str:
-    """ "window" when the encoder's BatchNorm layers were saved in training mode, else "running".
+    """ "window" when the encoder's BatchNorm layers compute in training mode, else "running".
 
-    The original sampler never switches the encoder to eval mode, so a file saved in training mode normalises
-    each window (it is called with one window at a time) with that window's own statistics; the converted
-    encoder is set up to compute the same."""
+    The mode is what the file computes: for a trace, the mode baked into its graph (whatever the modules' flags
+    say, which a `.train()` or `.eval()` after tracing changes alone); for a scripted file, the flags. The original
+    sampler never switches the encoder to eval mode, so a file in training mode normalises each window (it is
+    called with one window at a time) with that window's own statistics; the converted encoder is set up to
+    compute the same."""
     norms = [
-        (name, submodule.training)
+        (name, *effective_training(submodule), submodule.training)
         for name, submodule in module.named_modules()
         if getattr(submodule, "original_name", "").startswith("BatchNorm")
     ]
-    training = [name for name, flag in norms if flag]
+    if not norms:
+        return "running"
+    training = [name for name, mode, _, _ in norms if mode]
+    disagreeing = [name for name, mode, source, flag in norms if source == "graph" and mode != flag]
+    if disagreeing:
+        graph = "training" if training else "eval"
+        log(
+            f"The audio encoder is a trace made in {graph} mode whose modules were switched to "
+            f"{'eval' if graph == 'training' else 'training'} mode afterwards; that switch does not change what the "
+            f"trace computes, so the conversion follows the graph ({graph} mode)"
+        )
+    facts["batch_norm_mode_from"] = sorted({source for _, _, source, _ in norms})
     if not training:
         return "running"
     if len(training) != len(norms):
         raise ConversionError(
-            f": some BatchNorm layers were saved in training mode ({', '.join(training)}) and some "
+            f": some BatchNorm layers compute in training mode ({', '.join(training)}) and some "
             "not; the original computation cannot be restated with one setting",
             argument="audio_encoder_path",
         )
     log(
-        "The audio encoder was saved in training mode and the original sampler never calls .eval(): its BatchNorm "
+        "The audio encoder computes in training mode and the original sampler never calls .eval(): its BatchNorm "
         "layers normalise each window with that window's own statistics. The converted encoder does the same "
         '(batch_norm_statistics="window"), verified against the file run that way'
     )

@@ -226,6 +226,21 @@ def scripted_audio_encoder(path, seed=1, training=False, **kwargs):
     return model
 
 
+def traced_audio_encoder(path, seed=1, training=False, flag=None, **kwargs):
+    """The encoder traced as the released file most likely was (its code cannot be scripted as written): in
+    training mode or not, its modules' `training` flag then set to `flag` (when given) before saving, as a
+    `.eval()` or `.train()` after tracing would, which does not change the traced graph."""
+    model = randomize_(OriginalAudioEncoder(**kwargs), seed).train(training)
+    state = torch.zeros(model.rnn.num_layers, 1, model.rnn.hidden_size)
+    example = (torch.randn(1, 1, 3200), torch.LongTensor([3200]), state)  # one 0.2 s window, as the sampler calls it
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    if flag is not None:
+        traced.train(flag)
+    traced.save(str(path))
+    return model
+
+
 def as_if_traced_on(path, device="cuda:0"):
     """Rewrite a CPU trace in place so that its code names `device`, as a trace made on that GPU does."""
     temporary = str(path) + ".tmp"

@@ -336,7 +336,7 @@ def test_an_audio_encoder_saved_in_training_mode_is_reproduced(released, tmp_pat
     scripted_audio_encoder(folder / "audio_encoder.pt", training=True, **TINY_ORIGINAL_ENCODER)
     report, messages = run_convert((folder,), tmp_path / "model")
     assert report.audio_encoder_config["batch_norm_statistics"] == "window"
-    assert any(m.startswith("The audio encoder was saved in training mode") for m in messages)
+    assert any(m.startswith("The audio encoder computes in training mode") for m in messages)
     assert report.verification["audio_encoder"]["max_rel"] < 1e-5
     # What the original sampler computes with this file: one window per call, the module as saved.
     module = torch.jit.load(str(folder / "audio_encoder.pt"))
@@ -367,3 +367,48 @@ def test_a_unet_traced_in_training_mode_is_explained_and_verified_without_dropou
     assert "dropout" in report.source["unet"]["meaning"]
     assert any("randomised by dropout" in m for m in messages)
     assert report.verification["unet"]["max_rel"] < 1e-5
+
+
+@pytest.mark.parametrize(
+    "made, mode, flag, statistics",
+    [
+        ("scripted", True, None, "window"),
+        ("scripted", False, None, "running"),
+        ("traced", True, None, "window"),
+        ("traced", False, None, "running"),
+        ("traced", True, False, "window"),  # traced in training mode, then .eval() before saving
+        ("traced", False, True, "running"),  # traced in eval mode, then .train() before saving
+    ],
+)
+@pytest.mark.parametrize("verify", [True, False])
+def test_batch_norm_mode_is_read_from_a_traces_graph_and_a_scripted_files_flag(
+    released, tmp_path, made, mode, flag, statistics, verify
+):
+    """Whatever the file computes, the converted encoder computes: a trace's mode is in its graph (a later
+    `.train()`/`.eval()` changes only the flag), a scripted file's in its flag; with or without verification."""
+    from original_model import traced_audio_encoder
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "crema_script.pt").write_bytes((released[0] / "crema_script.pt").read_bytes())
+    if made == "scripted":
+        scripted_audio_encoder(folder / "audio_encoder.pt", training=mode, **TINY_ORIGINAL_ENCODER)
+    else:
+        traced_audio_encoder(folder / "audio_encoder.pt", training=mode, flag=flag, **TINY_ORIGINAL_ENCODER)
+    report, messages = run_convert((folder,), tmp_path / "model", verify_models=verify)
+    assert report.audio_encoder_config["batch_norm_statistics"] == statistics
+    if flag is not None:
+        assert any("that switch does not change what the trace computes" in m for m in messages), messages
+    if verify:
+        assert report.verification["audio_encoder"]["max_rel"] < 1e-5
+    # The embeddings equal the file's own, run one window per call as the original sampler runs it.
+    module = torch.jit.load(str(folder / "audio_encoder.pt"))
+    encoder = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True).audio_encoder
+    waveform = torch.from_numpy(speech_like(0.6))
+    state, original = torch.zeros(2, 1, 8), []
+    with torch.no_grad():
+        for window in encoder.windows(waveform[None])[0]:
+            embedding, _, state = module(window.reshape(1, 1, -1), torch.LongTensor([3200]), init_state=state)
+            original.append(embedding.reshape(-1))
+        ours = encoder(waveform[None]).audio_embeddings[0]
+    torch.testing.assert_close(ours, torch.stack(original), rtol=1e-4, atol=1e-5)
