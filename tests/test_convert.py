@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
+from test_sampler import released_schedule
 
 from diffused_heads.hub import convert_checkpoint
 from diffused_heads.hub.convert_checkpoint import convert, derive_audio_encoder_config, derive_unet_config, main
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 
-from helpers import read_manifest, speech_like
+from helpers import ROOT, read_manifest, speech_like
 from original_model import as_if_traced_on, scripted_audio_encoder, traced_unet
 
 TINY_ORIGINAL_UNET = dict(channels=16, mult=(1, 2), blocks=1, attn_levels=(1,), head_dim=8, groups=4, audio_in=40)
@@ -54,11 +55,69 @@ def test_conversion_places_every_tensor_and_matches(released, tmp_path):
     card = (out / "README.md").read_text()
     assert "license: cc-by-nc-sa-4.0" in card and "library_name: diffusers" in card and "2301.03396" in card
     assert report.sha256["crema_script.pt"] in card
-    pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
-    pipe.set_progress_bar_config(disable=True)
-    frames = pipe(np.zeros((128, 128, 3), np.uint8), speech_like(0.1), num_inference_steps=2).frames
-    assert frames.shape == (1, 2, 128, 128, 3) and np.isfinite(frames).all()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temporary folders left behind"
+    # The folder's scheduler is the released sampler, as the repository's own config states it.
+    saved = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
+    repository = json.loads(open(os.path.join(ROOT, "scheduler", "scheduler_config.json")).read())
+    for config in (saved, repository):
+        config.pop("_diffusers_version")
+    assert {k: saved[k] for k in repository} == repository
+
+
+def reference_frames(unet, encoder, identity, waveform, latents, seed, steps):
+    """The released sampler (REFERENCE §4), restated with the TorchScript modules: per frame, DDPM over `steps`
+    respaced steps with the learned-range variance, the two previous frames as motion, five audio embeddings
+    around the frame from the encoder run one 3200-sample window per call (its GRU state carried)."""
+    schedule = released_schedule(steps)
+    num_frames = latents.shape[1]
+    padded = torch.nn.functional.pad(torch.from_numpy(waveform), (1280, 1280))
+    state, embeddings = torch.zeros(2, 1, 8), []
+    with torch.no_grad():
+        for i in range(num_frames):
+            window = padded[i * 640 : i * 640 + 3200]
+            embedding, _, state = encoder(window.reshape(1, 1, -1), torch.LongTensor([3200]), init_state=state)
+            embeddings.append(embedding.reshape(-1))
+        generator = torch.Generator().manual_seed(seed)
+        previous, frames = [identity, identity], []
+        for i in range(num_frames):
+            audio = torch.stack([embeddings[min(max(i + o, 0), num_frames - 1)] for o in range(-2, 3)])[None]
+            x = latents[:, i]
+            for j in reversed(range(steps)):  # in float32, as the original (coefficients from float64, cast)
+                t = schedule["timesteps"][j]
+                out = unet(x, torch.tensor([t]), identity, torch.cat(previous, 1), audio)
+                eps, v = out[:, :3], out[:, 3:]
+                c = {k: [float(a[j]) for a in v] if isinstance(v, tuple) else float(v[j]) for k, v in schedule.items()}
+                frac = (v + 1) / 2
+                logvar = frac * c["log_beta"] + (1 - frac) * c["log_beta_tilde"]
+                x0 = (c["x0_coef"][0] * x - c["x0_coef"][1] * eps).clamp(-1, 1)
+                mean = c["mean_coef"][0] * x0 + c["mean_coef"][1] * x
+                noise = torch.randn(x.shape, generator=generator) if t > 0 else 0.0
+                x = mean + torch.exp(logvar / 2) * noise
+            previous = [previous[1], x]
+            frames.append(((x + 1) / 2).clamp(0, 1))
+    return torch.stack(frames, 1)[0].permute(0, 2, 3, 1).numpy()
+
+
+def test_the_converted_pipeline_makes_the_original_samplers_frames(released, tmp_path):
+    run_convert(released, tmp_path / "model")
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True)
+    pipe.set_progress_bar_config(disable=True)
+    identity_image = np.random.RandomState(0).randint(0, 256, (128, 128, 3), dtype=np.uint8)
+    waveform = speech_like(0.12)  # 3 frames
+    latents = torch.randn((1, 3, 3, 128, 128), generator=torch.Generator().manual_seed(2))
+    ours = pipe(
+        identity_image, waveform, num_inference_steps=3, latents=latents, generator=torch.Generator().manual_seed(7)
+    ).frames[0]
+    unet = torch.jit.load(str(released[0] / "crema_script.pt"))
+    encoder = torch.jit.load(str(released[0] / "audio_encoder.pt"))
+    identity = torch.from_numpy(identity_image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    expected = reference_frames(unet, encoder, identity, waveform, latents, seed=7, steps=3)
+    assert ours.shape == expected.shape == (3, 128, 128, 3)
+    # At t = 999 the clean-frame estimate multiplies the noise estimate by ~2e4, so the last float bits of the two
+    # UNets show at the odd pixel whose estimate is not clipped.
+    difference = np.abs(ours - expected)
+    assert difference.max() < 1e-2 and (difference > 1e-3).mean() < 1e-4, (difference.max(), (difference > 1e-3).sum())
+    assert np.abs(ours[2] - ours[0]).max() > 0.05  # the frames are not all alike: the test sees the loop
 
 
 def test_converted_unet_equals_the_original_module(released, tmp_path):
