@@ -144,6 +144,10 @@ def test_generation_errors_and_the_queue_through_the_api(server, speech, tmp_pat
     ]
     results = [job.result(timeout=120) for job in jobs]
     assert all(frames_in(video) == 15 for video, _, _ in results)
+    with av.open(results[0][0]) as a, av.open(results[1][0]) as b:  # each request's seed
+        seed_1 = np.stack([f.to_ndarray(format="rgb24") for f in a.decode(video=0)]).astype(float)
+        seed_2 = np.stack([f.to_ndarray(format="rgb24") for f in b.decode(video=0)]).astype(float)
+    assert np.abs(seed_1 - seed_2).mean() > 0.5
     updates = jobs[0].outputs()
     assert len(updates) == 4 and all(update[0] is None for update in updates[:3])  # frames 0, 5 and 10, then the video
 

@@ -116,8 +116,16 @@ def test_several_faces_use_the_largest_and_say_how_many():
     with logged() as messages:
         frame = prepare_identity(group)
     assert any("shows 2 faces; using the largest" in m for m in messages), messages
+    alone = {"hopper": np.asarray(prepare_identity(hopper()), np.float32)}
+    alone["astronaut"] = np.asarray(prepare_identity(astronaut()), np.float32)
+
+    def closest(image):  # whose face it is, by the pixels (landmarks land on the template whoever it is)
+        return min(alone, key=lambda name: np.mean((np.asarray(image, np.float32) - alone[name]) ** 2))
+
+    assert closest(frame) == "hopper"  # the larger face
     np.testing.assert_allclose(landmarks_of(frame), landmarks_of(prepare_identity(hopper())), atol=2.0)
     second = prepare_identity(group, face=1)
+    assert closest(second) == "astronaut"
     np.testing.assert_allclose(landmarks_of(second), landmarks_of(prepare_identity(astronaut())), atol=2.0)
     with pytest.raises(MediaError, match="face 2 was asked for, but the photo shows 2"):
         prepare_identity(group, face=2)

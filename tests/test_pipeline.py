@@ -231,9 +231,25 @@ def test_scheduler_swaps_on_a_random_unet(name, identity_image):
     recorder = RecordingUNet(tiny_unet())
     pipe = tiny_pipeline(unet=recorder)
     pipe.scheduler = SWAPS[name](pipe.scheduler.config)
-    out = run(pipe, identity_image, num_inference_steps=5)
-    assert np.isfinite(out.frames).all() and 0.0 <= out.frames.min() and out.frames.max() <= 1.0
+    given = []
+    real_step = type(pipe.scheduler).step
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        given.append((model_output.shape[1], int(timestep), sample.dtype))
+        return real_step(self, model_output, timestep, sample, *args, **kwargs)
+
+    type(pipe.scheduler).step = step
+    try:
+        out = run(pipe, identity_image, num_inference_steps=5)
+    finally:
+        type(pipe.scheduler).step = real_step
+    assert np.isfinite(out.frames).all()
     assert not scheduler_uses_variance(pipe.scheduler)  # only DDPM uses the variance channels
+    # The scheduler gets the noise channels alone, at its own timesteps, which the UNet saw too, for every frame.
+    frames = out.frames.shape[1]
+    assert [channels for channels, _, _ in given] == [3] * len(given)
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]  # Euler's are fractional; the UNet gets them whole
+    assert [t for _, t, _ in given] == timesteps * frames == [c["t"] for c in recorder.calls]
 
 
 def warnings_of(pipe, identity_image, **kwargs) -> str:
@@ -425,6 +441,20 @@ def test_half_precision_keeps_the_precision_sensitive_parts_in_float32(identity_
         pipe, identity_image, num_inference_steps=5, generator=generator.manual_seed(0), callback_on_step_end=record
     ).frames
     assert set(dtypes) == {torch.float32}  # the samples and the scheduler's update stay in float32
+    # ... and the scheduler is given them in float32: the UNet's output and the sample.
+    given = []
+    real_step = DDPMScheduler.step
+
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        given.append((model_output.dtype, sample.dtype))
+        return real_step(self, model_output, timestep, sample, *args, **kwargs)
+
+    DDPMScheduler.step = step
+    try:
+        run(pipe, identity_image, num_inference_steps=2)
+    finally:
+        DDPMScheduler.step = real_step
+    assert set(given) == {(torch.float32, torch.float32)}
     psnr = 10 * np.log10(1.0 / np.mean((half - reference) ** 2))
     assert psnr > 30, psnr
 

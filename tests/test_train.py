@@ -351,14 +351,22 @@ def test_full_motion_dropout_gives_the_unet_the_identity_as_motion_frames(
 def test_saved_pipeline_holds_the_ema_weights(ema_decay, clip_folder, tiny_config, tmp_path):
     extra = ("--max-steps", "2", "--config", str(tiny_config), "--train-audio-encoder", "--ema-decay", ema_decay)
     assert run(clip_folder, tmp_path / "model", *extra) == 0
-    saved = load_file(tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors")
-    raw = load_file(tmp_path / "model-checkpoints" / "checkpoint-2" / "model.safetensors")  # the trained weights
-    assert saved.keys() == raw.keys()
-    differing = [k for k in saved if not torch.equal(saved[k], raw[k])]
-    if ema_decay == "0":
-        assert differing == []
-    else:
-        assert len(differing) > len(saved) // 2  # EMA of 2 steps: between the start and the trained weights
+    checkpoint = tmp_path / "model-checkpoints" / "checkpoint-2"
+    # The UNet and the audio encoder (trained jointly here): each saved with its EMA weights.
+    for component, raw_file in (("unet", "model.safetensors"), ("audio_encoder", "model_1.safetensors")):
+        saved = load_file(tmp_path / "model" / component / "diffusion_pytorch_model.safetensors")
+        raw = load_file(checkpoint / raw_file)  # the trained weights
+        assert saved.keys() == raw.keys(), component
+        differing = [k for k in saved if not torch.equal(saved[k], raw[k])]
+        if ema_decay == "0":
+            assert differing == [], component
+        else:  # EMA of 2 steps: between the start and the trained weights
+            assert len(differing) > len(saved) // 2, component
+    # The saved scheduler of a new model is the released sampler's (the repository's config).
+    saved = json.loads((tmp_path / "model" / "scheduler" / "scheduler_config.json").read_text())
+    repository = json.loads(open(os.path.join(ROOT, "scheduler", "scheduler_config.json")).read())
+    repository.pop("_diffusers_version")
+    assert {k: saved[k] for k in repository} == repository
 
 
 def test_audio_encoder_is_frozen_by_default(clip_folder, tmp_path):
