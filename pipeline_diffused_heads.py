@@ -537,7 +537,11 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
     def postprocess(self, frames: torch.Tensor, output_type: str):
         """Frames `(..., 3, H, W)` in [-1, 1] (one frame of a batch, or whole videos) in [0, 1] as `output_type`:
         `"pt"` keeps the layout, `"np"` puts the channels last, `"pil"` makes (lists of) images."""
-        frames = ((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu()
+        return self._as_output_type(((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu(), output_type)
+
+    @staticmethod
+    def _as_output_type(frames: torch.Tensor, output_type: str):
+        """Frames `(..., 3, H, W)` already in [0, 1] as `output_type`."""
         if output_type == "pt":
             return frames
         array = frames.movedim(-3, -1).numpy()
@@ -570,7 +574,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
     # --- generation ---
 
     @torch.no_grad()
-    def _generate(
+    def stream(
         self,
         identity_image: Union[ImageInput, List[ImageInput]],
         audio: Union[AudioInput, List[AudioInput]],
@@ -582,9 +586,15 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         output_type: str = "np",
         callback_on_step_end: Optional[Callable[["DiffusedHeadsPipeline", int, int, Dict[str, Any]], Dict]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["frame_latents"],
-    ) -> Iterator[tuple]:
-        """The frame loop of `stream` and `__call__`: yields `(frame_index, frames in [-1, 1], frame_counts,
-        audio)` for every frame."""
+    ) -> Iterator[DiffusedHeadsFrameOutput]:
+        r"""
+        Generate talking-face videos frame by frame: yields each frame of every video of the batch as soon as it is
+        made, as a [`DiffusedHeadsFrameOutput`].
+
+        Takes the arguments of `__call__` (less `return_dict`) and makes the same frames. Only the frame being made
+        and the two before it are held, so memory does not grow with the length of the speech: write each frame
+        away as it comes. Leaving the loop stops the generation.
+        """
         if num_inference_steps is None:
             num_inference_steps = self.config.get("num_inference_steps") or 100
         self.check_inputs(
@@ -663,51 +673,16 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                     progress_bar.update()
 
                 previous = [previous[1], to_motion_frame(frame_latents.to(dtype), motion_channels)]
-                yield frame_index, frame_latents, frame_counts, audio_out
+                yield DiffusedHeadsFrameOutput(
+                    frame_index=frame_index,
+                    frames=self.postprocess(frame_latents, output_type),
+                    num_frames=frame_counts,
+                    audio=audio_out,
+                )
                 if self.interrupt:
                     break
 
         self.maybe_free_model_hooks()
-
-    def stream(
-        self,
-        identity_image: Union[ImageInput, List[ImageInput]],
-        audio: Union[AudioInput, List[AudioInput]],
-        sampling_rate: int = 16000,
-        num_inference_steps: Optional[int] = None,
-        stabilize_every: Optional[int] = None,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        output_type: str = "np",
-        callback_on_step_end: Optional[Callable[["DiffusedHeadsPipeline", int, int, Dict[str, Any]], Dict]] = None,
-        callback_on_step_end_tensor_inputs: List[str] = ["frame_latents"],
-    ) -> Iterator[DiffusedHeadsFrameOutput]:
-        r"""
-        Generate talking-face videos frame by frame: yields each frame of every video of the batch as soon as it is
-        made, as a [`DiffusedHeadsFrameOutput`].
-
-        Takes the arguments of `__call__` (less `return_dict`) and makes the same frames. Only the frame being made
-        and the two before it are held, so memory does not grow with the length of the speech: write each frame
-        away as it comes. Leaving the loop stops the generation.
-        """
-        for frame_index, frames, frame_counts, audio_out in self._generate(
-            identity_image,
-            audio,
-            sampling_rate=sampling_rate,
-            num_inference_steps=num_inference_steps,
-            stabilize_every=stabilize_every,
-            generator=generator,
-            latents=latents,
-            output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
-        ):
-            yield DiffusedHeadsFrameOutput(
-                frame_index=frame_index,
-                frames=self.postprocess(frames, output_type),
-                num_frames=frame_counts,
-                audio=audio_out,
-            )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -764,7 +739,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             [`DiffusedHeadsPipelineOutput`] or `tuple`: the frames, and the 16 kHz audio they match.
         """
         frames, frame_counts, audio_out = [], None, None
-        for _, frame, frame_counts, audio_out in self._generate(
+        for output in self.stream(
             identity_image,
             audio,
             sampling_rate=sampling_rate,
@@ -772,12 +747,14 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             stabilize_every=stabilize_every,
             generator=generator,
             latents=latents,
-            output_type=output_type,
+            output_type="pt",
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         ):
-            frames.append(frame)
-        video = self.postprocess(torch.stack(frames, dim=1), output_type)  # frames (batch_size, num_frames, ...)
+            frames.append(output.frames)
+            frame_counts, audio_out = output.num_frames, output.audio
+        # (batch_size, num_frames, 3, height, width) in [0, 1], as the output type asks
+        video = self._as_output_type(torch.stack(frames, dim=1), output_type)
         if len(set(frame_counts)) > 1:  # each video and its audio at their own length
             video = [item[: min(count, len(frames))] for item, count in zip(video, frame_counts)]
         else:
