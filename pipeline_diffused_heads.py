@@ -135,6 +135,11 @@ def _package_modules() -> Dict[str, str]:
     return modules
 
 
+def check_output_type(output_type: str) -> None:
+    if output_type not in ("np", "pt", "pil"):
+        raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+
+
 def _copy_generator(generator: torch.Generator) -> torch.Generator:
     copy = torch.Generator(device=generator.device)
     copy.set_state(generator.get_state())
@@ -438,8 +443,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if stabilize_every is not None and (not isinstance(stabilize_every, int) or stabilize_every < 0):
             raise ValueError(f"stabilize_every must be None, 0 (off) or a positive integer, got {stabilize_every!r}")
-        if output_type not in ("np", "pt", "pil"):
-            raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+        check_output_type(output_type)
         if not isinstance(sampling_rate, (int, float)) or not sampling_rate > 0:
             raise ValueError(f"sampling_rate must be a positive number, got {sampling_rate!r}")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -738,6 +742,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         Returns:
             [`DiffusedHeadsPipelineOutput`] or `tuple`: the frames, and the 16 kHz audio they match.
         """
+        check_output_type(output_type)  # before the work: the frames are made as "pt" and converted at the end
         frames, frame_counts, audio_out = [], None, None
         for output in self.stream(
             identity_image,
