@@ -141,6 +141,21 @@ def run_mode(pipe, identities, audios, latents, steps, batch_at_once, device, re
     return statistics.median(times[1:]), frames.float()
 
 
+def matmul_tflops(dtype: torch.dtype, device: torch.device, size: int = 2048, repeats: int = 10) -> float:
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    for _ in range(3):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * repeats / (time.perf_counter() - started) / 1e12
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, default=4)
@@ -150,6 +165,7 @@ def main():
     parser.add_argument("--batch", type=int, default=1, help="clips generated at once by the fast path")
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet in the fast path")
     parser.add_argument("--full", action="store_true", help="full CREMA size on the CPU too")
+    parser.add_argument("--builtin", action="store_true", help="the built-in demo model's UNet size (48x48)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for the share column")
     parser.add_argument("--no-baseline", action="store_true")
@@ -157,9 +173,14 @@ def main():
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = {} if (device.type == "cuda" or args.full) else SMALL
+    if args.builtin:
+        from diffused_heads import builtin_model_path
+
+        config = dict(DiffusedHeadsUNetModel.load_config(builtin_model_path(), subfolder="unet"))
+        config = {k: v for k, v in config.items() if not k.startswith("_")}
     torch.manual_seed(0)
     unet = DiffusedHeadsUNetModel(**config).eval().to(device)
-    encoder = DiffusedHeadsAudioEncoder().eval().to(device)
+    encoder = DiffusedHeadsAudioEncoder(hidden_size=unet.config.audio_embedding_dim).eval().to(device)
     scheduler = SCHEDULERS[args.scheduler].from_config(DDPMScheduler(**ORIGINAL_SCHEDULER_CONFIG).config)
     size = unet.config.sample_size
     samples = args.frames * 640
@@ -204,6 +225,10 @@ def main():
     label = f"fast {args.dtype} sdpa channels_last" + (" compile" if args.compile else "") + f" batch {args.batch}"
     rows.append((label, fast_time, memory, fast_frames))
 
+    # The device's practical peak, measured in this run for each precision (a 2048^3 matmul), so that the share
+    # is honest on a noisy machine; --peak-tflops replaces it.
+    peaks = {torch.float32: matmul_tflops(torch.float32, device), dtype: matmul_tflops(dtype, device)}
+    print("matmul peak, this run: " + ", ".join(f"{str(d).split('.')[1]} {p:.3f} TFLOP/s" for d, p in peaks.items()))
     total_frames = args.frames * args.batch
     print(
         f"device {device}, UNet {'full CREMA' if not config else 'small'} {size}x{size}, "
@@ -217,7 +242,8 @@ def main():
         fps = total_frames / seconds
         calls = total_frames * args.steps
         tflops = flops * calls / seconds / 1e12
-        share = f"{100 * tflops / args.peak_tflops:5.1f}%" if args.peak_tflops else "   n/a"
+        peak = args.peak_tflops or peaks[torch.float32 if label.startswith("baseline") else dtype]
+        share = f"{100 * tflops / peak:5.1f}%"
         speedup = f"{baseline_time / seconds:8.2f}x" if baseline_time else "     n/a"
         psnr = "     n/a"
         if baseline_frames is not None and frames is not baseline_frames:

@@ -11,7 +11,7 @@ import soundfile
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from diffused_heads import app, batch, example_image_path, generate, media
+from diffused_heads import app, batch, example_image_path, generate, media, runtime
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
 from helpers import speech_like, tiny_pipeline
@@ -63,18 +63,32 @@ def test_generate_uses_the_models_steps_and_else_the_released_100(tiny_model, tm
 def test_generate_scheduler_dtype_and_threads_reach_the_pipeline(tiny_model, tmp_path, calls):
     soundfile.write(tmp_path / "s.wav", speech_like(0.04), 16000)
     common = ("--model", tiny_model, "--audio", tmp_path / "s.wav", "--steps", 2)
-    assert cli(*common, "--output", tmp_path / "a.mp4", "--scheduler", "ddim", "--threads", 1) == 0
+    assert (
+        cli(*common, "--output", tmp_path / "a.mp4", "--scheduler", "ddim", "--threads", 1, "--dtype", "float32") == 0
+    )
     assert cli(*common, "--output", tmp_path / "b.mp4", "--dtype", "bfloat16", "--threads", 2) == 0
     assert cli(*common, "--output", tmp_path / "c.mp4") == 0
     ddim, half, plain = calls
     assert isinstance(ddim["scheduler"], DDIMScheduler) and ddim["scheduler"].config.timestep_spacing == "trailing"
     assert type(plain["scheduler"]) is DDPMScheduler
-    assert (ddim["unet_dtype"], half["unet_dtype"], plain["unet_dtype"]) == (
-        torch.float32,
-        torch.bfloat16,
-        torch.float32,
-    )
+    assert (ddim["unet_dtype"], half["unet_dtype"]) == (torch.float32, torch.bfloat16)
+    native = runtime.native_bfloat16(torch.device("cpu"))  # the default, "auto"
+    assert plain["unet_dtype"] == (torch.bfloat16 if native else torch.float32)
     assert (ddim["threads"], half["threads"]) == (1, 2)
+
+
+def test_auto_precision_is_bfloat16_where_the_device_computes_it(monkeypatch):
+    from helpers import logged
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "_announced", set())
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(runtime, "native_bfloat16", lambda device, native=native: native)
+        with logged() as messages:
+            assert runtime.resolve_dtype("auto", cpu) == expected
+            assert runtime.resolve_dtype("auto", cpu) == expected
+        assert len(messages) == 1 and str(expected).split(".")[1] in messages[0]  # said once
+    assert runtime.resolve_dtype("float32", cpu) == torch.float32
 
 
 def test_generate_takes_the_part_of_the_audio_file_asked_for(tiny_model, tmp_path, calls):

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, run_command
+from .cli_utils import DTYPE_CHOICES, SCHEDULER_CHOICES, HelpFormatter, run_command
 from .errors import MissingExtra
 
 logger = logging.getLogger(__name__)
@@ -66,10 +66,11 @@ class Models:
     """The models the operator offers, by label, each loaded once (on first use) and kept; the device is chosen
     once."""
 
-    def __init__(self, models: List[Optional[str]]):
+    def __init__(self, models: List[Optional[str]], dtype: str = "auto"):
         from . import runtime
 
         self.labels = model_labels(models)
+        self.dtype = dtype
         self.device = runtime.resolve_device("auto")
         self.pipelines = {}
         self.lock = threading.Lock()
@@ -88,7 +89,7 @@ class Models:
         with self.lock:
             if label not in self.pipelines:
                 try:
-                    self.pipelines[label] = runtime.load_pipeline(self.labels[label], self.device)
+                    self.pipelines[label] = runtime.load_pipeline(self.labels[label], self.device, self.dtype)
                 except ValueError as error:  # said on the server's terminal only: it names the server's files
                     logger.warning(f"the model {label!r} could not be loaded: {error}")
                     raise ValueError(f"the model {label!r} could not be loaded on the server") from None
@@ -253,7 +254,9 @@ def _readable(error: Exception, *uploads: Optional[str]) -> str:
     return message
 
 
-def build_app(models: Optional[List[Optional[str]]] = None, limits: Optional[Limits] = None, output_dir=None):
+def build_app(
+    models: Optional[List[Optional[str]]] = None, limits: Optional[Limits] = None, output_dir=None, dtype="auto"
+):
     """The Gradio page (a `gradio.Blocks`), not yet launched, and the folder its results go to (with gradio's own
     files, in `gradio/` inside it unless GRADIO_TEMP_DIR says otherwise)."""
     limits = limits or Limits()
@@ -269,7 +272,7 @@ def build_app(models: Optional[List[Optional[str]]] = None, limits: Optional[Lim
         raise MissingExtra(APP_EXTRA) from None
     from . import example_audio_path, example_image_path
 
-    models = Models(models or [None])
+    models = Models(models or [None], dtype)
 
     def generate(face, speech, model, steps, scheduler, seed, stabilize_every, prepare, progress=gr.Progress()):
         shown = set()
@@ -373,6 +376,9 @@ def parse_args(argv=None):
     parser.add_argument("--concurrency", type=int, default=1, help="requests generated at the same time")
     parser.add_argument("--keep-results", type=float, default=60.0, help="minutes a result is kept")
     parser.add_argument("--threads", type=int, help="CPU threads (default: the cores that are free)")
+    parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="UNet precision (auto: bfloat16 where native)"
+    )
     args = parser.parse_args(argv)
     for name in ("max_seconds", "max_megapixels", "max_upload_mb", "max_queue", "concurrency", "keep_results"):
         if not getattr(args, name) > 0:
@@ -397,7 +403,7 @@ def main(argv=None) -> int:
         )
         for model in args.model or []:
             runtime.resolve_model(model)  # a typo is found at start-up, not by the first visitor
-        page, output_dir = build_app(args.model or [None], limits)
+        page, output_dir = build_app(args.model or [None], limits, dtype=args.dtype)
         try:
             page.launch(
                 server_name=args.host,

@@ -13,7 +13,7 @@ from .errors import MissingExtra, with_argument
 
 # The sampler names and precisions of `runtime`, here too so that --help answers without importing torch.
 SCHEDULER_CHOICES = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
-DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+DTYPE_CHOICES = ("auto", "bfloat16", "float16", "float32")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -48,7 +48,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "default: the model's own (1 for the built-in model, off for a converted one)",
     )
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run")
-    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32", help="UNet precision")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="UNet precision; auto: bfloat16 where the device computes it natively (CPUs with AVX-512 BF16 or AMX, "
+        "GPUs with bfloat16), else float32; the samples and the scheduler's update stay in float32",
+    )
     parser.add_argument(
         "--compile", action="store_true", help="torch.compile the UNet (compiles once, pays off on long clips)"
     )

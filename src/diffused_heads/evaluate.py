@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, run_command
+from .cli_utils import DTYPE_CHOICES, SCHEDULER_CHOICES, HelpFormatter, run_command
 from .errors import ArgumentError
 from .media import load_audio, read_video
 from .synthetic_data import MOUTH_INSIDE, speech_envelope
@@ -131,6 +131,9 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's own)")
     parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, help="default: the model's own")
     parser.add_argument(
+        "--dtype", choices=DTYPE_CHOICES, default="auto", help="UNet precision (auto: bfloat16 where native)"
+    )
+    parser.add_argument(
         "--scheduler-option",
         action="append",
         default=[],
@@ -166,7 +169,7 @@ def run(args) -> int:
             options[key] = json.loads(value)  # numbers and booleans
         except ValueError:
             options[key] = value
-    pipe = runtime.load_pipeline(args.model, "cpu")
+    pipe = runtime.load_pipeline(args.model, "cpu", args.dtype)
     pipe = runtime.with_scheduler(pipe, args.scheduler, **options)
     steps = args.steps or runtime.default_steps(pipe)
     rows, summary = evaluate(pipe, stems, steps, args.seed, stabilize_every=args.stabilize_every)

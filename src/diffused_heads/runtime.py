@@ -4,7 +4,7 @@ own defaults, and turn an image or video into the identity frame.
 
     from diffused_heads import runtime
 
-    pipe = runtime.load_pipeline(device="auto", dtype="float32")      # the built-in model
+    pipe = runtime.load_pipeline(device="auto", dtype="auto")         # the built-in model
     fast = runtime.with_scheduler(pipe, "dpmsolver")                  # shares the weights; pipe is unchanged
     frames = fast(identity, speech, num_inference_steps=runtime.default_steps(fast)).frames[0]
 """
@@ -46,11 +46,40 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively: a GPU that supports it, or a CPU with AVX-512 BF16 or AMX
+    (on other CPUs bfloat16 is emulated and slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:  # not Linux: ask oneDNN
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+
+
+_announced = set()
+
+
 def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
-    """The UNet's precision by name; float16 only on a GPU."""
+    """The UNet's precision by name; `"auto"` is bfloat16 where the device computes it natively, else float32
+    (said once); float16 only on a GPU."""
+    if dtype == "auto":
+        dtype = "bfloat16" if native_bfloat16(device) else "float32"
+        if (dtype, str(device)) not in _announced:
+            _announced.add((dtype, str(device)))
+            reason = "it computes bfloat16 natively" if dtype == "bfloat16" else "it has no native bfloat16"
+            logger.info(f"the UNet runs in {dtype} on this {torch.device(device).type.upper()}: {reason}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ArgumentError("dtype", f"must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            raise ArgumentError("dtype", f"must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     if dtype == torch.float16 and torch.device(device).type == "cpu":
         raise ArgumentError("dtype", "float16 needs a GPU; use float32 or bfloat16 on the CPU")
@@ -179,13 +208,14 @@ def _no_loading_bar():
 def load_pipeline(
     model: Optional[str] = None,
     device: Union[str, torch.device] = "auto",
-    dtype: Union[str, torch.dtype] = "float32",
+    dtype: Union[str, torch.dtype] = "auto",
     scheduler: Optional[str] = None,
     compile: bool = False,
 ):
-    """Load a model folder or Hub id (None: the built-in demo model) onto `device`, its UNet in `dtype` and its
-    audio encoder in float32 (small, run once per clip), optionally with another sampler (see `with_scheduler`)
-    and a `torch.compile`d UNet. The progress bar is left to the caller."""
+    """Load a model folder or Hub id (None: the built-in demo model) onto `device`, its UNet in `dtype` (`"auto"`:
+    bfloat16 where the device computes it natively, see `resolve_dtype`) and its audio encoder in float32 (small,
+    run once per clip), optionally with another sampler (see `with_scheduler`) and a `torch.compile`d UNet. The
+    progress bar is left to the caller."""
     from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
@@ -207,6 +237,9 @@ def load_pipeline(
     # models have none.
     torch.nn.Module.to(pipe.audio_encoder, device=device, dtype=torch.float32)
     torch.nn.Module.to(pipe.unet, device=device)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        # oneDNN's bfloat16 convolutions are faster on channels-last weights (benchmarks/bench_sampling.py)
+        torch.nn.Module.to(pipe.unet, memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
     if compile:
         pipe.unet = torch.compile(pipe.unet, fullgraph=True)
