@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+
 
 @pytest.fixture(autouse=True)
 def keep_torch_threads():
@@ -17,3 +19,27 @@ def keep_torch_threads():
 def identity_image():
     rng = np.random.RandomState(0)
     return rng.randint(0, 256, size=(24, 20, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def stream_calls(monkeypatch):
+    """What every `pipe.stream` call received: the pipeline's state at that moment, and its arguments."""
+    recorded = []
+    real_stream = DiffusedHeadsPipeline.stream
+
+    def recording_stream(self, identity_image, audio, **kwargs):
+        recorded.append(
+            dict(
+                scheduler=self.scheduler,
+                unet_dtype=self.unet.dtype,
+                unet=self.unet,
+                threads=torch.get_num_threads(),
+                identity=identity_image,
+                audio=audio,
+                **kwargs,
+            )
+        )
+        return real_stream(self, identity_image, audio, **kwargs)
+
+    monkeypatch.setattr(DiffusedHeadsPipeline, "stream", recording_stream)
+    return recorded

@@ -211,19 +211,11 @@ def test_limits_turn_away_huge_pictures_large_uploads_and_a_full_queue(server, s
     assert all("queue" in message.lower() for message in turned_away), turned_away
 
 
-def test_the_page_keeps_the_models_defaults_unless_told_otherwise(monkeypatch, tmp_path):
+def test_the_page_keeps_the_models_defaults_unless_told_otherwise(tmp_path, stream_calls):
     from diffused_heads import runtime
     from diffused_heads.app import OWN, Limits, Models, run_request
-    from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
-    calls = []
-    real_stream = DiffusedHeadsPipeline.stream
-
-    def recording_stream(self, *args, **kwargs):
-        calls.append(kwargs)
-        return real_stream(self, *args, **kwargs)
-
-    monkeypatch.setattr(DiffusedHeadsPipeline, "stream", recording_stream)
+    calls = stream_calls
     waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
     soundfile.write(tmp_path / "s.wav", waveform[: int(0.12 * rate)], rate)
     models = Models([None])

@@ -428,17 +428,8 @@ def decoded_frames(path) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-def test_generate_passes_its_options_to_the_pipeline(tiny_model, tmp_path, monkeypatch):
-    from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
-
-    calls = []
-    real_stream = DiffusedHeadsPipeline.stream
-
-    def recording_stream(self, *args, **kwargs):
-        calls.append(kwargs)
-        return real_stream(self, *args, **kwargs)
-
-    monkeypatch.setattr(DiffusedHeadsPipeline, "stream", recording_stream)
+def test_generate_passes_its_options_to_the_pipeline(tiny_model, tmp_path, stream_calls):
+    calls = stream_calls
     sound = tmp_path / "speech.wav"
     soundfile.write(sound, sine(16000, seconds=0.3), 16000)
     common = ("--model", tiny_model, "--audio", sound, "--steps", 2)

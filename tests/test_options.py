@@ -12,7 +12,6 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from diffused_heads import app, batch, example_image_path, generate, media, runtime
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
 from helpers import speech_like, tiny_pipeline
 
@@ -24,43 +23,19 @@ def tiny_model(tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """What every `pipe.stream` call received: the pipeline's state at that moment, and its arguments."""
-    recorded = []
-    real_stream = DiffusedHeadsPipeline.stream
-
-    def recording_stream(self, identity_image, audio, **kwargs):
-        recorded.append(
-            dict(
-                scheduler=self.scheduler,
-                unet_dtype=self.unet.dtype,
-                unet=self.unet,
-                threads=torch.get_num_threads(),
-                identity=identity_image,
-                audio=audio,
-                **kwargs,
-            )
-        )
-        return real_stream(self, identity_image, audio, **kwargs)
-
-    monkeypatch.setattr(DiffusedHeadsPipeline, "stream", recording_stream)
-    return recorded
-
-
 def cli(*args):
     return generate.main([str(a) for a in args])
 
 
-def test_generate_uses_the_models_steps_and_else_the_released_100(tiny_model, tmp_path, calls):
+def test_generate_uses_the_models_steps_and_else_the_released_100(tiny_model, tmp_path, stream_calls):
     soundfile.write(tmp_path / "s.wav", speech_like(0.04), 16000)  # one frame
     assert cli("--model", tiny_model, "--audio", tmp_path / "s.wav", "--output", tmp_path / "a.mp4") == 0
-    assert calls[-1]["num_inference_steps"] == 100
+    assert stream_calls[-1]["num_inference_steps"] == 100
     assert cli("--audio", tmp_path / "s.wav", "--output", tmp_path / "b.mp4") == 0  # the built-in model: its own 10
-    assert calls[-1]["num_inference_steps"] == 10
+    assert stream_calls[-1]["num_inference_steps"] == 10
 
 
-def test_generate_scheduler_dtype_and_threads_reach_the_pipeline(tiny_model, tmp_path, calls):
+def test_generate_scheduler_dtype_and_threads_reach_the_pipeline(tiny_model, tmp_path, stream_calls):
     soundfile.write(tmp_path / "s.wav", speech_like(0.04), 16000)
     common = ("--model", tiny_model, "--audio", tmp_path / "s.wav", "--steps", 2)
     assert (
@@ -68,7 +43,7 @@ def test_generate_scheduler_dtype_and_threads_reach_the_pipeline(tiny_model, tmp
     )
     assert cli(*common, "--output", tmp_path / "b.mp4", "--dtype", "bfloat16", "--threads", 2) == 0
     assert cli(*common, "--output", tmp_path / "c.mp4") == 0
-    ddim, half, plain = calls
+    ddim, half, plain = stream_calls
     assert isinstance(ddim["scheduler"], DDIMScheduler) and ddim["scheduler"].config.timestep_spacing == "trailing"
     assert type(plain["scheduler"]) is DDPMScheduler
     assert (ddim["unet_dtype"], half["unet_dtype"]) == (torch.float32, torch.bfloat16)
@@ -91,7 +66,7 @@ def test_auto_precision_is_bfloat16_where_the_device_computes_it(monkeypatch):
     assert runtime.resolve_dtype("float32", cpu) == torch.float32
 
 
-def test_generate_takes_the_part_of_the_audio_file_asked_for(tiny_model, tmp_path, calls):
+def test_generate_takes_the_part_of_the_audio_file_asked_for(tiny_model, tmp_path, stream_calls):
     rate = 22050
     tone = (0.3 * np.sin(2 * np.pi * 200 * np.arange(2 * rate) / rate) * np.linspace(0, 1, 2 * rate)).astype(
         np.float32
@@ -100,12 +75,12 @@ def test_generate_takes_the_part_of_the_audio_file_asked_for(tiny_model, tmp_pat
     args = ("--model", tiny_model, "--audio", tmp_path / "s.wav", "--steps", 1, "--output", tmp_path / "o.mp4")
     assert cli(*args, "--start", 0.5, "--duration", 0.25) == 0
     expected = media.load_audio(str(tmp_path / "s.wav"), start=0.5, duration=0.25)
-    np.testing.assert_array_equal(calls[-1]["audio"], expected)
+    np.testing.assert_array_equal(stream_calls[-1]["audio"], expected)
     whole = media.load_audio(str(tmp_path / "s.wav"))
     assert len(expected) == 4000 and np.abs(expected - whole[8000:12000]).max() < 0.02  # that part, resampled
 
 
-def test_generate_takes_the_frame_of_a_video_asked_for(tiny_model, tmp_path, calls):
+def test_generate_takes_the_frame_of_a_video_asked_for(tiny_model, tmp_path, stream_calls):
     frames = np.stack([np.full((32, 32, 3), 20 * k, np.uint8) for k in range(8)])
     media.export_to_video_with_audio(frames, speech_like(0.32), str(tmp_path / "clip.mp4"), size=None)
     common = ("--model", tiny_model, "--image", tmp_path / "clip.mp4", "--no-prepare", "--steps", 1)
@@ -113,7 +88,7 @@ def test_generate_takes_the_frame_of_a_video_asked_for(tiny_model, tmp_path, cal
     assert cli(*common, "--output", tmp_path / "a.mp4", "--frame", 5) == 0
     assert cli(*common, "--output", tmp_path / "b.mp4", "--random-frame", "--seed", 3) == 0
     drawn = media.random_frame_index(str(tmp_path / "clip.mp4"), 3)
-    for call, index in zip(calls, (5, drawn)):
+    for call, index in zip(stream_calls, (5, drawn)):
         level = np.asarray(call["identity"], np.float32).mean()
         assert abs(level - 20 * index) < 4, (index, level)  # that frame's grey (through H.264)
 
@@ -123,7 +98,7 @@ def decoded(path):
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-def test_generate_batch_gives_each_job_its_seed_and_steps(tiny_model, tmp_path, calls):
+def test_generate_batch_gives_each_job_its_seed_and_steps(tiny_model, tmp_path, stream_calls):
     for k in range(3):
         PIL.Image.new("RGB", (20, 20), (40 * k, 90, 120)).save(tmp_path / f"f{k}.png")
         soundfile.write(tmp_path / f"s{k}.wav", speech_like(0.04, seed=k), 16000)
@@ -137,13 +112,13 @@ def test_generate_batch_gives_each_job_its_seed_and_steps(tiny_model, tmp_path, 
     args += ["--steps", "2", "--seed", "5", "--batch-size", "4", "--no-prepare", "--threads", "1"]
     assert batch.main([str(a) for a in args]) == 0
     seen = {}
-    for call in calls:
+    for call in stream_calls:
         for generator in call["generator"]:
             seen[generator.initial_seed()] = call["num_inference_steps"]
     assert seen == {11: 2, 12: 3, 5: 2}
 
 
-def test_the_page_honours_each_request(tiny_model, tmp_path, calls):
+def test_the_page_honours_each_request(tiny_model, tmp_path, stream_calls):
     soundfile.write(tmp_path / "s.wav", speech_like(0.12), 16000)
     models = app.Models([None, str(tiny_model)])
     face = example_image_path()
@@ -169,12 +144,12 @@ def test_the_page_honours_each_request(tiny_model, tmp_path, calls):
     first = request(app.BUILTIN_LABEL, "ddim", 1)
     request(tiny_model.name, "the model's own", 2, stabilize="5")
     request(app.BUILTIN_LABEL, "the model's own", 3)
-    builtin, tiny, again = calls
+    builtin, tiny, again = stream_calls
     assert builtin["unet"] is again["unet"] and tiny["unet"] is not builtin["unet"]  # the request's model
     assert isinstance(builtin["scheduler"], DDIMScheduler)
     assert type(again["scheduler"]) is DDPMScheduler  # a request's sampler does not stick to the model
-    assert [c["generator"].initial_seed() for c in calls] == [1, 2, 3]
-    assert [c["stabilize_every"] for c in calls] == [None, 5, None]
+    assert [c["generator"].initial_seed() for c in stream_calls] == [1, 2, 3]
+    assert [c["stabilize_every"] for c in stream_calls] == [None, 5, None]
     assert decoded(first).shape[0] == 3
     with pytest.raises(ValueError, match="add a face photo"):
         request(app.BUILTIN_LABEL, "the model's own", 0, image=None)
