@@ -156,6 +156,14 @@ def thumbnail(image, side: int = 256):
     return image.resize((side, side), PIL.Image.BICUBIC)
 
 
+def for_display(frame, side: int = 256):
+    """A generated frame (HxWx3 in [0, 1], at the model's size) as an image of `side` pixels for the page."""
+    import PIL.Image
+
+    image = PIL.Image.fromarray((frame * 255).round().astype("uint8"))
+    return image.resize((side, side), PIL.Image.BICUBIC)
+
+
 def run_request(
     models: Models,
     face: Optional[str],
@@ -173,7 +181,6 @@ def run_request(
     """One generation, as the page runs it: yields `(video path or None, identity frame, frame being made,
     warnings)`, a frame every `PREVIEW_EVERY` frames and the finished video last. Raises ValueError (MediaError
     among them) with a readable message for bad input."""
-    import PIL.Image
     import torch
 
     from . import runtime
@@ -229,8 +236,8 @@ def run_request(
                 writer.write(output.frames[0])
                 latest = output.frames[0]
                 if output.frame_index % PREVIEW_EVERY == 0:
-                    yield None, shown, thumbnail(PIL.Image.fromarray((latest * 255).round().astype("uint8"))), warnings
-        yield path, shown, thumbnail(PIL.Image.fromarray((latest * 255).round().astype("uint8"))), warnings
+                    yield None, shown, for_display(latest), warnings
+        yield path, shown, for_display(latest), warnings
 
 
 def remove_old_results(output_dir: str, keep_minutes: float) -> None:
