@@ -72,7 +72,7 @@ def test_a_failed_write_of_an_extra_file_is_one_line_that_names_it(tmp_path, mon
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     args = ["--output", str(tmp_path / "o.mp4"), "--save-frames", str(tmp_path / "frames")]
     assert generate.main(args) == 1
-    assert one_error_line(capsys).startswith("error: --output cannot write in")
+    assert one_error_line(capsys).startswith("error: --output: cannot write in")
 
 
 def test_a_frame_folder_that_cannot_be_written_is_found_before_generating(tmp_path, monkeypatch, capsys):

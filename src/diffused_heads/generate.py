@@ -70,9 +70,9 @@ def check_args(args) -> None:
         raise ArgumentError("output", f"{args.output} exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(folder):
-        raise ArgumentError("output", f"the folder {folder} does not exist")
+        raise ArgumentError("output", f": the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise ArgumentError("output", f"cannot write in {folder}")
+        raise ArgumentError("output", f": cannot write in {folder}")
     if args.steps is not None and args.steps < 1:
         raise ArgumentError("steps", f"must be at least 1, got {args.steps}")
     if args.stabilize_every is not None and args.stabilize_every < 0:
