@@ -354,14 +354,33 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pipe(cls, pipeline: DiffusionPipeline, **kwargs):
-        """A new pipeline sharing `pipeline`'s components (and config), with the ones passed replaced: for example
+        """A new pipeline sharing `pipeline`'s components and config, with the ones passed replaced: for example
         another scheduler for some calls, without changing `pipeline`.
 
-        The UNet and the audio encoder are carried over whatever module their classes come from (the package, or a
-        model folder's own code)."""
-        for name in ("unet", "audio_encoder"):
-            kwargs.setdefault(name, getattr(pipeline, name))
-        return super().from_pipe(pipeline, **kwargs)
+        Unless a `torch_dtype` is asked for, the shared modules keep their dtypes: `DiffusionPipeline.from_pipe`
+        casts them to float32 by default, which would change `pipeline` itself (a bfloat16 UNet runs beside a
+        float32 audio encoder here)."""
+        if "torch_dtype" in kwargs or "dtype" in kwargs:
+            for name in ("unet", "audio_encoder"):
+                kwargs.setdefault(name, getattr(pipeline, name))
+            return super().from_pipe(pipeline, **kwargs)
+        parts = {name: kwargs.pop(name, getattr(pipeline, name)) for name in ("unet", "audio_encoder", "scheduler")}
+        options = {name: kwargs.pop(name, pipeline.config.get(name)) for name in cls._optional_config()}
+        if kwargs:
+            raise TypeError(f"from_pipe got unexpected keyword arguments {sorted(kwargs)}")
+        derived = cls(**parts, **options)
+        if pipeline.config.get("_name_or_path"):
+            derived.register_to_config(_name_or_path=pipeline.config["_name_or_path"])
+        return derived
+
+    @classmethod
+    def _optional_config(cls) -> List[str]:
+        """The config entries `__init__` takes besides the components."""
+        return [
+            name
+            for name in inspect.signature(cls.__init__).parameters
+            if name not in ("self", "unet", "audio_encoder", "scheduler")
+        ]
 
     def register_modules(self, **kwargs):
         super().register_modules(**kwargs)

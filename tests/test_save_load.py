@@ -139,3 +139,19 @@ def test_from_pipe_shares_the_weights_and_changes_only_the_copy(tmp_path, identi
     overridden = runtime.with_scheduler(pipe, None, variance_type="fixed_small")
     assert overridden.scheduler.config.variance_type == "fixed_small"
     assert pipe.scheduler.config.variance_type == "learned_range"
+
+
+def test_from_pipe_keeps_each_shared_modules_dtype(identity_image):
+    """A bfloat16 UNet beside a float32 audio encoder: another sampler for some calls changes neither, in the new
+    pipeline or in the one it came from (diffusers' own from_pipe would cast both to float32)."""
+    pipe = tiny_pipeline()
+    torch.nn.Module.to(pipe.unet, torch.bfloat16)
+    ddim = type(pipe).from_pipe(
+        pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    )
+    for each in (pipe, ddim):
+        assert (each.unet.dtype, each.audio_encoder.dtype) == (torch.bfloat16, torch.float32)
+    assert ddim.unet is pipe.unet
+    frames(ddim, identity_image)  # and it runs
+    cast = type(pipe).from_pipe(pipe, torch_dtype=torch.float32)  # asked for: diffusers' own behaviour
+    assert cast.unet.dtype == torch.float32

@@ -18,17 +18,19 @@ widened): the amount of pixels of the colour of the inside of the drawn mouth.
 """
 
 import argparse
+import csv
 import glob
 import json
 import os
 import sys
 import time
+from typing import List, Tuple
 
 import numpy as np
 import torch
 
 from .cli_utils import DTYPE_CHOICES, SCHEDULER_CHOICES, HelpFormatter, run_command
-from .errors import ArgumentError
+from .errors import ArgumentError, MissingExtra
 from .media import load_audio, read_video
 from .synthetic_data import MOUTH_INSIDE, speech_envelope
 
@@ -86,7 +88,7 @@ def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=
     rows = []
     for stem in stems:
         frames, waveform, region = read_clip(stem, size)
-        started = time.time()
+        started = time.perf_counter()
         generated = pipe(
             frames[0],
             waveform,
@@ -94,6 +96,7 @@ def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=
             stabilize_every=stabilize_every,
             generator=torch.Generator().manual_seed(seed),
         ).frames[0]
+        seconds = time.perf_counter() - started  # generating only
         count = min(len(generated), len(frames))
         generated, frames = generated[:count], frames[:count]
         envelope = speech_envelope(waveform, count)
@@ -106,7 +109,7 @@ def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=
             "r_gen_gt": pearson(gen_open, gt_open),
             "psnr_id_gen": psnr_outside(generated, frames[0], region),
             "psnr_id_gt": psnr_outside(frames, frames[0], region),
-            "seconds": round(time.time() - started, 1),
+            "seconds": seconds,
         }
         rows.append(row)
         log(
@@ -120,6 +123,72 @@ def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=
     return rows, summary
 
 
+MEASURES = (
+    ("r_gen_env", "mouth opening vs loudness (r)", "r_gt_env"),
+    ("r_gen_gt", "mouth vs ground-truth mouth (r)", None),
+    ("psnr_id_gen", "identity PSNR outside the mouth (dB)", "psnr_id_gt"),
+)
+
+
+def sweep(pipe, stems, schedulers: List[str], steps_list: List[int], seed: int = 0, stabilize_every=None, log=print):
+    """Every sampler at every step count on the same clips: one row each with the summary figures and the seconds
+    of generating per frame, measured in this run."""
+    from . import runtime
+
+    rows = []
+    for name in schedulers:
+        sampler = runtime.with_scheduler(pipe, None if name == "own" else name)
+        for steps in steps_list:
+            clips, summary = evaluate(
+                sampler, stems, steps, seed, log=lambda message: None, stabilize_every=stabilize_every
+            )
+            row = {"scheduler": name, "steps": steps, **summary}
+            row["seconds_per_frame"] = sum(c["seconds"] for c in clips) / max(1, summary["frames"])
+            rows.append(row)
+            log(
+                f"{name:>9} {steps:>4} steps: {row['seconds_per_frame']:.3f} s/frame, r(gen,env) "
+                f"{row['r_gen_env']:+.3f}, r(gen,gt) {row['r_gen_gt']:+.3f}, identity {row['psnr_id_gen']:.1f} dB"
+            )
+    return rows
+
+
+def write_sweep(rows: List[dict], folder: str) -> Tuple[str, str]:
+    """`sweep.csv` and `sweep.png` (each measure against seconds per frame, a line per sampler, the ground
+    truth's value as a dashed line) in `folder`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingExtra('the plot needs matplotlib: pip install "diffused-heads-diffusers[test]"') from None
+    os.makedirs(folder, exist_ok=True)
+    table = os.path.join(folder, "sweep.csv")
+    with open(table, "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    figure, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4))
+    for axis, (key, label, reference) in zip(axes, MEASURES):
+        for name in dict.fromkeys(r["scheduler"] for r in rows):
+            points = sorted((r["seconds_per_frame"], r[key], r["steps"]) for r in rows if r["scheduler"] == name)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+            for x, y, steps in points:
+                axis.annotate(str(steps), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if reference:
+            axis.axhline(rows[0][reference], color="grey", linestyle="--", label="ground truth")
+        axis.set_xscale("log")
+        axis.set_xlabel("seconds per frame (this machine)")
+        axis.set_title(label, fontsize=10)
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    picture = os.path.join(folder, "sweep.png")
+    figure.savefig(picture, dpi=110)
+    plt.close(figure)
+    return table, picture
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="diffused-heads evaluate",
@@ -128,8 +197,15 @@ def parse_args(argv=None):
     )
     parser.add_argument("--model", help="pipeline folder (default: the built-in demo model)")
     parser.add_argument("--data", required=True, help="folder made by diffused-heads make-dataset --split eval")
-    parser.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's own)")
+    parser.add_argument(
+        "--steps", help="denoising steps per frame, or a comma-separated list for a sweep (default: the model's own)"
+    )
     parser.add_argument("--scheduler", choices=SCHEDULER_CHOICES, help="default: the model's own")
+    parser.add_argument(
+        "--schedulers",
+        help="a comma-separated list of samplers to sweep (of: own, " + ", ".join(SCHEDULER_CHOICES) + ")",
+    )
+    parser.add_argument("--output-dir", help="a sweep's sweep.csv and sweep.png go here (needed for a sweep)")
     parser.add_argument(
         "--dtype", choices=DTYPE_CHOICES, default="auto", help="UNet precision (auto: bfloat16 where native)"
     )
@@ -149,6 +225,19 @@ def parse_args(argv=None):
     for option in args.scheduler_option:
         if "=" not in option:
             parser.error(f"--scheduler-option takes KEY=VALUE, got {option!r}")
+    try:
+        args.steps = [int(v) for v in args.steps.split(",")] if args.steps else None
+    except ValueError:
+        parser.error(f"--steps takes whole numbers separated by commas, got {args.steps!r}")
+    if args.steps and min(args.steps) < 1:
+        parser.error("--steps must be at least 1")
+    if args.schedulers:
+        args.schedulers = [v.strip() for v in args.schedulers.split(",") if v.strip()]
+        unknown = [v for v in args.schedulers if v not in ("own", *SCHEDULER_CHOICES)]
+        if unknown:
+            parser.error(f"--schedulers: unknown {unknown}; choose from own, {', '.join(SCHEDULER_CHOICES)}")
+    if (args.schedulers or (args.steps and len(args.steps) > 1)) and not args.output_dir:
+        parser.error("a sweep (--schedulers, or several --steps) writes its table and plot to --output-dir")
     return args
 
 
@@ -171,7 +260,14 @@ def run(args) -> int:
             options[key] = value
     pipe = runtime.load_pipeline(args.model, "cpu", args.dtype)
     pipe = runtime.with_scheduler(pipe, args.scheduler, **options)
-    steps = args.steps or runtime.default_steps(pipe)
+    if args.schedulers or (args.steps and len(args.steps) > 1):
+        steps_list = args.steps or [runtime.default_steps(pipe)]
+        schedulers = args.schedulers or ["own" if args.scheduler is None else args.scheduler]
+        rows = sweep(pipe, stems, schedulers, steps_list, args.seed, args.stabilize_every)
+        table, picture = write_sweep(rows, args.output_dir)
+        print(f"Wrote {table} and {picture} ({len(rows)} samplers x steps, {len(stems)} clips)")
+        return 0
+    steps = args.steps[0] if args.steps else runtime.default_steps(pipe)
     rows, summary = evaluate(pipe, stems, steps, args.seed, stabilize_every=args.stabilize_every)
     config = pipe.scheduler.config
     sampler = f"{type(pipe.scheduler).__name__} (timestep_spacing {config.timestep_spacing}"
