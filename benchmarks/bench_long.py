@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="10,60,300", help="seconds of speech, comma-separated")
     parser.add_argument("--steps", type=int, help="denoising steps per frame (default: the model's own)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each run")
+    parser.add_argument("--dtype", default="auto", help="UNet precision of each run (auto: bfloat16 where native)")
     args = parser.parse_args()
     lengths = [float(v) for v in args.lengths.split(",")]
     rows = []
@@ -62,7 +63,8 @@ def main() -> None:
         for seconds in lengths:
             output = os.path.join(folder, f"out-{seconds:g}.mp4")
             command = [sys.executable, "-c", CHILD, "--audio", speech_file(seconds, folder), "--output", output]
-            command += ["--threads", str(args.threads)] + (["--steps", str(args.steps)] if args.steps else [])
+            command += ["--threads", str(args.threads), "--dtype", args.dtype]
+            command += ["--steps", str(args.steps)] if args.steps else []
             result = subprocess.run(command, capture_output=True, text=True)
             if result.returncode != 0:
                 sys.exit(f"the run of {seconds:g} s failed:\n{result.stderr[-2000:]}")
@@ -70,7 +72,7 @@ def main() -> None:
             rows.append((seconds, measured["peak_mb"], measured["seconds"] / seconds, sync_ms(output)))
             print(f"{seconds:g} s done", file=sys.stderr, flush=True)
     steps = args.steps or "the model's own"
-    print(f"\nbuilt-in model, {steps} steps per frame, {args.threads} thread(s)\n")
+    print(f"\nbuilt-in model, {steps} steps per frame, {args.dtype}, {args.threads} thread(s)\n")
     print(f"{'speech':>8}  {'peak memory':>12}  {'growth':>8}  {'s per s of speech':>18}  {'A/V sync at the end':>20}")
     for seconds, peak, rate, sync in rows:
         print(f"{seconds:>7g}s  {peak:>9.0f} MB  {peak - rows[0][1]:>+6.0f} MB  {rate:>18.2f}  {sync:>17.1f} ms")

@@ -55,12 +55,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--steps", type=int, help="default: the model's own")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--dtype", default="auto", help="UNet precision (auto: bfloat16 where native)")
     parser.add_argument("--sheet", help="write a contact sheet (one frame a minute) to this PNG")
     parser.add_argument("--json", help="also write the per-minute figures here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipe = runtime.load_pipeline(None, "cpu")
+    pipe = runtime.load_pipeline(None, "cpu", args.dtype)
     size = pipe.unet.config.sample_size
     with open(os.path.join(os.path.dirname(example_image_path()), "identity.json"), encoding="utf-8") as f:
         info = json.load(f)
