@@ -134,3 +134,27 @@ def test_sigterm_during_the_run_leaves_no_partial_file(tiny_model, tmp_path):
     assert process.returncode == 143, err[-2000:]
     assert "interrupted; no output was written" in err
     assert sorted(os.listdir(tmp_path)) == ["speech.wav"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_batch_leaves_no_partial_file(tiny_model, tmp_path):
+    for k in range(2):
+        soundfile.write(tmp_path / f"s{k}.wav", speech_like(20.0, seed=k), 16000)
+    from diffused_heads import example_image_path
+
+    rows = "".join(f"{example_image_path()},{tmp_path / f's{k}.wav'}\n" for k in range(2))
+    (tmp_path / "jobs.csv").write_text("image,audio\n" + rows)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "diffused_heads", "generate-batch", "--jobs", str(tmp_path / "jobs.csv")]
+    command += ["--output-dir", str(out), "--model", str(tiny_model), "--steps", "5", "--no-prepare"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (out.exists() and any(name.startswith(".partial-") for name in os.listdir(out))):
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-2000:]
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err[-2000:]
+    assert "finished videos are kept, none is half-written" in err
+    assert [name for name in os.listdir(out) if not name.startswith(".diffused-heads-progress")] == []
