@@ -809,13 +809,14 @@ def read_released_files(unet_path: str, audio_encoder_path: str, report: Convers
             ": this file is a UNet, not the speech encoder (were the two files swapped?)",
             argument="audio_encoder_path",
         )
-    return unet_module, encoder_module
+    return unet_module, encoder_module, unet_state, encoder_state
 
 
-def derive_configs(unet_module, encoder_module, report: ConversionReport, sample_size: int, log=print) -> None:
+def derive_configs(
+    unet_module, encoder_module, unet_state, encoder_state, report: ConversionReport, sample_size: int, log=print
+) -> None:
     """Both configurations, from the tensors' shapes and, where shapes cannot tell, from running parts of the
     modules; stored in `report`."""
-    unet_state, encoder_state = unet_module.state_dict(), encoder_module.state_dict()
     encoder_config = derive_audio_encoder_config(encoder_state, encoder_module)
     encoder_config["batch_norm_statistics"] = batch_norm_statistics(
         encoder_module, report.source["audio_encoder"], log
@@ -918,22 +919,22 @@ def convert(
     output_dir = check_output_dir(output_dir, overwrite)
 
     report = ConversionReport()
-    unet_module, encoder_module = read_released_files(unet_path, audio_encoder_path, report, log)
-    derive_configs(unet_module, encoder_module, report, sample_size, log)
-    unet, report.unet_tensors = build_unet(unet_module.state_dict(), report.unet_config)
-    audio_encoder, report.audio_encoder_tensors = build_audio_encoder(
-        encoder_module.state_dict(), report.audio_encoder_config
+    unet_module, encoder_module, unet_state, encoder_state = read_released_files(
+        unet_path, audio_encoder_path, report, log
     )
+    derive_configs(unet_module, encoder_module, unet_state, encoder_state, report, sample_size, log)
+    unet, report.unet_tensors = build_unet(unet_state, report.unet_config)
+    audio_encoder, report.audio_encoder_tensors = build_audio_encoder(encoder_state, report.audio_encoder_config)
     log(
-        f"Placed {report.unet_tensors}/{len(unet_module.state_dict())} UNet tensors "
+        f"Placed {report.unet_tensors}/{len(unet_state)} UNet tensors "
         f"({sum(p.numel() for p in unet.parameters()):,} parameters) and "
-        f"{report.audio_encoder_tensors}/{len(encoder_module.state_dict())} audio encoder tensors"
+        f"{report.audio_encoder_tensors}/{len(encoder_state)} audio encoder tensors"
     )
     if verify_models:
         verify(unet_module, encoder_module, unet, audio_encoder, report, log)
     else:
         log("Verification skipped (--no-verify)")
-    del unet_module, encoder_module
+    del unet_module, encoder_module, unet_state, encoder_state
 
     if dtype != "float32":
         # The audio encoder stays float32: it is small and runs once per clip. (nn.Module.to skips a diffusers

@@ -52,6 +52,9 @@ def audio_window(
     return torch.gather(embeddings, 1, indices[..., None].expand(-1, -1, embeddings.shape[-1]))
 
 
+# The released sampler's steps per frame, for a model that names none of its own.
+DEFAULT_NUM_INFERENCE_STEPS = 100
+
 # The released sampler (REFERENCE: the original `sample.py`) as a diffusers DDPMScheduler configuration.
 ORIGINAL_SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
@@ -619,7 +622,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         away as it comes. Leaving the loop stops the generation.
         """
         if num_inference_steps is None:
-            num_inference_steps = self.config.get("num_inference_steps") or 100
+            num_inference_steps = self.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
         self.check_inputs(
             num_inference_steps, stabilize_every, output_type, sampling_rate, callback_on_step_end_tensor_inputs
         )

@@ -52,6 +52,9 @@ class Job:
     steps: Optional[int] = None
     scheduler: Optional[str] = None
     max_frames: Optional[int] = None  # a clip of a folder: as many frames as the clip has
+    seconds: Optional[float] = (
+        None  # the audio's length from its header (None: unknown), read when batches are planned
+    )
 
 
 @dataclass
@@ -176,11 +179,12 @@ def plan_batches(jobs: List[Job], batch_size: int) -> List[List[Job]]:
 
     groups = {}
     for job in jobs:
+        if job.seconds is None:
+            job.seconds = audio_duration(job.audio)
         groups.setdefault((job.steps, job.scheduler), []).append(job)
     batches = []
     for group in groups.values():
-        lengths = {job.index: audio_duration(job.audio) for job in group}
-        group = sorted(group, key=lambda job: (lengths[job.index] is None, lengths[job.index] or 0.0, job.index))
+        group = sorted(group, key=lambda job: (job.seconds is None, job.seconds or 0.0, job.index))
         batches += [group[start : start + batch_size] for start in range(0, len(group), batch_size)]
     return batches
 
@@ -402,12 +406,11 @@ def write_summary(output_dir: str, content: dict) -> str:
 
 
 def estimated_frames(job: Job) -> int:
-    """The frames a job will make, from its audio's length in the file's header (0 when that cannot be read)."""
-    from .media import audio_duration
+    """The frames a job will make, from its audio's length (0 when that is unknown): one per 640 samples."""
+    from .media import SAMPLES_PER_FRAME, SAMPLING_RATE
 
-    seconds = audio_duration(job.audio) or 0.0
-    frames = (round(seconds * 16000) + 2560 - 3200) // 640 + 1 if seconds else 0
-    return min(frames, job.max_frames) if job.max_frames else max(frames, 0)
+    frames = round((job.seconds or 0.0) * SAMPLING_RATE) // SAMPLES_PER_FRAME
+    return min(frames, job.max_frames) if job.max_frames else frames
 
 
 def run(args) -> int:
@@ -434,7 +437,7 @@ def run(args) -> int:
     device = state.device if args.device != "cpu" else torch.device("cpu")
     if args.device == "cuda" and device.type != "cuda":
         raise ArgumentError("device", "cuda was asked for but no CUDA GPU is available")
-    runtime.resolve_dtype(args.dtype, device)
+    args.dtype = runtime.resolve_dtype(args.dtype, device)  # a bad choice is said before any job is read
     skipped = [Result(job.index, job.output, "skipped") for job in jobs if os.path.exists(job.output)]
     pending = [job for job in jobs if not os.path.exists(job.output)]
     batches = plan_batches(pending, args.batch_size)

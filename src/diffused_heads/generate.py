@@ -115,7 +115,7 @@ def run(args) -> str:
     logger = logging.getLogger("diffused_heads.generate")
     runtime.configure_threads(args.threads)
     device = runtime.resolve_device(args.device)
-    runtime.resolve_dtype(args.dtype, device)
+    dtype = runtime.resolve_dtype(args.dtype, device)  # a bad choice is said before anything is read
     started = time.perf_counter()
 
     if args.image:
@@ -139,7 +139,7 @@ def run(args) -> str:
         logger.info("no --audio given: using the built-in example sentence")
     audio = load_audio(args.audio or example_audio_path(), start=args.start, duration=args.duration)
 
-    pipe = runtime.load_pipeline(args.model, device, args.dtype, args.scheduler, compile=args.compile)
+    pipe = runtime.load_pipeline(args.model, device, dtype, args.scheduler, compile=args.compile)
     steps = args.steps or runtime.default_steps(pipe)
     num_frames = pipe.audio_encoder.num_frames(len(audio))
     if args.save_frames:

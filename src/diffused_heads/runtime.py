@@ -27,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 SCHEDULERS = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# The released sampler's step count, for models that name none of their own.
-DEFAULT_STEPS = 100
 
 
 # --------------------------------------------------------------------------------------------------
@@ -280,7 +278,9 @@ def with_scheduler(pipe, name: Optional[str] = None, **overrides):
 
 def default_steps(pipe) -> int:
     """The model's own denoising steps per frame (`num_inference_steps` in its config), else the released 100."""
-    return pipe.config.get("num_inference_steps") or DEFAULT_STEPS
+    from .hub.pipeline_diffused_heads import DEFAULT_NUM_INFERENCE_STEPS
+
+    return pipe.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
 
 
 # --------------------------------------------------------------------------------------------------
