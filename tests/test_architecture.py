@@ -23,6 +23,7 @@ LAYERS = {
     "media": 2,
     "faces": 3,
     "synthetic_data": 3,
+    "dataset": 3,
     "runtime": 4,
     "cli_utils": 5,
     "hub.convert_checkpoint": 6,
@@ -34,6 +35,7 @@ LAYERS = {
     "prepare_face": 6,
     "convert": 6,
     "make_dataset": 6,
+    "prepare_dataset": 6,
     "cli": 7,
     "__main__": 8,
 }

@@ -26,19 +26,17 @@ import csv
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import List, Optional
 
-from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, add_model_options, run_command
+from .cli_utils import SCHEDULER_CHOICES, HelpFormatter, ProgressBoard, add_model_options, run_command
 from .errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
 JOB_FIELDS = ("image", "audio", "output", "seed", "frame", "steps", "scheduler")
-PROGRESS_FOLDER = ".diffused-heads-progress"
 
 
 @dataclass
@@ -191,47 +189,6 @@ def plan_batches(jobs: List[Job], batch_size: int) -> List[List[Job]]:
 
 # --------------------------------------------------------------------------------------------------
 # Generation
-
-
-class ProgressBoard:
-    """Frames made per process, shared through small files in the output folder (which every process of a run,
-    on any node, writes to), so that the main process can show the whole run's progress."""
-
-    def __init__(self, output_dir: str, process_index: int, num_processes: int):
-        self.folder = os.path.join(output_dir, PROGRESS_FOLDER)
-        self.process_index, self.num_processes = process_index, num_processes
-        self.posted_at = 0.0
-        os.makedirs(self.folder, exist_ok=True)
-
-    def _path(self, index: int) -> str:
-        return os.path.join(self.folder, f"{index}.json")
-
-    def post(self, jobs: int, frames: int, finished: bool = False, every: float = 0.0) -> None:
-        """Post this process's counts (at most once per `every` seconds unless finished)."""
-        now = time.monotonic()
-        if not finished and now - self.posted_at < every:
-            return
-        self.posted_at = now
-        temporary = self._path(self.process_index) + ".tmp"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump({"jobs": jobs, "frames": frames, "finished": finished}, f)
-        os.replace(temporary, self._path(self.process_index))
-
-    def read(self) -> dict:
-        total = {"jobs": 0, "frames": 0, "finished": 0}
-        for index in range(self.num_processes):
-            try:
-                with open(self._path(index), encoding="utf-8") as f:
-                    posted = json.load(f)
-            except (OSError, ValueError):
-                continue
-            total["jobs"] += posted["jobs"]
-            total["frames"] += posted["frames"]
-            total["finished"] += bool(posted["finished"])
-        return total
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def prepare_job(job: Job, args):

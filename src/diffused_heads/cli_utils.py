@@ -2,14 +2,17 @@
 a user's mistake. Command modules import this; nothing below them does."""
 
 import argparse
+import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
-from typing import Callable, Dict, Optional
+import time
+from typing import Callable, Dict, Optional, Tuple
 
-from .errors import MissingExtra, with_argument
+from .errors import ArgumentError, MissingExtra, with_argument
 
 # The sampler names and precisions of `runtime`, here too so that --help answers without importing torch.
 SCHEDULER_CHOICES = ("ddpm", "ddim", "dpmsolver", "unipc", "euler")
@@ -125,3 +128,59 @@ def run_command(body: Callable[[], int], flags: Optional[Dict[str, str]] = None,
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def parse_colour(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
+    if text is None:
+        return None
+    try:
+        colour = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        colour = ()
+    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
+        raise ArgumentError("background", f"takes R,G,B with values from 0 to 255, got {text!r}")
+    return colour
+
+
+PROGRESS_FOLDER = ".diffused-heads-progress"
+
+
+class ProgressBoard:
+    """Frames made per process, shared through small files in the output folder (which every process of a run,
+    on any node, writes to), so that the main process can show the whole run's progress."""
+
+    def __init__(self, output_dir: str, process_index: int, num_processes: int):
+        self.folder = os.path.join(output_dir, PROGRESS_FOLDER)
+        self.process_index, self.num_processes = process_index, num_processes
+        self.posted_at = 0.0
+        os.makedirs(self.folder, exist_ok=True)
+
+    def _path(self, index: int) -> str:
+        return os.path.join(self.folder, f"{index}.json")
+
+    def post(self, jobs: int, frames: int, finished: bool = False, every: float = 0.0) -> None:
+        """Post this process's counts (at most once per `every` seconds unless finished)."""
+        now = time.monotonic()
+        if not finished and now - self.posted_at < every:
+            return
+        self.posted_at = now
+        temporary = self._path(self.process_index) + ".tmp"
+        with open(temporary, "w", encoding="utf-8") as f:
+            json.dump({"jobs": jobs, "frames": frames, "finished": finished}, f)
+        os.replace(temporary, self._path(self.process_index))
+
+    def read(self) -> dict:
+        total = {"jobs": 0, "frames": 0, "finished": 0}
+        for index in range(self.num_processes):
+            try:
+                with open(self._path(index), encoding="utf-8") as f:
+                    posted = json.load(f)
+            except (OSError, ValueError):
+                continue
+            total["jobs"] += posted["jobs"]
+            total["frames"] += posted["frames"]
+            total["finished"] += bool(posted["finished"])
+        return total
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -44,6 +44,13 @@ FACES_EXTRA = (
 # inner (39) corner, left eye inner (42) and outer (45) corner; and the MediaPipe face-mesh points at them.
 STABLE_POINTS = ("nose base", "right eye outer", "right eye inner", "left eye inner", "left eye outer")
 MESH_INDICES = (2, 33, 133, 362, 263)
+MESH_POINTS = 468  # the face mesh's points (without the irises)
+# Face-mesh points of the outer lip contour, and of each eye (outer corner, two upper, inner corner, two lower:
+# the six points of the eye aspect ratio).
+OUTER_LIPS = (61, 146, 91, 181, 84, 17, 314, 405, 321, 375, 291, 409, 270, 269, 267, 0, 37, 39, 40, 185)
+INNER_LIPS = (78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191)
+RIGHT_EYE = (33, 160, 158, 133, 153, 144)
+LEFT_EYE = (263, 387, 385, 362, 380, 373)
 # face-processor's mean face (the repository-root mean_face.npy of its README commands): the five points and
 # the bounding box of all 68 points, and its crop recipe (scale and offsets of the README's commands).
 MEAN_FACE_POINTS = np.array(
@@ -180,22 +187,29 @@ def _boxes(models: FaceModels, rgb: np.ndarray) -> List[Tuple[float, float, floa
     return sorted(boxes, key=lambda b: -(b[2] - b[0]) * (b[3] - b[1]))
 
 
-def _mesh_points(models: FaceModels, rgb: np.ndarray, box) -> Optional[np.ndarray]:
-    """The five stable points of the face in `box`, from the face mesh run on a crop around it."""
+def face_mesh(models: FaceModels, rgb: np.ndarray, box) -> Optional[np.ndarray]:
+    """All 468 face-mesh points `(468, 2)` (pixels) of the face in `box`, from the mesh run on a crop around it;
+    None when the mesh finds no face there."""
     height, width = rgb.shape[:2]
     x0, y0, x1, y1 = box
     side = 2.2 * max(x1 - x0, y1 - y0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
     right, bottom = int(min(width, cx + side / 2)), int(min(height, cy + side / 2))
+    if right - left < 8 or bottom - top < 8:
+        return None
     crop = np.ascontiguousarray(rgb[top:bottom, left:right])
     result = models.mesh.process(crop).multi_face_landmarks
     if not result:
         return None
     landmarks = result[0].landmark
-    return np.array(
-        [(landmarks[i].x * crop.shape[1] + left, landmarks[i].y * crop.shape[0] + top) for i in MESH_INDICES]
-    )
+    return np.array([(p.x * crop.shape[1] + left, p.y * crop.shape[0] + top) for p in landmarks[:MESH_POINTS]])
+
+
+def _mesh_points(models: FaceModels, rgb: np.ndarray, box) -> Optional[np.ndarray]:
+    """The five stable points of the face in `box`."""
+    points = face_mesh(models, rgb, box)
+    return None if points is None else points[list(MESH_INDICES)]
 
 
 ROTATIONS = {
@@ -333,6 +347,17 @@ def prepare_identity(
     centre = np.array([work / 2, work / 2])
     target = centre + (target - centre) * scale
     matrix = similarity_transform(points, target)
+    aligned, inside = render_aligned(photo, matrix, work, background, keep_background)
+    if inside.mean() < 0.97 and inside[work // 8 : -work // 8, work // 8 : -work // 8].min() < 0.5:
+        logger.warning("the face is cut by the photo's edge; the missing part is filled with the background")
+    return aligned.resize((size, size), PIL.Image.LANCZOS) if work != size else aligned
+
+
+def render_aligned(
+    photo: PIL.Image.Image, matrix: np.ndarray, work: int, background, keep_background: bool = False
+) -> Tuple[PIL.Image.Image, np.ndarray]:
+    """The photo warped by `matrix` (photo pixels to `work` x `work` pixels) with the person on `background`
+    (or the photo's own background), and the part of the frame the photo covers (`(work, work)` in [0, 1])."""
     zoom = math.hypot(*matrix[:, 0])  # output pixels per photo pixel
     reduce = max(1, int(1 / (2 * zoom)))  # keep at least 2 photo pixels per working pixel
     if reduce > 1:
@@ -340,18 +365,14 @@ def prepare_identity(
         matrix = matrix @ np.diag([reduce, reduce, 1.0])
     aligned = _warp(photo, matrix, work)
     inside = np.asarray(_warp(PIL.Image.new("L", photo.size, 255), matrix, work, fill=0), np.float32) / 255.0
-    if inside.mean() < 0.97 and inside[work // 8 : -work // 8, work // 8 : -work // 8].min() < 0.5:
-        logger.warning("the face is cut by the photo's edge; the missing part is filled with the background")
     if keep_background:
-        result = aligned
-    else:
-        models = FaceModels.shared()
-        mask = models.segmenter.process(np.asarray(aligned)).segmentation_mask
-        mask = np.clip(np.asarray(mask, np.float32), 0.0, 1.0) * inside
-        colour = np.array(background, np.float32)
-        blended = np.asarray(aligned, np.float32) * mask[..., None] + colour * (1.0 - mask[..., None])
-        result = PIL.Image.fromarray(blended.round().clip(0, 255).astype(np.uint8))
-    return result.resize((size, size), PIL.Image.LANCZOS) if work != size else result
+        return aligned, inside
+    models = FaceModels.shared()
+    mask = models.segmenter.process(np.asarray(aligned)).segmentation_mask
+    mask = np.clip(np.asarray(mask, np.float32), 0.0, 1.0) * inside
+    colour = np.array(background, np.float32)
+    blended = np.asarray(aligned, np.float32) * mask[..., None] + colour * (1.0 - mask[..., None])
+    return PIL.Image.fromarray(blended.round().clip(0, 255).astype(np.uint8)), inside
 
 
 def _photo_and_points(image, frame: Optional[int], face) -> Tuple[PIL.Image.Image, np.ndarray]:
@@ -408,6 +429,174 @@ def looks_prepared(image: PIL.Image.Image, background=GREEN_BACKGROUND, toleranc
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     distance = np.linalg.norm(border - np.array(background, np.float32), axis=1)
     return bool((distance < tolerance).mean() > 0.6)
+
+
+# --------------------------------------------------------------------------------------------------
+# Video: one face followed through a clip
+
+Box = Tuple[float, float, float, float]
+SIMILAR_FACE = 0.6  # another face at least this share of the followed one's area makes a frame "crowded"
+
+
+def detect_faces(rgb: np.ndarray) -> List[Box]:
+    """Face boxes `(x0, y0, x1, y1)` in pixels of `rgb`, largest first (searched at most DETECTION_SIDE large)."""
+    height, width = rgb.shape[:2]
+    factor = min(1.0, DETECTION_SIDE / max(height, width))
+    small = rgb
+    if factor < 1.0:
+        small = np.asarray(
+            PIL.Image.fromarray(rgb).resize((max(1, round(width * factor)), max(1, round(height * factor))))
+        )
+    return [tuple(v / factor for v in box) for box in _boxes(FaceModels.shared(), np.ascontiguousarray(small))]
+
+
+def box_overlap(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = width * height
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _area(box: Box) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+@dataclass
+class FaceSegment:
+    """Frames `[start, end)` of a clip in which one face is followed: its box per frame (None where it was not
+    found, at most `max_gap` frames in a row) and how many frames show another face of similar size."""
+
+    start: int
+    end: int
+    boxes: List[Optional[Box]]
+    crowded: int = 0
+
+    @property
+    def found(self) -> int:
+        return sum(b is not None for b in self.boxes)
+
+
+def follow_face(
+    boxes: Sequence[Sequence[Box]], cuts: Sequence[int] = (), max_gap: int = 5, min_overlap: float = 0.3
+) -> List[FaceSegment]:
+    """Follow one face through per-frame face boxes (largest first): a segment starts at the largest face,
+    continues with the box that overlaps the last one most, and ends at a scene cut (a frame index in `cuts`)
+    or when the face is missing for more than `max_gap` frames; the search then starts again after the last
+    frame the face was seen in."""
+    cuts = set(cuts)
+    segments: List[FaceSegment] = []
+    current: Optional[FaceSegment] = None
+    last_box: Optional[Box] = None
+    last_seen = -1
+    index = 0
+
+    def close():
+        current.boxes = current.boxes[: last_seen - current.start + 1]
+        current.end = last_seen + 1
+        segments.append(current)
+
+    while index < len(boxes):
+        found = list(boxes[index])
+        if current is None:
+            if found:
+                current = FaceSegment(index, index + 1, [found[0]])
+                last_box, last_seen = found[0], index
+                current.crowded += any(_area(b) >= SIMILAR_FACE * _area(found[0]) for b in found[1:])
+            index += 1
+            continue
+        if index in cuts:
+            close()
+            current = None
+            continue  # the frame after the cut starts the next segment
+        best = max(found, key=lambda b: box_overlap(b, last_box), default=None)
+        if best is not None and box_overlap(best, last_box) >= min_overlap:
+            current.boxes.extend([None] * (index - last_seen - 1) + [best])
+            current.crowded += any(b is not best and _area(b) >= SIMILAR_FACE * _area(best) for b in found)
+            last_box, last_seen = best, index
+        elif index - last_seen > max_gap:
+            close()
+            current = None
+            index = last_seen + 1
+            continue
+        index += 1
+    if current is not None:
+        close()
+    return segments
+
+
+def fill_missing(points: np.ndarray) -> np.ndarray:
+    """`(T, N, 2)` points with NaN rows for frames without landmarks, filled by linear interpolation in time
+    (and the nearest frame's at the ends)."""
+    points = np.array(points, np.float64)
+    missing = np.isnan(points).any(axis=(1, 2))
+    if missing.all():
+        raise ValueError("no frame has landmarks")
+    if missing.any():
+        known = np.flatnonzero(~missing)
+        flat = points.reshape(len(points), -1)
+        for column in range(flat.shape[1]):
+            flat[missing, column] = np.interp(np.flatnonzero(missing), known, flat[known, column])
+        points = flat.reshape(points.shape)
+    return points
+
+
+def local_quadratic_smooth(values: np.ndarray, radius: int, times: Optional[np.ndarray] = None) -> np.ndarray:
+    """Each row of `(T, K)` values replaced by the least-squares quadratic in time fitted over the frames up to
+    `radius` away (a Savitzky-Golay filter where the frames are evenly spaced): noise is removed while a steady
+    motion (up to a constant acceleration) passes unchanged and without lag. `times` (seconds, default evenly
+    spaced) are when each frame was shown: a video resampled to another frame rate repeats or skips frames, and
+    the fit follows the motion in the source's own time. Near the ends the window is one-sided."""
+    values = np.asarray(values, np.float64)
+    count = len(values)
+    if radius <= 0 or count < 3:
+        return values.copy()
+    times = np.arange(count, dtype=np.float64) if times is None else np.asarray(times, np.float64)
+    smoothed = np.empty_like(values)
+    for index in range(count):
+        window = slice(max(0, index - radius), min(count, index + radius + 1))
+        offsets = times[window] - times[index]
+        degree = min(2, len(np.unique(offsets)) - 1)
+        if degree < 1:
+            smoothed[index] = values[window].mean(axis=0)
+            continue
+        scale = max(np.abs(offsets).max(), 1e-9)
+        design = np.vander(offsets / scale, degree + 1, increasing=True)
+        coefficients, *_ = np.linalg.lstsq(design, values[window], rcond=None)
+        smoothed[index] = coefficients[0]  # the fitted value at this frame's own time
+    return smoothed
+
+
+def smooth_transforms(matrices: np.ndarray, radius: int, times: Optional[np.ndarray] = None) -> np.ndarray:
+    """`(T, 2, 3)` similarity transforms smoothed over time: their four parameters (s cos, s sin, shift x and y)
+    each go through `local_quadratic_smooth`, so the result is a similarity transform again."""
+    matrices = np.asarray(matrices, np.float64)
+    parameters = np.stack([matrices[:, 0, 0], matrices[:, 1, 0], matrices[:, 0, 2], matrices[:, 1, 2]], axis=1)
+    a, b, tx, ty = local_quadratic_smooth(parameters, radius, times).T
+    return np.stack([np.stack([a, -b, tx], 1), np.stack([b, a, ty], 1)], axis=1)
+
+
+def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def landmark_speed(points: np.ndarray) -> float:
+    """The mean distance a landmark moves from one frame to the next, for `(T, N, 2)` points."""
+    if len(points) < 2:
+        return 0.0
+    return float(np.linalg.norm(np.diff(points, axis=0), axis=-1).mean())
+
+
+def align_frame(
+    rgb: np.ndarray, matrix: np.ndarray, size: int, background, keep_background: bool = False
+) -> np.ndarray:
+    """A video frame warped by `matrix` (frame pixels to `size` x `size` pixels), the person on `background`
+    unless `keep_background`, as `(size, size, 3)` uint8."""
+    work = max(256, 2 * size)
+    photo = PIL.Image.fromarray(rgb)
+    aligned, _ = render_aligned(photo, np.asarray(matrix) * (work / size), work, background, keep_background)
+    return np.asarray(aligned.resize((size, size), PIL.Image.LANCZOS))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -176,6 +176,34 @@ def iter_video_frames(path: str, start: int = 0, count: Optional[int] = None) ->
             raise MediaError(f"{path} could not be read as a video: {error}") from None
 
 
+def iter_video_frames_at(path: str, fps: float = FPS) -> Iterator[Tuple[float, np.ndarray]]:
+    """The frames of a video resampled to `fps` frames per second by their time stamps, decoded one at a time:
+    output frame k is the source frame on screen at time k / fps (frames are repeated or skipped), given with
+    the time (seconds from the first frame) at which the source shows it."""
+    import av
+
+    with _video_stream(path) as (container, stream):
+        rate = float(stream.average_rate or stream.guessed_rate or fps)
+        previous, previous_time, start, output = None, 0.0, None, 0
+        try:
+            for position, decoded in enumerate(container.decode(stream)):
+                time = decoded.time if decoded.time is not None else position / rate
+                start = time if start is None else start
+                time -= start
+                if previous is not None:
+                    while output / fps < time:  # the previous frame is on screen until this one
+                        yield previous_time, previous
+                        output += 1
+                previous, previous_time = decoded.to_ndarray(format="rgb24"), time
+        except av.FFmpegError as error:
+            raise MediaError(f"{path} could not be read as a video: {error}") from None
+        if previous is not None:
+            end = previous_time + 1.0 / rate
+            while output / fps < end - 1e-6:
+                yield previous_time, previous
+                output += 1
+
+
 def video_frame_count(path: str, decode: bool = True) -> Optional[int]:
     """How many frames a video has: from its header, else (with `decode`) by decoding it, else None."""
     with _video_stream(path) as (container, stream):

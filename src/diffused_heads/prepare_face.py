@@ -6,9 +6,8 @@ diffused-heads prepare-face --image photo.jpg --output face.png
 import argparse
 import os
 import sys
-from typing import Optional, Tuple
 
-from .cli_utils import HelpFormatter, run_command
+from .cli_utils import HelpFormatter, parse_colour, run_command
 from .errors import ArgumentError
 
 
@@ -31,18 +30,6 @@ def parse_args(argv=None):
     parser.add_argument("--size", type=int, help="output size in pixels (default: the template's, 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
-
-
-def parse_colour(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
-    if text is None:
-        return None
-    try:
-        colour = tuple(int(c) for c in text.split(","))
-    except ValueError:
-        colour = ()
-    if len(colour) != 3 or not all(0 <= c <= 255 for c in colour):
-        raise ArgumentError("background", f"takes R,G,B with values from 0 to 255, got {text!r}")
-    return colour
 
 
 def run(args) -> int:

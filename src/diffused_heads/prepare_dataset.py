@@ -1,0 +1,522 @@
+"""Turn a folder of ordinary talking-head videos into a training set (a prepared dataset, see `dataset`).
+
+    diffused-heads prepare-dataset raw_videos/ data/
+    accelerate launch --num_processes 8 -m diffused_heads prepare-dataset raw_videos/ data/
+
+Every video under RAW (any container, codec, frame rate, size, sample rate and channel count) is resampled to
+25 fps with 16 kHz mono speech, exactly 640 samples per frame. One face is followed through it (the largest
+where it starts, then the box that overlaps it most); the clip is split at scene cuts and where the face is
+missing for more than `--max-gap` frames. Each frame is aligned on the identity template (the one
+`prepare-face` uses, or `--reference`) by the similarity transform of its five stable face-mesh points,
+smoothed over time (a local quadratic fit over `--smoothing` frames on each side, in the source's own time) so
+that the head does not jitter, and the person is put on the training green (`--keep-background` keeps the
+video's background). The mouth box of each frame (the face mesh's outer lips, for the lip loss) is stored with
+it. The manifest gives, per clip, how far the landmarks move from frame to frame in the video (in pixels of the
+output) and in the aligned frames (found again there).
+
+Parts that cannot be used are left out with a reason in the manifest: unreadable, no audio, silent, no face,
+too short, several faces of similar size (who speaks is unclear). Speakers (`--speaker-from`) are split into
+train and test with a fixed seed. A run resumes where it stopped: every finished video leaves a record, and
+the manifest is written from all records at the end.
+"""
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from .cli_utils import HelpFormatter, ProgressBoard, parse_colour, run_command
+from .errors import ArgumentError, MediaError
+
+logger = logging.getLogger(__name__)
+
+RECORDS = "records"
+OPTIONS_FILE = "preparation.json"
+# A scene cut: a frame whose 64x64 grey thumbnail differs from the previous one's by more than this (mean
+# absolute difference, 0-255) and by more than SCENE_CUT_RATIO times the clip's median change.
+SCENE_CUT, SCENE_CUT_RATIO = 20.0, 4.0
+CROWDED_SHARE = 0.5  # a part where another face of similar size shows in more frames than this is dropped
+SILENT_DBFS = -50.0  # speech quieter than this (RMS, dB below full scale) counts as silence
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="diffused-heads prepare-dataset",
+        description="Make a training set from a folder of talking-head videos (see the module docs); runs under "
+        "accelerate launch.",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("raw", metavar="RAW", help="folder of videos (searched recursively)")
+    p.add_argument("output", metavar="OUT", help="the prepared dataset's folder (created; a run resumes in it)")
+    p.add_argument("--size", type=int, default=128, help="frame size in pixels (the released model: 128)")
+    p.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
+    p.add_argument("--model", help="a model folder whose calibrated template to use, if it has one")
+    p.add_argument("--scale", type=float, default=1.0, help="framing: below 1 shows more around the face")
+    p.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
+    p.add_argument("--keep-background", action="store_true", help="only align; keep the videos' background")
+    p.add_argument(
+        "--aligned",
+        action="store_true",
+        help="RAW holds ready, aligned square clips (NAME.mp4 [+ NAME.wav] [+ NAME.json mouth boxes], what "
+        "make-dataset writes): only resize and store them",
+    )
+    p.add_argument(
+        "--speaker-from",
+        choices=("folder", "prefix", "clip"),
+        default="folder",
+        help="who speaks in a video: its folder under RAW (a video at the top is its own speaker), the part of "
+        "its name before the first '_' (CREMA-D, MEAD), or each video its own",
+    )
+    p.add_argument("--test-fraction", type=float, default=0.1, help="share of the speakers in the test split")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    p.add_argument("--max-gap", type=int, default=5, help="frames a face may be missing before the clip is split")
+    p.add_argument("--min-seconds", type=float, default=1.0, help="shorter parts are left out")
+    p.add_argument(
+        "--smoothing",
+        type=int,
+        default=3,
+        help="frames on each side of the local quadratic fit that smooths the alignment over time (0: none)",
+    )
+    args = p.parse_args(argv)
+    if args.size < 16:
+        p.error("--size must be at least 16")
+    if not 0.0 <= args.test_fraction < 1.0:
+        p.error("--test-fraction must be in [0, 1)")
+    if args.max_gap < 0 or args.min_seconds <= 0 or args.smoothing < 0 or args.scale <= 0:
+        p.error("--max-gap and --smoothing must be 0 or more, --min-seconds and --scale above 0")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# Sources
+
+
+def find_videos(raw: str) -> List[str]:
+    """The videos under `raw`, as paths relative to it, sorted."""
+    from .media import VIDEO_EXTENSIONS
+
+    if not os.path.isdir(raw):
+        raise ArgumentError("raw", f"{raw} is not a folder")
+    found = []
+    for folder, subfolders, names in os.walk(raw):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+        for name in names:
+            if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS and not name.startswith("."):
+                found.append(os.path.relpath(os.path.join(folder, name), raw))
+    if not found:
+        raise ArgumentError("raw", f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) in {raw} or below it")
+    return sorted(found)
+
+
+def speaker_of(relative: str, how: str) -> str:
+    stem = os.path.splitext(os.path.basename(relative))[0]
+    if how == "folder":
+        folder = os.path.dirname(relative)
+        return folder.replace(os.sep, "/") if folder else stem
+    if how == "prefix":
+        return stem.split("_")[0]
+    return os.path.splitext(relative)[0].replace(os.sep, "/")
+
+
+def clip_id(relative: str) -> str:
+    """A file-name-safe id of a video: its path under RAW without the extension."""
+    stem = os.path.splitext(relative)[0].replace(os.sep, "__")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
+
+
+def _record_path(output: str, relative: str) -> str:
+    key = hashlib.sha1(relative.encode("utf-8")).hexdigest()[:16]
+    return os.path.join(output, RECORDS, key + ".json")
+
+
+# --------------------------------------------------------------------------------------------------
+# One video
+
+
+def _thumbnail(rgb: np.ndarray) -> np.ndarray:
+    import PIL.Image
+
+    return np.asarray(PIL.Image.fromarray(rgb).convert("L").resize((64, 64), PIL.Image.BILINEAR), np.float32)
+
+
+def scene_cuts(changes: List[float]) -> List[int]:
+    """The frames that start a new scene, from each frame's change against the one before."""
+    if len(changes) < 2:
+        return []
+    typical = float(np.median(changes[1:]))
+    return [i for i, change in enumerate(changes) if i and change > max(SCENE_CUT, SCENE_CUT_RATIO * typical)]
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """The warnings of one logger held back meanwhile."""
+    named = logging.getLogger(name)
+    level = named.level
+    named.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        named.setLevel(level)
+
+
+def _speed_of_found(points: List[np.ndarray]) -> float:
+    from .faces import fill_missing, landmark_speed
+
+    try:
+        return landmark_speed(fill_missing(np.stack(points)))
+    except ValueError:  # the mesh found the face in no aligned frame
+        return float("nan")
+
+
+def _loudness_dbfs(waveform: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(waveform, dtype=np.float64))))
+    return 20 * np.log10(max(rms, 1e-10))
+
+
+class VideoPreparer:
+    """Prepares one video at a time with the options of a run."""
+
+    def __init__(self, args, template):
+        self.args = args
+        self.template = template
+        self.size = args.size
+        centre = np.array([self.size / 2, self.size / 2])
+        self.target = centre + (template.scaled(self.size) - centre) * args.scale
+        self.background = parse_colour(args.background) or tuple(template.background)
+        self.min_frames = max(3, int(round(args.min_seconds * 25)))
+
+    def __call__(self, raw: str, relative: str, log_frames=None) -> Tuple[List[dict], List[dict]]:
+        """The clips made from a video and the parts left out, each `{"source", "reason"}`."""
+        from .media import SAMPLES_PER_FRAME, load_audio, video_frame_count
+
+        path = os.path.join(raw, relative)
+        stem = os.path.splitext(path)[0]
+        try:
+            video_frame_count(path, decode=False)
+        except MediaError as error:
+            return [], [{"source": relative, "reason": f"unreadable: {error}"}]
+        try:
+            with _quiet("diffused_heads.media"):  # silence is said here, as a reason
+                waveform = load_audio(stem + ".wav" if os.path.isfile(stem + ".wav") else path)
+        except MediaError as error:
+            return [], [{"source": relative, "reason": f"no usable audio: {error}"}]
+        loudness = _loudness_dbfs(waveform)
+        if loudness < SILENT_DBFS:
+            return [], [{"source": relative, "reason": f"silent: {loudness:.0f} dBFS"}]
+        try:
+            return self._video(path, relative, waveform, len(waveform) // SAMPLES_PER_FRAME, log_frames)
+        except MediaError as error:
+            return [], [{"source": relative, "reason": f"unreadable: {error}"}]
+
+    def _frames(self, path: str, limit: int):
+        from .media import iter_video_frames_at
+
+        for index, (shown, frame) in enumerate(iter_video_frames_at(path)):
+            if index >= limit:
+                return
+            yield index, shown, frame
+
+    def _video(self, path, relative, waveform, audio_frames, log_frames):
+        from . import dataset
+        from .faces import (
+            MESH_INDICES,
+            MESH_POINTS,
+            OUTER_LIPS,
+            FaceModels,
+            align_frame,
+            apply_transform,
+            detect_faces,
+            face_mesh,
+            fill_missing,
+            follow_face,
+            landmark_speed,
+            similarity_transform,
+            smooth_transforms,
+        )
+        from .media import SAMPLES_PER_FRAME
+
+        # Pass 1: faces and scene cuts.
+        boxes, changes, times, previous = [], [], [], None
+        for index, shown, frame in self._frames(path, audio_frames):
+            times.append(shown)
+            boxes.append(detect_faces(frame))
+            thumbnail = _thumbnail(frame)
+            changes.append(0.0 if previous is None else float(np.abs(thumbnail - previous).mean()))
+            previous = thumbnail
+        cuts = scene_cuts(changes)
+        if not boxes:
+            return [], [{"source": relative, "reason": "unreadable: no video frames"}]
+        if log_frames:
+            log_frames(len(boxes))
+        dropped = []
+        segments = []
+        for segment in follow_face(boxes, cuts, max_gap=self.args.max_gap):
+            where = f"frames {segment.start}-{segment.end - 1}"
+            if segment.end - segment.start < self.min_frames:
+                dropped.append({"source": relative, "reason": f"too short: {where} ({segment.end - segment.start})"})
+            elif segment.crowded > CROWDED_SHARE * segment.found:
+                dropped.append({"source": relative, "reason": f"several faces: {where} show faces of similar size"})
+            else:
+                segments.append(segment)
+        if not any(boxes):
+            return [], [{"source": relative, "reason": "no face: none found in any frame"}]
+        if not segments:
+            return [], dropped
+
+        # Pass 2: the face mesh of the followed face.
+        models = FaceModels.shared()
+        wanted = {}
+        for number, segment in enumerate(segments):
+            for offset, box in enumerate(segment.boxes):
+                if box is not None:
+                    wanted[segment.start + offset] = (number, box)
+        meshes = [np.full((s.end - s.start, MESH_POINTS, 2), np.nan) for s in segments]
+        for index, _, frame in self._frames(path, max(s.end for s in segments)):
+            if index in wanted:
+                number, box = wanted[index]
+                points = face_mesh(models, frame, box)
+                if points is not None:
+                    meshes[number][index - segments[number].start] = points
+
+        plans = []
+        for segment, mesh in zip(segments, meshes):
+            where = f"frames {segment.start}-{segment.end - 1}"
+            seen = int((~np.isnan(mesh).any(axis=(1, 2))).sum())
+            if seen < 0.5 * len(mesh):
+                dropped.append({"source": relative, "reason": f"no face: the face mesh missed most of {where}"})
+                continue
+            mesh = fill_missing(mesh)
+            stable = mesh[:, list(MESH_INDICES)]
+            raw_matrices = np.stack([similarity_transform(p, self.target) for p in stable])
+            shown = np.asarray(times[segment.start : segment.end])
+            matrices = smooth_transforms(raw_matrices, self.args.smoothing, shown)
+            scale = float(np.mean(np.hypot(matrices[:, 0, 0], matrices[:, 1, 0])))
+            lips = np.stack([apply_transform(m, p[list(OUTER_LIPS)]) for m, p in zip(matrices, mesh)])
+            mouth = np.concatenate([lips.min(axis=1), lips.max(axis=1)], axis=1).clip(0, self.size)
+            plans.append(
+                dict(
+                    segment=segment,
+                    matrices=matrices,
+                    mouth=mouth,
+                    jitter_in=landmark_speed(stable) * scale,
+                    found=[],
+                )
+            )
+        if not plans:
+            return [], dropped
+
+        # Pass 3: the aligned frames, written as they are made.
+        base = clip_id(relative)
+        clips = []
+        starts = {plan["segment"].start: plan for plan in plans}
+        writer, plan = None, None
+        try:
+            for index, _, frame in self._frames(path, max(p["segment"].end for p in plans)):
+                if index in starts:
+                    plan = starts[index]
+                    name = base if len(plans) == 1 else f"{base}-{plan['segment'].start:06d}"
+                    writer = dataset.ClipWriter(
+                        self.args.output, name, plan["segment"].end - plan["segment"].start, self.size
+                    )
+                if writer is None:
+                    continue
+                offset = index - plan["segment"].start
+                aligned = align_frame(
+                    frame, plan["matrices"][offset], self.size, self.background, self.args.keep_background
+                )
+                writer.write_frame(aligned)
+                # The landmarks found again in the aligned frame: how still the head is in what was written.
+                points = face_mesh(models, aligned, (0, 0, self.size, self.size))
+                plan["found"].append(np.full((5, 2), np.nan) if points is None else points[list(MESH_INDICES)])
+                if offset == len(plan["matrices"]) - 1:
+                    start, end = plan["segment"].start, plan["segment"].end
+                    writer.close(waveform[start * SAMPLES_PER_FRAME : end * SAMPLES_PER_FRAME], plan["mouth"])
+                    clips.append(
+                        {
+                            "id": name,
+                            "frames": end - start,
+                            "speaker": speaker_of(relative, self.args.speaker_from),
+                            "source": relative.replace(os.sep, "/"),
+                            "start_frame": start,
+                            "jitter_in_px": round(plan["jitter_in"], 3),
+                            "jitter_out_px": round(_speed_of_found(plan["found"]), 3),
+                        }
+                    )
+                    writer = None
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        return clips, dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def _options(args) -> dict:
+    return {
+        name: getattr(args, name)
+        for name in (
+            "size",
+            "reference",
+            "model",
+            "scale",
+            "background",
+            "keep_background",
+            "aligned",
+            "max_gap",
+            "min_seconds",
+            "smoothing",
+        )
+    }
+
+
+def _check_options(args) -> None:
+    """A resumed run must use the options the folder was started with."""
+    path = os.path.join(args.output, OPTIONS_FILE)
+    options = _options(args)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            before = json.load(f)
+        changed = sorted(k for k in options if before.get(k) != options[k])
+        if changed:
+            flags = ", ".join("--" + name.replace("_", "-") for name in changed)
+            raise ArgumentError(
+                "output",
+                f"{args.output} was prepared with other options ({flags}); use a new folder, or the same options to "
+                "resume",
+            )
+        return
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(options, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _read_record(path: str) -> Optional[dict]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _write_record(path: str, record: dict) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(record, f)
+    os.replace(path + ".tmp", path)
+
+
+def run(args) -> int:
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    from tqdm.auto import tqdm
+
+    from . import dataset
+
+    if args.aligned:
+        clips, dropped = dataset.convert_clip_folder(args.raw, args.output, args.size, args.test_fraction, args.seed)
+        print(f"{len(clips)} clips written to {args.output}; {len(dropped)} left out")
+        return 0 if clips else 1
+
+    from .faces import default_template, resolve_template
+
+    state = PartialState(cpu=True)
+    relatives = find_videos(args.raw)
+    template = resolve_template(args.model, args.reference) or default_template()
+    if state.is_main_process:
+        os.makedirs(os.path.join(args.output, RECORDS), exist_ok=True)
+        os.makedirs(os.path.join(args.output, dataset.CLIPS), exist_ok=True)
+        _check_options(args)
+    state.wait_for_everyone()
+    pending = [r for r in relatives if _read_record(_record_path(args.output, r)) is None]
+    if state.is_main_process and len(pending) < len(relatives):
+        logger.info(f"{len(relatives) - len(pending)} of {len(relatives)} videos were prepared before: skipped")
+    board = ProgressBoard(args.output, state.process_index, state.num_processes)
+    bar = None
+    if state.is_main_process:
+        bar = tqdm(total=len(pending), unit="video", desc="prepare-dataset", dynamic_ncols=True)
+    prepare = VideoPreparer(args, template)
+    done, frames = 0, 0
+    started = time.perf_counter()
+    with state.split_between_processes(pending) as mine:
+        for relative in mine:
+            clips, dropped = prepare(args.raw, relative)
+            _write_record(
+                _record_path(args.output, relative), {"source": relative, "clips": clips, "dropped": dropped}
+            )
+            done += 1
+            frames += sum(c["frames"] for c in clips)
+            board.post(done, frames, every=0.5)
+            if bar is not None:
+                bar.n = board.read()["jobs"]
+                bar.refresh()
+    board.post(done, frames, finished=True)
+    if bar is not None:
+        while (progress := board.read())["finished"] < state.num_processes:
+            bar.n = progress["jobs"]
+            bar.refresh()
+            time.sleep(0.5)
+        bar.n = board.read()["jobs"]
+        bar.close()
+    gather_object([done])
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return 0
+    board.remove()
+    clips, dropped = [], []
+    for relative in relatives:
+        record = _read_record(_record_path(args.output, relative)) or {"clips": [], "dropped": []}
+        clips += record["clips"]
+        dropped += record["dropped"]
+    dataset.assign_splits(clips, args.test_fraction, args.seed)
+    jitter = {
+        "jitter_in_px": round(float(np.mean([c["jitter_in_px"] for c in clips])), 3) if clips else None,
+        "jitter_out_px": round(float(np.mean([c["jitter_out_px"] for c in clips])), 3) if clips else None,
+    }
+    path = dataset.write_manifest(
+        args.output, args.size, clips, dropped, template=template.source, alignment=jitter, options=_options(args)
+    )
+    print_summary(json.load(open(path, encoding="utf-8")), time.perf_counter() - started)
+    if not clips:
+        raise MediaError(f"no usable clips in {args.raw}: {len(dropped)} part(s) left out ({_reasons(dropped)})")
+    return 0
+
+
+def _reasons(dropped: List[dict]) -> str:
+    from .dataset import count_reasons
+
+    return ", ".join(f"{k}: {v}" for k, v in count_reasons(dropped).items())
+
+
+def print_summary(manifest: dict, seconds: float) -> None:
+    summary = manifest["summary"]
+    print(
+        f"{summary['clips']} clips ({summary['minutes']:.1f} min, {summary['speakers']} speakers; "
+        f"train {summary['train_clips']}, test {summary['test_clips']}) in {seconds:.0f} s"
+    )
+    alignment = manifest.get("alignment") or {}
+    if alignment.get("jitter_in_px") is not None:
+        print(
+            f"landmark motion per frame: {alignment['jitter_in_px']:.2f} px in the videos, "
+            f"{alignment['jitter_out_px']:.2f} px in the aligned frames"
+        )
+    if manifest["dropped"]:
+        print(f"left out: {len(manifest['dropped'])} ({_reasons(manifest['dropped'])}); see the manifest")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: run(args), interrupted="finished videos are kept; run again to resume")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
