@@ -11,10 +11,17 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from scipy.stats import norm
 
-from diffused_heads import make_dataset, train
+from diffused_heads import dataset, make_dataset, train
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
-from diffused_heads.train import Clip, DiffusionObjective, mouth_masks, sample_batch
+from diffused_heads.train import (
+    DiffusionObjective,
+    StepBatches,
+    TrainingFrames,
+    collate_samples,
+    mouth_masks,
+    plan_batch,
+)
 
 from helpers import ROOT, TINY_ENCODER, TINY_UNET, tiny_pipeline
 
@@ -145,14 +152,24 @@ def test_mouth_masks_cover_the_box_with_margin():
     assert (rows.min().item(), rows.max().item()) == (64 - 5, 96 + 5 - 1)
 
 
-def test_batch_uses_previous_ground_truth_frames_and_identity_at_start():
-    frames = torch.arange(6, dtype=torch.uint8)[:, None, None, None].expand(6, 3, 2, 2).contiguous() * 40
-    clip = Clip("c", frames, torch.zeros(6 * 640), None)
+def level_clip(folder, levels=6, size=2, boxes=True):
+    """A prepared dataset of one clip whose frame k is all 40 * k."""
+    writer = dataset.ClipWriter(str(folder), "c", levels, size)
+    for k in range(levels):
+        writer.write_frame(np.full((size, size, 3), 40 * k, np.uint8))
+    box = np.array([[0, 0, size / 2, size]] * levels, np.float32) if boxes else None
+    writer.close(np.zeros(levels * 640, np.float32), box)
+    dataset.write_manifest(str(folder), size, [{"id": "c", "frames": levels, "speaker": "s", "split": "train"}], [])
+    return dataset.PreparedDataset(str(folder))
+
+
+def test_batch_uses_previous_ground_truth_frames_and_identity_at_start(tmp_path):
+    samples = TrainingFrames(level_clip(tmp_path), size=2, context=5)
     g = torch.Generator().manual_seed(0)
     seen_start = seen_middle = seen_other_identity = False
+    level = lambda x: round((x.flatten()[0].item() + 1) * 127.5 / 40)  # noqa: E731
     for _ in range(60):
-        batch = sample_batch([clip], 1, g)
-        level = lambda x: round((x.flatten()[0].item() + 1) * 127.5 / 40)  # noqa: E731
+        batch = collate_samples([samples[plan] for plan in plan_batch([6], 1, g)])
         target, identity = batch["target"][0], level(batch["identity"][0])
         assert level(batch["x_start"][0]) == target
         older, newer = level(batch["motion"][0, 0]), level(batch["motion"][0, 1])
@@ -161,10 +178,24 @@ def test_batch_uses_previous_ground_truth_frames_and_identity_at_start():
         seen_start |= target == 0
         seen_middle |= target >= 2
         seen_other_identity |= identity != target
+        torch.testing.assert_close(batch["boxes"][0], torch.tensor([0.0, 0.0, 0.5, 1.0]))
+        assert batch["waveforms"][0].shape == (6 * 640,)
     assert seen_start and seen_middle and seen_other_identity  # the identity is a random frame, not the target
-    dropped = sample_batch([clip], 8, torch.Generator().manual_seed(1), motion_dropout=1.0)
+    plans = plan_batch([6], 8, torch.Generator().manual_seed(1), motion_dropout=1.0)
+    dropped = collate_samples([samples[plan] for plan in plans])
     assert torch.equal(dropped["motion"][:, 0], dropped["identity"])
     assert torch.equal(dropped["motion"][:, 1], dropped["identity"])
+
+
+def test_frames_are_resized_to_the_model_and_batches_depend_only_on_the_step(tmp_path):
+    samples = TrainingFrames(level_clip(tmp_path, size=8, boxes=False), size=4, context=5)
+    sample = samples[(0, 3, 1, False)]
+    assert sample["x_start"].shape == (3, 4, 4) and sample["boxes"] is None
+    assert int(sample["x_start"][0, 0, 0]) == 120 and int(sample["identity"][0, 0, 0]) == 40
+    # A run resumed at step 3 draws what an unbroken run draws from step 3 on; other processes draw otherwise.
+    unbroken = list(StepBatches([6, 9], 4, seed=0, process_index=0, start=0, stop=5))
+    assert list(StepBatches([6, 9], 4, seed=0, process_index=0, start=3, stop=5)) == unbroken[3:]
+    assert list(StepBatches([6, 9], 4, seed=0, process_index=1, start=0, stop=5)) != unbroken
 
 
 def test_audio_window_is_centred_and_clamped():
@@ -270,7 +301,8 @@ def test_resume_continues_where_it_stopped(clip_folder, tiny_config, tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(np.isfinite(r["loss"]) and "vlb" in r and "lip" in r for r in log)
     # Only the newest checkpoints are kept.
-    assert sorted(os.listdir(tmp_path / "split-checkpoints")) == ["checkpoint-2", "checkpoint-4", "train_log.jsonl"]
+    found = sorted(os.listdir(tmp_path / "split-checkpoints"))
+    assert found == ["checkpoint-2", "checkpoint-4", "data", "train_log.jsonl"]
 
 
 def test_result_loads_in_the_pipeline(clip_folder, tiny_config, tmp_path):
@@ -293,16 +325,17 @@ def test_result_loads_in_the_pipeline(clip_folder, tiny_config, tmp_path):
 
 
 def recorded_run(monkeypatch, clip_folder, output, *extra):
-    """Run the training script, recording the clips it loads, the batches it draws and what the UNet receives."""
-    record = {"clips": None, "batches": [], "unet_inputs": []}
-    real_load, real_sample, real_forward = train.load_clips, train.sample_batch, DiffusedHeadsUNetModel.forward
+    """Run the training script in one process, recording the data it opens, the batches it makes and what the
+    UNet receives."""
+    record = {"data": None, "batches": [], "unet_inputs": []}
+    real_open, real_collate, real_forward = train.open_data, train.collate_samples, DiffusedHeadsUNetModel.forward
 
-    def load_clips(*args, **kwargs):
-        record["clips"] = real_load(*args, **kwargs)
-        return record["clips"]
+    def open_data(*args, **kwargs):
+        record["data"] = real_open(*args, **kwargs)
+        return record["data"]
 
-    def sample(*args, **kwargs):
-        record["batches"].append(real_sample(*args, **kwargs))
+    def collate(*args, **kwargs):
+        record["batches"].append(real_collate(*args, **kwargs))
         return record["batches"][-1]
 
     def forward(self, sample, timestep, identity_frame, motion_frames, audio_context, **kwargs):
@@ -315,10 +348,10 @@ def recorded_run(monkeypatch, clip_folder, output, *extra):
         )
         return real_forward(self, sample, timestep, identity_frame, motion_frames, audio_context, **kwargs)
 
-    monkeypatch.setattr(train, "load_clips", load_clips)
-    monkeypatch.setattr(train, "sample_batch", sample)
+    monkeypatch.setattr(train, "open_data", open_data)
+    monkeypatch.setattr(train, "collate_samples", collate)
     monkeypatch.setattr(DiffusedHeadsUNetModel, "forward", forward)
-    assert run(clip_folder, output, *extra) == 0
+    assert run(clip_folder, output, "--num-workers", "0", *extra) == 0
     assert len(record["batches"]) == len(record["unet_inputs"]) > 0
     return record
 
@@ -329,8 +362,9 @@ def test_unet_gets_the_audio_window_of_the_target_frame(clip_folder, tmp_path, m
     extra = ("--max-steps", "3", "--init-from", str(start), "--ema-decay", "0", "--batch-size", "3")
     record = recorded_run(monkeypatch, clip_folder, tmp_path / "tuned", *extra)
     encoder = DiffusedHeadsPipeline.from_pretrained(start).audio_encoder  # frozen during training
+    data = record["data"]
     with torch.no_grad():
-        embeddings = [encoder(clip.waveform[None]).audio_embeddings[0] for clip in record["clips"]]
+        embeddings = [encoder(torch.from_numpy(data.audio(c))[None]).audio_embeddings[0] for c in data.clips]
     for batch, inputs in zip(record["batches"], record["unet_inputs"]):
         expected = torch.stack([audio_window(embeddings[c], t, 5) for c, t in zip(batch["clip"], batch["target"])])
         torch.testing.assert_close(inputs["audio"], expected, rtol=1e-5, atol=1e-6)
@@ -398,6 +432,27 @@ def test_missing_data_folder(tmp_path, capsys):
         == 1
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_worker_processes_read_what_the_training_process_reads(clip_folder, tiny_config, tmp_path):
+    common = ["--max-steps", "3", "--config", str(tiny_config), "--train-audio-encoder", "--ema-decay", "0"]
+    assert run(clip_folder, tmp_path / "inline", "--num-workers", "0", *common) == 0
+    assert run(clip_folder, tmp_path / "workers", "--num-workers", "2", *common) == 0
+    inline, workers = weights(tmp_path / "inline"), weights(tmp_path / "workers")
+    for key in inline:
+        torch.testing.assert_close(workers[key], inline[key], rtol=0, atol=0, msg=key)
+
+
+def test_decoder_only_fine_tuning_leaves_the_rest_of_the_unet(clip_folder, tmp_path):
+    start = tmp_path / "start"
+    tiny_pipeline().save_pretrained(start)
+    extra = ("--max-steps", "2", "--init-from", str(start), "--ema-decay", "0.9", "--train-layers", "decoder")
+    assert run(clip_folder, tmp_path / "tuned", *extra) == 0
+    before, after = weights(start), weights(tmp_path / "tuned")
+    decoder = ("up_blocks.", "conv_norm_out.", "conv_out.")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(decoder) for k in changed)
+    assert any(k.startswith("up_blocks.0.") for k in changed)
 
 
 def test_the_build_script_writes_the_shipped_model_configs(tmp_path):

@@ -1,7 +1,8 @@
-"""Train the Diffused Heads UNet (and optionally the audio encoder) on a folder of talking-face clips.
+"""Train the Diffused Heads UNet (and optionally the audio encoder), or fine-tune a converted model.
 
-    diffused-heads train --data data/train --output-dir my-model --preset builtin --train-audio-encoder
-    accelerate launch -m diffused_heads train --data clips/ --init-from ./diffused-heads-crema --output-dir tuned
+    diffused-heads prepare-dataset raw_videos/ data/
+    diffused-heads train --data data/ --init-from ./diffused-heads-crema --output-dir tuned --train-layers decoder
+    accelerate launch -m diffused_heads train --data data/ --init-from ./diffused-heads-crema --output-dir tuned
 
 The objective is the original one: L_simple (MSE on the noise) + 1e-4 · L_vlb (the variational bound term of
 the sampled timestep, which trains the learned variance; the predicted noise is detached in it) + 0.2 · lip
@@ -10,18 +11,22 @@ random clip; its motion frames are the clip's two previous ground-truth frames (
 start); the identity frame is another random frame of the same clip. The audio encoder is frozen by default,
 as in the original; `--train-audio-encoder` trains it jointly (needed for a model made from scratch).
 
-A clip is `NAME.mp4` (or any video PyAV reads) with its audio track or a `NAME.wav` beside it, and optionally
-`NAME.json` with `"mouth_boxes"`: one `[x0, y0, x1, y1]` box in pixels of the video frame per frame (what
-`diffused-heads make-dataset` writes). All clips are decoded once and held in memory at the model's resolution.
+The data is a prepared dataset (`dataset`: `.npy` clips and a manifest, what `prepare-dataset` writes; its
+`--split`), read a few frames at a time by DataLoader workers, so memory does not grow with the number of
+clips. A folder of ready clips (`NAME.mp4` with its audio or a `NAME.wav`, optionally `NAME.json` with
+`"mouth_boxes"` and the frame `"size"`: what `make-dataset` writes) is stored once as a prepared dataset in
+the checkpoint folder. A frozen encoder's audio embeddings are computed once per clip and kept on disk there.
 
 Checkpoints (`--checkpoint-every`, in `--checkpoint-dir`) hold the model, optimiser, EMA, learning-rate and
-random states; `--resume latest` continues a run exactly where it stopped. Losses are logged to
-`train_log.jsonl` in the checkpoint folder. At the end the pipeline (EMA weights where EMA is on) is saved
-with `save_pretrained` to `--output-dir`, ready for `DiffusedHeadsPipeline.from_pretrained`.
+step; every step's random numbers follow from the seed, the process and the step, so `--resume latest`
+continues a run exactly where it stopped. Losses are logged to `train_log.jsonl` in the checkpoint folder. At
+the end the pipeline (EMA weights where EMA is on) is saved with `save_pretrained` to `--output-dir`, ready for
+`DiffusedHeadsPipeline.from_pretrained`.
 """
 
 import argparse
 import glob
+import hashlib
 import json
 import logging
 import math
@@ -29,13 +34,14 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from .cli_utils import HelpFormatter
+from .dataset import PreparedDataset, convert_clip_folder, is_prepared
+from .errors import MediaError
 from .hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
 from .hub.pipeline_diffused_heads import (
     ORIGINAL_SCHEDULER_CONFIG,
@@ -44,7 +50,7 @@ from .hub.pipeline_diffused_heads import (
     to_motion_frame,
 )
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES, DiffusedHeadsUNetModel
-from .media import FPS, VIDEO_EXTENSIONS, MediaError, load_audio, read_video
+from .media import FPS
 
 logger = logging.getLogger(__name__)
 
@@ -85,64 +91,168 @@ class TrainingError(Exception):
 # Data
 
 
-@dataclass
-class Clip:
-    name: str
-    frames: torch.Tensor  # (num_frames, 3, S, S) uint8
-    waveform: torch.Tensor  # (num_samples,) float32 at the encoder's rate
-    mouth_boxes: Optional[torch.Tensor]  # (num_frames, 4) float, fractions of the size: x0, y0, x1, y1
+def step_generator(seed: int, process_index: int, step: int, stream: int) -> torch.Generator:
+    """The random numbers of one step of one process: a pure function of the seed, the process and the step, so
+    that a resumed run draws what an unbroken one draws, however far the data loader reads ahead."""
+    state = np.random.SeedSequence([seed, process_index, step, stream]).generate_state(2, np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
-def decode_video(path: str, size: int) -> torch.Tensor:
-    """All frames of a video as `(F, 3, size, size)` uint8, centre-cropped to a square and resized."""
-    try:
-        return torch.from_numpy(read_video(path, size)).permute(0, 3, 1, 2).contiguous()
-    except MediaError as error:
-        raise TrainingError(str(error)) from None
+def plan_batch(frame_counts: List[int], batch_size: int, generator: torch.Generator, motion_dropout: float = 0.0):
+    """The samples of a batch as (clip, target frame, identity frame, motion dropped): a random clip, a random
+    target frame of it, and another random frame of the same clip as the identity."""
+    plans = []
+    for index in torch.randint(len(frame_counts), (batch_size,), generator=generator).tolist():
+        count = frame_counts[index]
+        target = int(torch.randint(count, (1,), generator=generator))
+        identity = int(torch.randint(count, (1,), generator=generator))
+        dropped = motion_dropout > 0 and float(torch.rand(1, generator=generator)) < motion_dropout
+        plans.append((index, target, identity, bool(dropped)))
+    return plans
 
 
-def load_clips(folder: str, size: int, encoder: DiffusedHeadsAudioEncoder) -> List[Clip]:
-    """Every clip of `folder`, decoded at `size`×`size`, cut to the frames its audio covers."""
+class StepBatches:
+    """The batch plans of steps `start` to `stop` of one process (a `batch_sampler` for the DataLoader)."""
+
+    def __init__(self, frame_counts, batch_size, seed, process_index, start, stop, motion_dropout=0.0):
+        self.frame_counts, self.batch_size, self.motion_dropout = frame_counts, batch_size, motion_dropout
+        self.seed, self.process_index, self.start, self.stop = seed, process_index, start, stop
+
+    def __len__(self) -> int:
+        return max(0, self.stop - self.start)
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            generator = step_generator(self.seed, self.process_index, step, 0)
+            yield plan_batch(self.frame_counts, self.batch_size, generator, self.motion_dropout)
+
+
+class TrainingFrames(torch.utils.data.Dataset):
+    """Training samples read from a prepared dataset, a few frames at a time: an index is a sample's plan (see
+    `plan_batch`); the sample holds the target frame, its two motion frames (the clip's previous frames, the
+    identity frame before the start), the identity frame, the mouth box and either the audio window of the
+    target frame (from embeddings precomputed on disk) or the clip's waveform (when the encoder trains)."""
+
+    def __init__(self, data: PreparedDataset, size: int, context: int, embeddings: Optional[str] = None):
+        self.data, self.size, self.context, self.embeddings = data, size, context, embeddings
+
+    def __len__(self) -> int:
+        return self.data.num_frames
+
+    def _resized(self, frames: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        if tensor.shape[-1] == self.size:
+            return tensor.contiguous()
+        scaled = torch.nn.functional.interpolate(
+            tensor.float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
+        )
+        return scaled.round().clamp(0, 255).to(torch.uint8)
+
+    def __getitem__(self, plan) -> dict:
+        index, target, identity_index, dropped = plan
+        clip = self.data.clips[index]
+        first = max(0, target - NUM_MOTION_FRAMES)
+        stacked = np.concatenate(
+            [self.data.frames(clip, first, target - first + 1), self.data.frame(clip, identity_index)[None]]
+        )
+        frames = self._resized(stacked)
+        recent, identity = frames[:-1], frames[-1]
+        motion = []
+        for back in range(NUM_MOTION_FRAMES, 0, -1):  # oldest first
+            source = target - back
+            motion.append(identity if dropped or source < 0 else recent[source - first])
+        sample = {
+            "clip": index,
+            "target": target,
+            "x_start": recent[target - first],
+            "identity": identity,
+            "motion": torch.stack(motion),
+            "boxes": None,
+        }
+        boxes = self.data.mouth_boxes(clip)
+        if boxes is not None:
+            sample["boxes"] = torch.from_numpy(boxes[target] / self.data.size)
+        if self.embeddings is not None:
+            embeddings = torch.from_numpy(np.load(os.path.join(self.embeddings, clip.id + ".npy")))
+            sample["audio"] = audio_window(embeddings, target, self.context)
+        else:
+            sample["waveform"] = torch.from_numpy(self.data.audio(clip))
+        return sample
+
+
+def collate_samples(samples: List[dict]) -> dict:
+    to_unit = lambda x: x.float() / 127.5 - 1.0  # noqa: E731
+    batch = {
+        "clip": [s["clip"] for s in samples],
+        "target": [s["target"] for s in samples],
+        "x_start": to_unit(torch.stack([s["x_start"] for s in samples])),
+        "identity": to_unit(torch.stack([s["identity"] for s in samples])),
+        "motion": to_unit(torch.stack([s["motion"] for s in samples])),  # (B, 2, 3, S, S)
+        "boxes": torch.stack([s["boxes"] for s in samples]) if all(s["boxes"] is not None for s in samples) else None,
+    }
+    if "audio" in samples[0]:
+        batch["audio"] = torch.stack([s["audio"] for s in samples])
+    else:
+        batch["waveforms"] = [s["waveform"] for s in samples]
+    return batch
+
+
+def open_data(args, size: int, is_main: bool, wait) -> PreparedDataset:
+    """The training data: a prepared dataset (its `--split`), or a folder of ready clips, which is written as a
+    prepared dataset into the checkpoint folder once (then read from there)."""
+    folder = args.data
     if not os.path.isdir(folder):
         raise TrainingError(f"the data folder {folder} does not exist")
-    paths = sorted(
-        os.path.join(folder, name)
-        for name in os.listdir(folder)
-        if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
-    )
-    if not paths:
-        raise TrainingError(f"no video clips ({', '.join(sorted(VIDEO_EXTENSIONS))}) in {folder}")
-    rate = encoder.config.sampling_rate
-    clips = []
-    for path in paths:
-        stem = os.path.splitext(path)[0]
-        frames = decode_video(path, size)
-        audio_path = stem + ".wav" if os.path.exists(stem + ".wav") else path
-        try:
-            waveform = load_audio(audio_path, sampling_rate=rate)
-        except MediaError as error:
-            raise TrainingError(str(error)) from None
-        num_frames = min(len(frames), encoder.num_frames(len(waveform)))
-        if num_frames < 2:
-            logger.warning(f"skipping {path}: shorter than two frames")
-            continue
-        waveform = waveform[: num_frames * rate // FPS]
-        boxes = None
-        if os.path.exists(stem + ".json"):
-            with open(stem + ".json", encoding="utf-8") as f:
-                info = json.load(f)
-            if "mouth_boxes" in info:
-                boxes = torch.tensor(info["mouth_boxes"], dtype=torch.float32)
-                source_size = float(info.get("size", 0) or 0)
-                if source_size <= 0:
-                    raise TrainingError(f"{stem}.json gives mouth_boxes but no frame 'size' in pixels")
-                if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) < num_frames:
-                    raise TrainingError(f"{stem}.json: mouth_boxes must be one [x0, y0, x1, y1] per frame")
-                boxes = boxes[:num_frames] / source_size
-        clips.append(Clip(os.path.basename(stem), frames[:num_frames], torch.from_numpy(waveform), boxes))
-    if not clips:
-        raise TrainingError(f"no usable clips in {folder}")
-    return clips
+    if not is_prepared(folder):
+        converted = os.path.join(args.checkpoint_dir, "data")
+        if is_main:
+            if not is_prepared(converted) or PreparedDataset(converted).manifest.get(
+                "prepared_from"
+            ) != os.path.abspath(folder):
+                logger.info(f"{folder} holds ready clips: storing them as a prepared dataset in {converted}")
+                try:
+                    convert_clip_folder(folder, converted, size)
+                except MediaError as error:
+                    raise TrainingError(str(error)) from None
+        wait()
+        folder = converted
+    try:
+        data = PreparedDataset(folder, None if args.split == "all" else args.split)
+        for clip in data.clips:
+            data.check(clip)
+    except MediaError as error:
+        raise TrainingError(str(error)) from None
+    data.clips = [c for c in data.clips if c.frames >= 2]
+    if not data.clips:
+        raise TrainingError(
+            f"no usable clips in {args.data}" + (f" (split {args.split})" if args.split != "all" else "")
+        )
+    return data
+
+
+def _fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def precompute_embeddings(encoder, data: PreparedDataset, folder: str, device, show: bool) -> str:
+    """The frozen encoder's embeddings of every clip, one `.npy` per clip in `folder/<encoder fingerprint>/`
+    (made once; a resumed run reuses them)."""
+    from tqdm.auto import tqdm
+
+    target = os.path.join(folder, _fingerprint(encoder))
+    os.makedirs(target, exist_ok=True)
+    missing = [c for c in data.clips if not os.path.isfile(os.path.join(target, c.id + ".npy"))]
+    with torch.no_grad():
+        for clip in tqdm(missing, desc="audio embeddings", unit="clip", disable=not show or not missing):
+            waveform = torch.from_numpy(data.audio(clip))[None].to(device)
+            embeddings = encoder(waveform).audio_embeddings[0].float().cpu().numpy()
+            np.save(os.path.join(target, clip.id + ".npy.tmp.npy"), embeddings)
+            os.replace(os.path.join(target, clip.id + ".npy.tmp.npy"), os.path.join(target, clip.id + ".npy"))
+    return target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -272,52 +382,21 @@ def mouth_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
     return (inside_y[:, :, None] & inside_x[:, None, :])[:, None].float()
 
 
-def sample_batch(clips: List[Clip], batch_size: int, generator: torch.Generator, motion_dropout: float = 0.0):
-    """Pick (clip, target frame, identity frame) triples and gather the frames of a training batch."""
-    picks = torch.randint(len(clips), (batch_size,), generator=generator).tolist()
-    batch = {"clip": [], "target": [], "x_start": [], "identity": [], "motion": [], "boxes": []}
-    for index in picks:
-        clip = clips[index]
-        count = len(clip.frames)
-        target = int(torch.randint(count, (1,), generator=generator))
-        identity_index = int(torch.randint(count, (1,), generator=generator))
-        dropped = motion_dropout > 0 and float(torch.rand(1, generator=generator)) < motion_dropout
-        identity = clip.frames[identity_index]
-        motion = []
-        for back in range(NUM_MOTION_FRAMES, 0, -1):  # oldest first
-            source = target - back
-            motion.append(identity if dropped or source < 0 else clip.frames[source])
-        batch["clip"].append(index)
-        batch["target"].append(target)
-        batch["x_start"].append(clip.frames[target])
-        batch["identity"].append(identity)
-        batch["motion"].append(torch.stack(motion))
-        batch["boxes"].append(clip.mouth_boxes[target] if clip.mouth_boxes is not None else None)
-    to_unit = lambda x: x.float() / 127.5 - 1.0  # noqa: E731
-    batch["x_start"] = to_unit(torch.stack(batch["x_start"]))
-    batch["identity"] = to_unit(torch.stack(batch["identity"]))
-    batch["motion"] = to_unit(torch.stack(batch["motion"]))  # (B, 2, 3, S, S)
-    batch["boxes"] = torch.stack(batch["boxes"]) if all(b is not None for b in batch["boxes"]) else None
-    return batch
-
-
 # --------------------------------------------------------------------------------------------------
 # Training
 
 
 class TrainingState:
-    """Step counter and the batch generator's state, saved with every checkpoint."""
+    """The step counter, saved with every checkpoint (each step's random numbers follow from it)."""
 
-    def __init__(self, seed: int):
+    def __init__(self):
         self.step = 0
-        self.generator = torch.Generator().manual_seed(seed)
 
     def state_dict(self):
-        return {"step": self.step, "generator": self.generator.get_state()}
+        return {"step": self.step}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
-        self.generator.set_state(state["generator"])
 
 
 def parse_args(argv=None):
@@ -326,7 +405,21 @@ def parse_args(argv=None):
         description="Train the Diffused Heads UNet on talking-face clips (see the module docstring).",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--data", required=True, help="folder of clips: NAME.mp4 [+ NAME.wav] [+ NAME.json mouth boxes]")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a prepared dataset (prepare-dataset), or a folder of ready clips: NAME.mp4 [+ NAME.wav] [+ NAME.json "
+        "mouth boxes], stored once as a prepared dataset in the checkpoint folder",
+    )
+    p.add_argument(
+        "--split", choices=("train", "test", "all"), default="train", help="which clips of a prepared dataset to use"
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+        help="DataLoader worker processes that read the frames (0: read in the training process)",
+    )
     p.add_argument("--output-dir", required=True, help="where the trained pipeline is saved (save_pretrained)")
     p.add_argument("--checkpoint-dir", help="checkpoints and train_log.jsonl (default: OUTPUT_DIR-checkpoints)")
     model = p.add_mutually_exclusive_group()
@@ -334,6 +427,13 @@ def parse_args(argv=None):
     model.add_argument("--preset", choices=sorted(PRESETS), default="builtin", help="configuration of a new model")
     model.add_argument("--config", help='JSON file {"unet": {...}, "audio_encoder": {...}} for a new model')
     p.add_argument("--train-audio-encoder", action="store_true", help="train the audio encoder jointly")
+    p.add_argument(
+        "--train-layers",
+        choices=("all", "decoder"),
+        default="all",
+        help="the UNet layers that train: all, or only the decoder half (up blocks and output layers), which "
+        "adapts a converted model to new faces and backgrounds with less data",
+    )
     p.add_argument(
         "--prediction-type",
         choices=("epsilon", "v_prediction"),
@@ -381,6 +481,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     args = p.parse_args(argv)
+    if args.num_workers < 0:
+        p.error("--num-workers must be 0 or more")
     for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -460,6 +562,20 @@ def _checkpoints(folder: str) -> List[str]:
     return sorted((p for p in found if p.rsplit("-", 1)[-1].isdigit()), key=lambda p: int(p.rsplit("-", 1)[-1]))
 
 
+def checkpoint_to_resume(args) -> Optional[str]:
+    if not args.resume:
+        return None
+    path = args.resume
+    if path == "latest":
+        found = _checkpoints(args.checkpoint_dir)
+        if not found:
+            raise TrainingError(f"--resume latest: no checkpoint in {args.checkpoint_dir}")
+        path = found[-1]
+    if not os.path.isdir(path):
+        raise TrainingError(f"--resume: {path} is not a checkpoint folder")
+    return path
+
+
 def train(args) -> str:
     from accelerate import Accelerator
     from diffusers.optimization import get_scheduler
@@ -476,22 +592,33 @@ def train(args) -> str:
     if unet.config.out_channels not in (unet.config.in_channels, 2 * unet.config.in_channels):
         raise TrainingError("out_channels must be in_channels (noise only) or twice that (noise and variance)")
     size, context = unet.config.sample_size, unet.config.audio_context
-    clips = load_clips(args.data, size, encoder)
-    num_frames = sum(len(c.frames) for c in clips)
-    with_boxes = sum(c.mouth_boxes is not None for c in clips)
-    log(f"{len(clips)} clips, {num_frames} frames ({num_frames / FPS / 60:.1f} min), {with_boxes} with mouth boxes")
-    longest_clip = max(len(c.frames) for c in clips) / FPS
-    if args.lip_loss_weight and 0 < with_boxes < len(clips):
+    resume_from = checkpoint_to_resume(args)
+    os.makedirs(args.checkpoint_dir, exist_ok=True)
+    data = open_data(args, size, accelerator.is_main_process, accelerator.wait_for_everyone)
+    frame_counts = [c.frames for c in data.clips]
+    with_boxes = sum(data.has_mouth_boxes(c) for c in data.clips)
+    log(
+        f"{len(data.clips)} clips, {sum(frame_counts)} frames ({sum(frame_counts) / FPS / 60:.1f} min), "
+        f"{with_boxes} with mouth boxes"
+    )
+    longest_clip = max(frame_counts) / FPS
+    if args.lip_loss_weight and 0 < with_boxes < len(data.clips):
         raise TrainingError("some clips have mouth boxes and some do not; give boxes for all or none")
 
     objective = DiffusionObjective(noise_scheduler, vlb_weight=args.vlb_weight, lip_weight=args.lip_loss_weight)
     encoder.requires_grad_(args.train_audio_encoder)
-    parameters = list(unet.parameters()) + (list(encoder.parameters()) if args.train_audio_encoder else [])
+    unet.requires_grad_(True)
+    if args.train_layers == "decoder":
+        unet.requires_grad_(False)
+        for name in ("up_blocks", "conv_norm_out", "conv_out"):
+            getattr(unet, name).requires_grad_(True)
+    parameters = [p for p in unet.parameters() if p.requires_grad]
+    parameters += list(encoder.parameters()) if args.train_audio_encoder else []
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
     lr_scheduler = get_scheduler(
         "constant_with_warmup", optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_steps
     )
-    state = TrainingState(args.seed + accelerator.process_index)
+    state = TrainingState()
     ema_unet = ema_encoder = None
     if args.ema_decay:
         ema_unet = EMAModel(unet.parameters(), decay=args.ema_decay, use_ema_warmup=True)
@@ -507,52 +634,64 @@ def train(args) -> str:
         encoder.to(accelerator.device).eval()
     device = accelerator.device
 
-    if args.resume:
-        path = args.resume
-        if path == "latest":
-            found = _checkpoints(args.checkpoint_dir)
-            if not found:
-                raise TrainingError(f"--resume latest: no checkpoint in {args.checkpoint_dir}")
-            path = found[-1]
-        if not os.path.isdir(path):
-            raise TrainingError(f"--resume: {path} is not a checkpoint folder")
-        accelerator.load_state(path)
-        log(f"resumed from {path} at step {state.step}")
+    if resume_from:
+        accelerator.load_state(resume_from)
+        log(f"resumed from {resume_from} at step {state.step}")
         if ema_unet is not None:
             ema_unet.to(device)
         if ema_encoder is not None:
             ema_encoder.to(device)
 
-    frozen_embeddings = None
+    embeddings_folder = None
     if not args.train_audio_encoder:
-        with torch.no_grad():
-            frozen_embeddings = [encoder(c.waveform[None].to(device)).audio_embeddings[0].cpu() for c in clips]
+        if accelerator.is_main_process:
+            precompute_embeddings(encoder, data, os.path.join(args.checkpoint_dir, "audio-embeddings"), device, True)
+        accelerator.wait_for_everyone()
+        embeddings_folder = precompute_embeddings(
+            encoder, data, os.path.join(args.checkpoint_dir, "audio-embeddings"), device, False
+        )
 
-    os.makedirs(args.checkpoint_dir, exist_ok=True)
     log_path = os.path.join(args.checkpoint_dir, "train_log.jsonl")
     motion_channels = accelerator.unwrap_model(unet).config.motion_frame_channels
+    samples = TrainingFrames(data, size, context, embeddings_folder)
+    batches = StepBatches(
+        frame_counts,
+        args.batch_size,
+        args.seed,
+        accelerator.process_index,
+        state.step,
+        args.max_steps,
+        args.motion_dropout,
+    )
+    # The loader draws its workers' seed from its own generator, not from the global one that dropout uses (whose
+    # state a checkpoint restores).
+    loader = torch.utils.data.DataLoader(
+        samples,
+        batch_sampler=batches,
+        num_workers=args.num_workers,
+        collate_fn=collate_samples,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
     unet.train()
     encoder.train(args.train_audio_encoder)
     progress = tqdm(total=args.max_steps, initial=state.step, desc="training", disable=not accelerator.is_main_process)
     started, running = time.time(), {}
-    while state.step < args.max_steps:
-        batch = sample_batch(clips, args.batch_size, state.generator, args.motion_dropout)
+    for batch in loader:
+        generator = step_generator(args.seed, accelerator.process_index, state.step, 1)
         x_start = batch["x_start"].to(device)
         identity = batch["identity"].to(device)
         motion = batch["motion"].to(device)
         motion = torch.cat([to_motion_frame(motion[:, k], motion_channels) for k in range(NUM_MOTION_FRAMES)], 1)
         if args.train_audio_encoder:  # one encoder pass per distinct clip of the batch
-            embeddings = {
-                index: encoder(clips[index].waveform[None].to(device)).audio_embeddings[0]
-                for index in sorted(set(batch["clip"]))
-            }
+            waveforms = {c: w for c, w in zip(batch["clip"], batch["waveforms"])}
+            embeddings = {c: encoder(w[None].to(device)).audio_embeddings[0] for c, w in sorted(waveforms.items())}
+            audio = torch.stack(
+                [audio_window(embeddings[c], t, context) for c, t in zip(batch["clip"], batch["target"])]
+            )
         else:
-            embeddings = frozen_embeddings
-        audio = torch.stack(
-            [audio_window(embeddings[c], t, context) for c, t in zip(batch["clip"], batch["target"])]
-        ).to(device)
-        noise = torch.randn(x_start.shape, generator=state.generator).to(device)
-        timesteps = torch.randint(objective.num_train_timesteps, (len(x_start),), generator=state.generator).to(device)
+            audio = batch["audio"].to(device)
+        noise = torch.randn(x_start.shape, generator=generator).to(device)
+        timesteps = torch.randint(objective.num_train_timesteps, (len(x_start),), generator=generator).to(device)
         x_t = objective.add_noise(x_start, noise, timesteps)
         mask = mouth_masks(batch["boxes"], size).to(device) if batch["boxes"] is not None else None
 
