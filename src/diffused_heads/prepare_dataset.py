@@ -104,7 +104,7 @@ def find_videos(raw: str) -> List[str]:
     from .media import VIDEO_EXTENSIONS
 
     if not os.path.isdir(raw):
-        raise ArgumentError("raw", f"{raw} is not a folder")
+        raise ArgumentError("raw", f"{raw}: no such folder")
     found = []
     for folder, subfolders, names in os.walk(raw):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
@@ -112,7 +112,7 @@ def find_videos(raw: str) -> List[str]:
             if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS and not name.startswith("."):
                 found.append(os.path.relpath(os.path.join(folder, name), raw))
     if not found:
-        raise ArgumentError("raw", f"no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) in {raw} or below it")
+        raise ArgumentError("raw", f"{raw}: no videos ({', '.join(sorted(VIDEO_EXTENSIONS))}) in it or below it")
     return sorted(found)
 
 
@@ -266,8 +266,10 @@ class VideoPreparer:
                 dropped.append({"source": relative, "reason": f"several faces: {where} show faces of similar size"})
             else:
                 segments.append(segment)
-        if not any(boxes):
-            return [], [{"source": relative, "reason": "no face: none found in any frame"}]
+        with_face = sum(bool(found) for found in boxes)
+        if not segments and with_face < min(self.min_frames, len(boxes) / 2):
+            reason = "none found" if not with_face else f"one in only {with_face} of {len(boxes)} frames"
+            return [], [{"source": relative, "reason": f"no face: {reason}"}]
         if not segments:
             return [], dropped
 
@@ -515,7 +517,11 @@ def print_summary(manifest: dict, seconds: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    return run_command(lambda: run(args), interrupted="finished videos are kept; run again to resume")
+    return run_command(
+        lambda: run(args),
+        flags={"raw": "RAW", "output": "OUT"},
+        interrupted="finished videos are kept; run again to resume",
+    )
 
 
 if __name__ == "__main__":
