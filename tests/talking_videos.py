@@ -168,3 +168,62 @@ def talking_video(
         frames = [(f + rng.normal(0, noise, f.shape)).clip(0, 255).astype(np.uint8) for f in frames]
     audio = np.zeros(int(seconds * 16000), np.float32) if silent else speech_like(seconds, seed=seed)
     return write_video(path, frames, fps, audio, audio_rate, channels)
+
+
+# --------------------------------------------------------------------------------------------------
+# Aligned clips whose mouth and eyes move on command (the known answers of the measures)
+
+
+def _displace(image: np.ndarray, dy: np.ndarray) -> np.ndarray:
+    """`image` (H, W, 3) float with each pixel taken from `dy` pixels above it (bilinear)."""
+    height, width = image.shape[:2]
+    rows = np.clip(np.arange(height)[:, None] - dy, 0, height - 1.001)
+    top = np.floor(rows).astype(int)
+    share = (rows - top)[..., None]
+    columns = np.arange(width)[None].repeat(height, 0)
+    return image[top, columns] * (1 - share) + image[top + 1, columns] * share
+
+
+def _bump(size: int, centre, radius_x: float, radius_y: float) -> np.ndarray:
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64)
+    return np.exp(-(((x - centre[0]) / radius_x) ** 2 + ((y - centre[1]) / radius_y) ** 2))
+
+
+def talking_photo(opening, eyes_shut=None, size: int = 128, face: str = "astronaut", motion_amount: float = 0.3):
+    """Frames `(F, size, size, 3)` uint8 of an aligned real photo whose lips part by `opening[t]` (0 to 1) and
+    whose eyelids close by `eyes_shut[t]` (0 to 1), the head moving a little: the mouth and eyes are warped
+    (vertical displacement fields around them, placed from the photo's own face mesh)."""
+    from diffused_heads.faces import FaceModels, face_mesh, prepare_identity
+
+    base = np.asarray(prepare_identity(PHOTOS[face](), size=size), np.float64)
+    points = face_mesh(FaceModels.shared(), base.astype(np.uint8), (0, 0, size, size))
+    mouth = points[[13, 14]].mean(axis=0)
+    width = np.linalg.norm(points[61] - points[291])
+    eyes = [points[[159, 145]].mean(axis=0), points[[386, 374]].mean(axis=0)]
+    eye_width = np.linalg.norm(points[33] - points[133])
+    y = np.arange(size, dtype=np.float64)[:, None]
+    frames = []
+    eyes_shut = np.zeros(len(opening)) if eyes_shut is None else eyes_shut
+    for t, (amount, shut) in enumerate(zip(opening, eyes_shut)):
+        # Lips apart: above the mouth line pixels move up, below it down, by up to 0.12 of the mouth's width.
+        lips = _bump(size, mouth, 0.7 * width, 0.45 * width) * amount * 0.12 * width
+        dy = np.where(y < mouth[1], -lips, lips)
+        # Eyelids together: pixels around each eye move towards its middle line.
+        for eye in eyes:
+            lids = _bump(size, eye, 0.8 * eye_width, 0.5 * eye_width) * shut * 0.2 * eye_width
+            dy += np.where(y < eye[1], lids, -lids)
+        frame = _displace(base, dy)
+        angle, scale, dx, dy_head = motion(t / 25.0, motion_amount)
+        picture = PIL.Image.fromarray(frame.clip(0, 255).astype(np.uint8))
+        picture = picture.rotate(angle, PIL.Image.BILINEAR, translate=(dx / 4, dy_head / 4), fillcolor=(0, 177, 64))
+        frames.append(np.asarray(picture))
+    return np.stack(frames)
+
+
+def speech_with_envelope(envelope, seed: int = 0) -> np.ndarray:
+    """16 kHz speech-like sound whose loudness in each 40 ms frame follows `envelope` (0 to 1)."""
+    frames = len(envelope)
+    carrier = speech_like(frames * 0.04, seed=seed)
+    carrier /= np.abs(carrier).max()
+    gain = np.repeat(0.02 + 0.5 * np.asarray(envelope, np.float64), 640)
+    return (carrier[: len(gain)] * gain).astype(np.float32)

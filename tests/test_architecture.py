@@ -25,6 +25,7 @@ LAYERS = {
     "synthetic_data": 3,
     "dataset": 3,
     "runtime": 4,
+    "measures": 4,
     "cli_utils": 5,
     "hub.convert_checkpoint": 6,
     "generate": 6,

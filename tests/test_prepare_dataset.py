@@ -11,12 +11,12 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from talking_videos import busy_background, talking_video, write_video
 
 from diffused_heads import dataset, prepare_dataset, train
 from diffused_heads.faces import MESH_INDICES, FaceModels, face_mesh, fill_missing, landmark_speed
 
 from helpers import tiny_pipeline
+from talking_videos import busy_background, talking_video, write_video
 
 SIZE = 64
 

@@ -24,14 +24,14 @@ import json
 import os
 import sys
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .cli_utils import DTYPE_CHOICES, SCHEDULER_CHOICES, HelpFormatter, run_command
 from .errors import ArgumentError, MissingExtra
-from .media import load_audio, read_video
+from .media import SAMPLES_PER_FRAME, VIDEO_EXTENSIONS, load_audio, read_video
 from .synthetic_data import MOUTH_INSIDE, speech_envelope
 
 
@@ -152,7 +152,7 @@ def sweep(pipe, stems, schedulers: List[str], steps_list: List[int], seed: int =
     return rows
 
 
-def write_sweep(rows: List[dict], folder: str) -> Tuple[str, str]:
+def write_sweep(rows: List[dict], folder: str, measures=MEASURES) -> Tuple[str, str]:
     """`sweep.csv` and `sweep.png` (each measure against seconds per frame, a line per sampler, the ground
     truth's value as a dashed line) in `folder`."""
     try:
@@ -168,8 +168,8 @@ def write_sweep(rows: List[dict], folder: str) -> Tuple[str, str]:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    figure, axes = plt.subplots(1, len(MEASURES), figsize=(5 * len(MEASURES), 4))
-    for axis, (key, label, reference) in zip(axes, MEASURES):
+    figure, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4))
+    for axis, (key, label, reference) in zip(axes, measures):
         for name in dict.fromkeys(r["scheduler"] for r in rows):
             points = sorted((r["seconds_per_frame"], r[key], r["steps"]) for r in rows if r["scheduler"] == name)
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
@@ -189,14 +189,266 @@ def write_sweep(rows: List[dict], folder: str) -> Tuple[str, str]:
     return table, picture
 
 
+# --------------------------------------------------------------------------------------------------
+# Real clips: a prepared dataset's test split, measured with the face mesh
+
+GENERATED = "generated"
+CLIPS_FOLDER = "clips"
+# Per clip, measured on the generated clip and on the ground truth; then those of the generated clip against it.
+OWN_MEASURES = ("sync_r", "sync_offset", "sync_r_best", "blinks_per_s", "blink_s", "head_jitter_px", "face_found")
+COMPARED_MEASURES = ("lmd_px", "psnr", "psnr_outside_mouth", "ssim", "ssim_outside_mouth")
+REAL_MEASURES = (
+    ("gen_sync_r", "mouth opening vs loudness (r)", "gt_sync_r"),
+    ("gen_lmd_px", "mouth landmark distance (px)", None),
+    ("gen_ssim_outside_mouth", "SSIM outside the mouth", None),
+    ("gen_blinks_per_s", "blinks per second", "gt_blinks_per_s"),
+)
+
+
+def _save_array(path: str, array: np.ndarray) -> None:
+    np.save(path + ".partial.npy", array)
+    os.replace(path + ".partial.npy", path)
+
+
+def _resized(frames: np.ndarray, size: int) -> np.ndarray:
+    if frames.shape[1] == size:
+        return frames
+    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    scaled = torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
+    return scaled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def generate_clips(pipe, data, clips, folder: str, steps: int, seed: int, stabilize_every, state, bar=None) -> None:
+    """Regenerate each clip (this process's share) from its first frame and its speech into
+    `folder/ID.npy` (uint8 frames at the model's size) with `ID.json` (frames, seconds); clips already there are
+    kept, so a run resumes."""
+    os.makedirs(folder, exist_ok=True)
+    pending = [c for c in clips if not os.path.isfile(os.path.join(folder, c.id + ".npy"))]
+    size = pipe.unet.config.sample_size
+    with state.split_between_processes(pending) as mine:
+        for clip in mine:
+            identity = _resized(data.frame(clip, 0)[None], size)[0]
+            started = time.perf_counter()
+            frames = pipe(
+                identity,
+                data.audio(clip),
+                num_inference_steps=steps,
+                stabilize_every=stabilize_every,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="np",
+            ).frames[0]
+            seconds = time.perf_counter() - started
+            with open(os.path.join(folder, clip.id + ".json"), "w", encoding="utf-8") as f:
+                json.dump({"frames": len(frames), "seconds": seconds}, f)
+            _save_array(os.path.join(folder, clip.id + ".npy"), (frames * 255.0).round().clip(0, 255).astype(np.uint8))
+            if bar is not None:
+                bar.update()
+
+
+def read_generated(folder: str, clip, size: int) -> np.ndarray:
+    """A clip's generated frames: `ID.npy` (uint8 `(F, S, S, 3)`) or a video `ID.*` (centre-cropped, resized)."""
+    path = os.path.join(folder, clip.id + ".npy")
+    if os.path.isfile(path):
+        return _resized(np.load(path), size)
+    for extension in sorted(VIDEO_EXTENSIONS):
+        if os.path.isfile(os.path.join(folder, clip.id + extension)):
+            return read_video(os.path.join(folder, clip.id + extension), size)
+    raise ArgumentError(
+        "generated", f"{folder} has no {clip.id}.npy or {clip.id}.mp4 (or another video) for clip {clip.id}"
+    )
+
+
+def measure_clip(generated: np.ndarray, truth: np.ndarray, waveform: np.ndarray, folder: Optional[str], clip_id: str):
+    """One clip's row: its own measures on the generated clip (gen_) and on the ground truth (gt_), and the
+    generated clip against the ground truth; with `folder`, its per-frame figures go to `folder/ID.csv`."""
+    from . import measures
+
+    count = min(len(generated), len(truth))
+    generated, truth = generated[:count], truth[:count]
+    waveform = waveform[: count * SAMPLES_PER_FRAME]
+    gen_points, gt_points = measures.clip_landmarks(generated), measures.clip_landmarks(truth)
+    row = {"clip": clip_id, "frames": count}
+    row.update({f"gen_{k}": v for k, v in measures.clip_measures(generated, gen_points, waveform).items()})
+    row.update({f"gt_{k}": v for k, v in measures.clip_measures(truth, gt_points, waveform).items()})
+    row.update({f"gen_{k}": v for k, v in measures.compared_measures(generated, gen_points, truth, gt_points).items()})
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+        per_frame = {
+            "frame": np.arange(count),
+            "loudness_db": measures.loudness(waveform, count),
+            "gen_mouth_opening": measures.mouth_opening(gen_points),
+            "gt_mouth_opening": measures.mouth_opening(gt_points),
+            "gen_eye_ratio": measures.eye_aspect_ratio(gen_points),
+            "gt_eye_ratio": measures.eye_aspect_ratio(gt_points),
+            "psnr_db": [measures.psnr(generated[i : i + 1], truth[i : i + 1]) for i in range(count)],
+        }
+        path = os.path.join(folder, clip_id + ".csv")
+        with open(path + ".partial", "w", encoding="utf-8", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(per_frame)
+            writer.writerows(zip(*per_frame.values()))
+        os.replace(path + ".partial", path)
+    return row
+
+
+def summarise(rows: List[dict]) -> dict:
+    """Mean and 95% interval half-width of every measure over the clips."""
+    from .measures import mean_and_interval
+
+    keys = [k for k in rows[0] if k not in ("clip", "frames")]
+    return {k: mean_and_interval([r[k] for r in rows]) for k in keys}
+
+
+def write_results(folder: str, rows: List[dict], summary: dict, info: dict) -> None:
+    with open(os.path.join(folder, "clips.csv"), "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(folder, "summary.csv"), "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["measure", "generated", "generated_ci95", "ground_truth", "ground_truth_ci95"])
+        for name, (mean, interval), truth in _summary_lines(summary):
+            writer.writerow([name, mean, interval, *(truth or ("", ""))])
+    with open(os.path.join(folder, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(
+            {**info, "clips": len(rows), "frames": sum(r["frames"] for r in rows), "measures": summary}, f, indent=1
+        )
+
+
+def _summary_lines(summary: dict):
+    """(measure, generated (mean, ci), ground truth (mean, ci) or None) for every measure of a summary."""
+    for key, value in summary.items():
+        if key.startswith("gen_"):
+            name = key[len("gen_") :]
+            yield name, value, summary.get("gt_" + name)
+
+
+def _figure(value) -> str:
+    mean, interval = value
+    if not np.isfinite(mean):
+        return "-"
+    return f"{mean:.3f}" + (f" ± {interval:.3f}" if np.isfinite(interval) else "")
+
+
+def print_summary(summary: dict, clips: int, frames: int) -> None:
+    print(f"\n{clips} clips, {frames} frames (mean ± 95% interval over the clips)")
+    print(f"  {'measure':<22} {'generated':>18} {'ground truth':>18}")
+    for name, value, truth in _summary_lines(summary):
+        print(f"  {name:<22} {_figure(value):>18} {_figure(truth) if truth else '':>18}")
+    found = summary.get("gen_face_found", (1.0, 0.0))[0]
+    if found < 0.9:
+        print(
+            f"note: the face mesh found a face in {100 * found:.0f}% of the generated frames; the landmark measures "
+            "(sync, blinks, head jitter, LMD) cover only those"
+        )
+
+
+def measure_all(data, clips, generated_folder, size, output_dir, state, bar=None) -> List[dict]:
+    """Measure every clip (this process's share; rows already written are kept) and return all rows, read back
+    from `output_dir/clips/ID.json` once every process is done."""
+    folder = os.path.join(output_dir, CLIPS_FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    pending = [c for c in clips if not os.path.isfile(os.path.join(folder, c.id + ".json"))]
+    with state.split_between_processes(pending) as mine:
+        for clip in mine:
+            truth = _resized(data.frames(clip), size)
+            row = measure_clip(read_generated(generated_folder, clip, size), truth, data.audio(clip), folder, clip.id)
+            with open(os.path.join(folder, clip.id + ".json.partial"), "w", encoding="utf-8") as f:
+                json.dump(row, f)
+            os.replace(os.path.join(folder, clip.id + ".json.partial"), os.path.join(folder, clip.id + ".json"))
+            if bar is not None:
+                bar.update()
+    state.wait_for_everyone()
+    rows = []
+    for clip in clips:
+        with open(os.path.join(folder, clip.id + ".json"), encoding="utf-8") as f:
+            rows.append(json.load(f))
+    return rows
+
+
+def evaluate_prepared(args, pipe, data, clips, output_dir, steps, scheduler_name=None, log=print):
+    """Regenerate (unless `--generated`) and measure the clips of a prepared dataset into `output_dir`; returns
+    the rows, the summary and the seconds of generating per frame (None when nothing was generated here)."""
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState(cpu=pipe is None or pipe.device.type == "cpu")
+    size = pipe.unet.config.sample_size if pipe is not None else data.size
+    generated = args.generated
+    if generated is None:
+        generated = os.path.join(output_dir, GENERATED)
+        bar = tqdm(total=len(clips), desc="generating", unit="clip", disable=not state.is_main_process)
+        generate_clips(pipe, data, clips, generated, steps, args.seed, args.stabilize_every, state, bar)
+        bar.close()
+        state.wait_for_everyone()
+    bar = tqdm(total=len(clips), desc="measuring", unit="clip", disable=not state.is_main_process)
+    rows = measure_all(data, clips, generated, size, output_dir, state, bar)
+    bar.close()
+    seconds = None
+    if args.generated is None:
+        timings = []
+        for clip in clips:
+            with open(os.path.join(generated, clip.id + ".json"), encoding="utf-8") as f:
+                timings.append(json.load(f))
+        seconds = sum(t["seconds"] for t in timings) / max(1, sum(t["frames"] for t in timings))
+    summary = summarise(rows)
+    if state.is_main_process:
+        info = {"data": os.path.abspath(args.data), "split": args.split, "size": size, "steps": steps}
+        info.update(model=args.model or "built-in", scheduler=scheduler_name, generated=args.generated)
+        info["seconds_per_frame"] = seconds
+        write_results(output_dir, rows, summary, info)
+    return rows, summary, seconds
+
+
+def compare(first: str, second: str) -> int:
+    """Two result folders side by side: every measure of each, and the difference."""
+    summaries = []
+    for folder in (first, second):
+        path = os.path.join(folder, "summary.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                summaries.append(json.load(f))
+        except (OSError, ValueError) as error:
+            raise ArgumentError("compare", f"{folder} holds no readable summary.json ({error})") from None
+    a, b = (s["measures"] for s in summaries)
+    names = [os.path.basename(os.path.normpath(f)) or f for f in (first, second)]
+    print(f"{'measure':<26} {names[0][:18]:>18} {names[1][:18]:>18} {'difference':>11}")
+    for key in a:
+        if key not in b:
+            continue
+        difference = b[key][0] - a[key][0]
+        print(f"{key:<26} {_figure(a[key]):>18} {_figure(b[key]):>18} {difference:>+11.3f}")
+    print(f"({summaries[0]['clips']} and {summaries[1]['clips']} clips; mean ± 95% interval over the clips)")
+    return 0
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         prog="diffused-heads evaluate",
-        description="Lip-sync and identity figures of a model on synthetic evaluation clips.",
+        description="Lip-sync, identity and motion figures of a model on held-out clips: the test split of a "
+        "prepared dataset (real clips, measured with the face mesh; runs under accelerate launch) or synthetic "
+        "drawn clips.",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--model", help="pipeline folder (default: the built-in demo model)")
-    parser.add_argument("--data", required=True, help="folder made by diffused-heads make-dataset --split eval")
+    parser.add_argument(
+        "--data",
+        help="a prepared dataset (prepare-dataset; its --split is regenerated and measured), or a folder made by "
+        "diffused-heads make-dataset --split eval (drawn faces)",
+    )
+    parser.add_argument("--split", choices=("test", "train", "all"), default="test", help="with a prepared dataset")
+    parser.add_argument(
+        "--generated",
+        help="with a prepared dataset: measure these clips (ID.npy or ID.mp4 per clip, e.g. another model's "
+        "videos) instead of generating",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RESULTS_A", "RESULTS_B"),
+        help="print two result folders (--output-dir of earlier runs) side by side",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to generate")
     parser.add_argument(
         "--steps", help="denoising steps per frame, or a comma-separated list for a sweep (default: the model's own)"
     )
@@ -222,6 +474,10 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the per-clip rows and the summary to this file")
     args = parser.parse_args(argv)
+    if args.compare:
+        return args
+    if not args.data:
+        parser.error("--data is needed (or --compare RESULTS_A RESULTS_B)")
     for option in args.scheduler_option:
         if "=" not in option:
             parser.error(f"--scheduler-option takes KEY=VALUE, got {option!r}")
@@ -241,23 +497,77 @@ def parse_args(argv=None):
     return args
 
 
+def run_prepared(args, options) -> int:
+    from . import runtime
+    from .dataset import PreparedDataset
+
+    if not args.output_dir:
+        raise ArgumentError("output_dir", "is needed with a prepared dataset: the results go there")
+    data = PreparedDataset(args.data, None if args.split == "all" else args.split)
+    clips = data.clips[: args.num_clips] if args.num_clips else data.clips
+    if not clips:
+        raise ArgumentError("data", f"{args.data} has no clips in its {args.split} split")
+    os.makedirs(args.output_dir, exist_ok=True)
+    pipe = None
+    if args.generated is None:
+        device = runtime.resolve_device(args.device)
+        pipe = runtime.load_pipeline(args.model, device, args.dtype)
+        pipe = runtime.with_scheduler(pipe, args.scheduler, **options)
+        pipe.set_progress_bar_config(disable=True)
+    if args.schedulers or (args.steps and len(args.steps) > 1):
+        if pipe is None:
+            raise ArgumentError("generated", "measures given clips; a sweep generates its own")
+        steps_list = args.steps or [runtime.default_steps(pipe)]
+        rows = []
+        for name in args.schedulers or ["own" if args.scheduler is None else args.scheduler]:
+            sampler = runtime.with_scheduler(pipe, None if name == "own" else name)
+            for steps in steps_list:
+                folder = os.path.join(args.output_dir, "sweep", f"{name}-{steps}")
+                os.makedirs(folder, exist_ok=True)
+                _, summary, seconds = evaluate_prepared(args, sampler, data, clips, folder, steps, name)
+                row = {"scheduler": name, "steps": steps, **{k: v[0] for k, v in summary.items()}}
+                rows.append({**row, "seconds_per_frame": seconds})
+                print(
+                    f"{name:>9} {steps:>4} steps: {seconds:.3f} s/frame, sync r {row['gen_sync_r']:+.3f}, "
+                    f"LMD {row['gen_lmd_px']:.2f} px, SSIM outside the mouth {row['gen_ssim_outside_mouth']:.3f}"
+                )
+        table, picture = write_sweep(rows, args.output_dir, REAL_MEASURES)
+        print(f"Wrote {table} and {picture} ({len(rows)} samplers x steps, {len(clips)} clips)")
+        return 0
+    steps = args.steps[0] if args.steps else (runtime.default_steps(pipe) if pipe is not None else None)
+    rows, summary, _ = evaluate_prepared(args, pipe, data, clips, args.output_dir, steps, args.scheduler)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print_summary(summary, len(rows), sum(r["frames"] for r in rows))
+        print(f"Wrote {args.output_dir}: clips.csv, summary.csv, summary.json and a CSV per clip in clips/")
+    return 0
+
+
 def run(args) -> int:
     from . import runtime
+    from .dataset import is_prepared
     from .hub.pipeline_diffused_heads import scheduler_uses_variance
 
+    if args.compare:
+        return compare(*args.compare)
     runtime.configure_threads()
-    stems = sorted(p[: -len(".json")] for p in glob.glob(os.path.join(args.data, "*.json")))
-    stems = [s for s in stems if os.path.exists(s + ".mp4") and os.path.exists(s + ".wav")]
-    if not stems:
-        raise ArgumentError("data", f"{args.data} holds no clips (NAME.mp4 + NAME.wav + NAME.json)")
-    if args.num_clips:
-        stems = stems[: args.num_clips]
     options = {}
     for key, value in (option.split("=", 1) for option in args.scheduler_option):
         try:
             options[key] = json.loads(value)  # numbers and booleans
         except ValueError:
             options[key] = value
+    if is_prepared(args.data):
+        return run_prepared(args, options)
+    if args.generated:
+        raise ArgumentError("generated", "needs a prepared dataset as --data")
+    stems = sorted(p[: -len(".json")] for p in glob.glob(os.path.join(args.data, "*.json")))
+    stems = [s for s in stems if os.path.exists(s + ".mp4") and os.path.exists(s + ".wav")]
+    if not stems:
+        raise ArgumentError("data", f"{args.data} holds no clips (NAME.mp4 + NAME.wav + NAME.json)")
+    if args.num_clips:
+        stems = stems[: args.num_clips]
     pipe = runtime.load_pipeline(args.model, "cpu", args.dtype)
     pipe = runtime.with_scheduler(pipe, args.scheduler, **options)
     if args.schedulers or (args.steps and len(args.steps) > 1):
