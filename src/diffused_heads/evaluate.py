@@ -1,10 +1,18 @@
-"""Measure how well a model moves the mouth with the speech and keeps the face, on synthetic clips.
+"""Measure how well a model moves the mouth with the speech and keeps the face, on held-out clips.
 
-    diffused-heads evaluate --data data/eval --steps 10
+    diffused-heads evaluate --data prepared/ --model tuned --output-dir eval-tuned       # real clips
+    accelerate launch -m diffused_heads evaluate --data prepared/ --model tuned --output-dir eval-tuned
+    diffused-heads evaluate --compare eval-crema eval-tuned
+    diffused-heads evaluate --data data/eval --steps 10                                   # drawn clips
 
-For every clip of `--data` (made by `diffused-heads make-dataset --split eval`: identities and voices not
-used in training) the model animates the clip's first frame with the clip's speech. Reported per clip and
-on average:
+**Real clips** (a prepared dataset, `dataset`): every clip of the `--split` (test) is regenerated from its first
+frame and its speech (over the processes of `accelerate launch`; resumable) or taken from `--generated`, and
+measured with the face mesh against its ground truth (`measures`): sync with the speech and its offset, LMD,
+PSNR and SSIM over the frame and outside the mouth, blinks, head jitter. Results: `clips.csv`, a CSV per clip,
+`summary.csv` and `summary.json` (mean ± 95% interval) in `--output-dir`.
+
+**Drawn clips** (made by `diffused-heads make-dataset --split eval`: identities and voices not used in
+training): the model animates the clip's first frame with the clip's speech. Reported per clip and on average:
 
 - `r(gen, env)`: Pearson correlation between the mouth opening measured on the generated frames and the
   speech loudness envelope;
@@ -13,7 +21,7 @@ on average:
 - `psnr_id`: PSNR (dB) of the generated frames against the identity frame outside the mouth region (how well
   the face is kept), with the same figure for the ground-truth frames, which move, blink and talk.
 
-The mouth opening of a frame is measured in the mouth region of the clip (the union of its mouth boxes,
+The mouth opening of a drawn frame is measured in the mouth region of the clip (the union of its mouth boxes,
 widened): the amount of pixels of the colour of the inside of the drawn mouth.
 """
 
