@@ -1,0 +1,59 @@
+"""Only the chosen person stays, on busy backgrounds: real portraits pasted by a hand-traced outline onto bricks,
+printed text, logos and a crowd of other pictures, alone or beside other people (tests/composites.py)."""
+
+import numpy as np
+import pytest
+
+from diffused_heads import faces
+
+from composites import SCENES, measure, scene, scores, warped_truth
+
+
+@pytest.fixture(scope="module")
+def measured():
+    return {row["scene"]: row for row in measure()}
+
+
+@pytest.mark.parametrize("kind", SCENES)
+def test_the_background_goes_green_and_the_person_stays(measured, kind):
+    row = measured[kind]
+    assert row["background_green"] >= 0.95, row
+    assert row["person_kept"] >= 0.97, row
+
+
+def test_another_person_beside_the_face_is_removed_only_when_one_person_is_asked_for():
+    photo, truth = scene("close")  # Grace Hopper cheek to cheek with the astronaut
+    results = {}
+    for everyone in (True, False):
+        aligned = faces.align_identity(photo, everyone=everyone)
+        person, covered = warped_truth(truth, aligned.matrix, 128)
+        results[everyone] = scores(aligned.mask, person, covered)
+    assert results[True][0] < 0.9  # the segmenter alone keeps her
+    assert results[False][0] >= 0.95 and results[False][1] >= 0.97
+
+
+def test_the_segmenter_sees_more_than_the_frame(monkeypatch):
+    tight = {}
+    monkeypatch.setattr(faces, "SEGMENTATION_CONTEXT", 1.0)
+    for row in measure(("crowd",)):
+        tight = row
+    assert tight["background_green"] < 0.9  # seeing only the frame, it keeps pieces of the pictures behind
+
+
+def test_keep_one_person_parts_two_touching_people_between_their_faces():
+    mask = np.zeros((128, 128), np.float32)
+    mask[20:128, 10:118] = 1.0  # one blob holding two people
+    left = np.array([(20, 30), (40, 30), (40, 50), (20, 50)], float)
+    right_box = np.array([(88, 30), (108, 30), (108, 50), (88, 50)], float)
+    kept = faces.keep_one_person(mask, left, [right_box])
+    assert kept[60, 20] == 1.0 and kept[60, 108] == 0.0
+    split = np.flatnonzero(kept[40] > 0.5).max()
+    assert 60 <= split <= 70  # halfway between the faces (30 and 98)
+    alone = faces.keep_one_person(mask, left, [])
+    assert alone[60, 108] == 1.0
+
+
+def test_an_unknown_segmenter_is_a_clear_error():
+    photo, _ = scene("logos")
+    with pytest.raises(ValueError, match="segmenter must be one of general, landscape, pose"):
+        faces.prepare_identity(photo, segmenter="best")
