@@ -149,3 +149,42 @@ def measure(kinds=SCENES, size: int = 128, **options) -> List[dict]:
         green, kept = scores(aligned.mask, person, covered)
         rows.append({"scene": kind, "background_green": green, "person_kept": kept})
     return rows
+
+
+def moving_video(
+    path: str, seconds: float = 2.0, fps: int = 25, width: int = 480, height: int = 360, plain: bool = False
+) -> str:
+    """A video of the astronaut (pasted by her outline) turning and moving over a busy background, Grace Hopper
+    standing still beside her, with speech-like sound; `plain`: over the training green, alone (where the green
+    in each frame is exactly where she is not)."""
+    from helpers import speech_like
+    from talking_videos import motion, write_video
+
+    if plain:
+        backdrop = PIL.Image.new("RGB", (width, height), (0, 177, 64))
+    else:
+        backdrop = background("logos", width, height)
+        paste(backdrop, PIL.Image.new("L", (width, height)), "hopper", 150, width - 130, height)
+    bust, mask = cutout("astronaut")
+    picture = bust.convert("RGBA")
+    picture.putalpha(mask)
+    frames = []
+    for index in range(int(seconds * fps)):
+        angle, scale, dx, dy = motion(index / fps, 0.6)
+        zoom = scale * 260 / picture.height
+        turn = np.deg2rad(angle)
+        forward = np.array(
+            [
+                [zoom * np.cos(turn), zoom * np.sin(turn), 0.0],
+                [-zoom * np.sin(turn), zoom * np.cos(turn), 0.0],
+                [0, 0, 1],
+            ]
+        )
+        centre = np.array([width * 0.4 + dx, height - 130 * scale + dy])
+        forward[:2, 2] = centre - forward[:2, :2] @ np.array([picture.width / 2, picture.height / 2])
+        inverse = np.linalg.inv(forward)[:2].ravel().tolist()
+        placed = picture.transform((width, height), PIL.Image.AFFINE, inverse, PIL.Image.BILINEAR)
+        canvas = backdrop.copy()
+        canvas.paste(placed, (0, 0), placed)
+        frames.append(np.asarray(canvas))
+    return write_video(path, frames, fps, speech_like(seconds))

@@ -57,3 +57,34 @@ def test_an_unknown_segmenter_is_a_clear_error():
     photo, _ = scene("logos")
     with pytest.raises(ValueError, match="segmenter must be one of general, landscape, pose"):
         faces.prepare_identity(photo, segmenter="best")
+
+
+def green_pixels(folder):
+    from diffused_heads import dataset
+
+    data = dataset.PreparedDataset(str(folder))
+    frames = data.frames(data.clips[0]).astype(float)
+    return np.linalg.norm(frames - (0, 177, 64), axis=-1) < 40
+
+
+def test_the_mask_of_a_video_is_as_steady_as_the_true_outline(tmp_path):
+    """The same moving person over a busy background with another person (segmented) and over the training
+    green alone (where the green is exactly where she is not): the segmented mask changes from frame to frame
+    no more than the true outline does, and covers as much."""
+    from diffused_heads import prepare_dataset
+
+    from composites import moving_video
+
+    results = {}
+    for plain in (False, True):
+        raw = tmp_path / f"raw-{plain}"
+        raw.mkdir()
+        moving_video(str(raw / "clip.mp4"), plain=plain)
+        output = tmp_path / f"data-{plain}"
+        extra = ["--keep-background"] if plain else []
+        assert prepare_dataset.main([str(raw), str(output), "--size", "128", *extra]) == 0
+        green = green_pixels(output)
+        results[plain] = (green.mean(), (green[1:] != green[:-1]).mean())
+    (segmented_share, segmented_flips), (true_share, true_flips) = results[False], results[True]
+    assert abs(segmented_share - true_share) < 0.01  # the mask covers what the person covers
+    assert segmented_flips <= 1.25 * true_flips, results  # and flickers no more than the outline moves

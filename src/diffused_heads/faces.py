@@ -772,13 +772,22 @@ def landmark_speed(points: np.ndarray) -> float:
 
 
 def align_frame(
-    rgb: np.ndarray, matrix: np.ndarray, size: int, background, keep_background: bool = False
+    rgb: np.ndarray,
+    matrix: np.ndarray,
+    size: int,
+    background,
+    keep_background: bool = False,
+    face: Optional[FoundFace] = None,
+    segmenter: str = "general",
 ) -> np.ndarray:
     """A video frame warped by `matrix` (frame pixels to `size` x `size` pixels), the person on `background`
-    unless `keep_background`, as `(size, size, 3)` uint8."""
+    unless `keep_background` (with `face`, the face found in the frame: only that person), as `(size, size, 3)`
+    uint8."""
     work = max(256, 2 * size)
     photo = PIL.Image.fromarray(rgb)
-    aligned, _, _ = render_aligned(photo, np.asarray(matrix) * (work / size), work, background, keep_background)
+    aligned, _, _ = render_aligned(
+        photo, np.asarray(matrix) * (work / size), work, background, keep_background, face, segmenter
+    )
     return np.asarray(aligned.resize((size, size), PIL.Image.LANCZOS))
 
 

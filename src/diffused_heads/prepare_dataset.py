@@ -63,6 +63,15 @@ def parse_args(argv=None):
     p.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
     p.add_argument("--keep-background", action="store_true", help="only align; keep the videos' background")
     p.add_argument(
+        "--segmenter",
+        choices=("general", "landscape", "pose"),
+        default="general",
+        help="the person segmenter (general measured best on busy backgrounds)",
+    )
+    p.add_argument(
+        "--everyone", action="store_true", help="keep every person the segmenter finds, not only the speaker"
+    )
+    p.add_argument(
         "--aligned",
         action="store_true",
         help="RAW holds ready, aligned square clips (NAME.mp4 [+ NAME.wav] [+ NAME.json mouth boxes], what "
@@ -231,6 +240,7 @@ class VideoPreparer:
             MESH_POINTS,
             OUTER_LIPS,
             FaceModels,
+            FoundFace,
             align_frame,
             apply_transform,
             detect_faces,
@@ -305,6 +315,7 @@ class VideoPreparer:
             mouth = np.concatenate([lips.min(axis=1), lips.max(axis=1)], axis=1).clip(0, self.size)
             plans.append(
                 dict(
+                    mesh=mesh,
                     segment=segment,
                     matrices=matrices,
                     mouth=mouth,
@@ -331,8 +342,21 @@ class VideoPreparer:
                 if writer is None:
                     continue
                 offset = index - plan["segment"].start
+                followed = plan["segment"].boxes[offset]
+                others = [b for b in boxes[index] if b is not followed and b != followed]
+                face = FoundFace(
+                    plan["mesh"][offset][list(MESH_INDICES)],
+                    plan["mesh"][offset],
+                    [np.array([(b[0], b[1]), (b[2], b[1]), (b[2], b[3]), (b[0], b[3])]) for b in others],
+                )
                 aligned = align_frame(
-                    frame, plan["matrices"][offset], self.size, self.background, self.args.keep_background
+                    frame,
+                    plan["matrices"][offset],
+                    self.size,
+                    self.background,
+                    self.args.keep_background,
+                    None if self.args.everyone else face,
+                    self.args.segmenter,
                 )
                 writer.write_frame(aligned)
                 # The landmarks found again in the aligned frame: how still the head is in what was written.
@@ -374,6 +398,8 @@ def _options(args) -> dict:
             "scale",
             "background",
             "keep_background",
+            "segmenter",
+            "everyone",
             "aligned",
             "max_gap",
             "min_seconds",

@@ -27,6 +27,15 @@ def parse_args(argv=None):
     parser.add_argument("--scale", type=float, default=1.0, help="framing: below 1 shows more around the face")
     parser.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
     parser.add_argument("--keep-background", action="store_true", help="only align; keep the photo's background")
+    parser.add_argument(
+        "--segmenter",
+        choices=("general", "landscape", "pose"),
+        default="general",
+        help="the person segmenter (general measured best on busy backgrounds)",
+    )
+    parser.add_argument(
+        "--everyone", action="store_true", help="keep every person the segmenter finds, not only the face's"
+    )
     parser.add_argument("--size", type=int, help="output size in pixels (default: the template's, 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
@@ -48,6 +57,8 @@ def run(args) -> int:
         background=parse_colour(args.background),
         keep_background=args.keep_background,
         frame=args.frame,
+        segmenter=args.segmenter,
+        everyone=args.everyone,
     )
     save_image(frame, args.output)
     print(f"Wrote {args.output} ({frame.width}x{frame.height})")
