@@ -88,3 +88,24 @@ def test_the_mask_of_a_video_is_as_steady_as_the_true_outline(tmp_path):
     (segmented_share, segmented_flips), (true_share, true_flips) = results[False], results[True]
     assert abs(segmented_share - true_share) < 0.01  # the mask covers what the person covers
     assert segmented_flips <= 1.25 * true_flips, results  # and flickers no more than the outline moves
+
+
+def test_framing_presets_scale_the_face(tmp_path, capsys):
+    from diffused_heads import prepare_face
+
+    from composites import cutout
+
+    photo = cutout("astronaut")[0]
+    widths = {}
+    for name in ("tight", "recipe", "head"):
+        frame = np.asarray(faces.prepare_identity(photo, scale=name))
+        mesh = faces.face_mesh(faces.FaceModels.shared(), frame, (0, 0, 128, 128))
+        widths[name] = mesh[454][0] - mesh[234][0]
+    assert widths["tight"] / widths["recipe"] == pytest.approx(4 / 3, rel=0.03)
+    assert widths["head"] / widths["recipe"] == pytest.approx(0.75, rel=0.03)
+    photo.save(tmp_path / "photo.png")
+    arguments = ["--image", str(tmp_path / "photo.png"), "--output", str(tmp_path / "out.png"), "--scale", "huge"]
+    assert prepare_face.main(arguments) == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --scale must be a positive number or one of recipe, tight, head, got 'huge'"
+    ]

@@ -60,6 +60,9 @@ MEAN_FACE_POINTS = np.array(
 MEAN_FACE_BOX = ((0.19, 0.187), (224.49, 244.16))
 CROP_SCALE, OFFSET_X, OFFSET_TOP, OFFSET_BOTTOM = 0.3525, 0.11, 0.335, 0.155
 DETECTION_SIDE = 1280  # photos are searched for faces at most this large
+# Named framings (scale factors of the template; docs/FRAMING.md): the face-processor crop made square by
+# widening it (the default), the same crop made square by cutting its height, and the whole head with its hair.
+FRAMING = {"recipe": 1.0, "tight": 4 / 3, "head": 0.75}
 SMALL_FACE_EYES = 40  # outer eye corners closer than this in the photo (48 in the frame): a warning
 # The person segmenters of the faces extra: MediaPipe's selfie segmenter (general: 256x256, landscape:
 # 144x256) and its pose model's segmentation (one person, found from the body's pose).
@@ -372,7 +375,8 @@ def prepare_identity(
             `template_from_reference` and `model_template`).
         size: Output size (default: the template's, 128).
         face: "largest" (default; a warning names how many faces there are) or the index of a face from the largest.
-        scale: Framing: below 1 shows more around the face, above 1 less (see `FRAMING`).
+        scale: Framing: below 1 shows more around the face, above 1 less; or a name of `FRAMING` ("recipe" = 1,
+            "tight", "head").
         background: Colour put behind the person (default: the template's, the training green).
         keep_background: Only align; keep the photo's background.
         frame: For a video, the frame to use (its landmarks are averaged with the next 6 frames').
@@ -382,6 +386,20 @@ def prepare_identity(
     return align_identity(
         image, template, size, face, scale, background, keep_background, frame, segmenter, everyone
     ).image
+
+
+def framing_scale(scale: Union[float, str]) -> float:
+    """A framing's scale: a positive number, or the name of one of `FRAMING`."""
+    if isinstance(scale, str):
+        if scale in FRAMING:
+            return FRAMING[scale]
+        try:
+            scale = float(scale)
+        except ValueError:
+            raise ArgumentError("scale", f"must be a positive number or one of {', '.join(FRAMING)}, got {scale!r}")
+    if not scale > 0:
+        raise ArgumentError("scale", f"must be positive, got {scale}")
+    return float(scale)
 
 
 @dataclass
@@ -409,8 +427,7 @@ def align_identity(
     """`prepare_identity`, with the person's mask and the alignment's matrix."""
     template = template or default_template()
     size = size or template.size
-    if not scale > 0:
-        raise ArgumentError("scale", f"must be positive, got {scale}")
+    scale = framing_scale(scale)
     if segmenter not in SEGMENTERS:
         raise ArgumentError("segmenter", f"must be one of {', '.join(SEGMENTERS)}, got {segmenter!r}")
     background = tuple(background or template.background)

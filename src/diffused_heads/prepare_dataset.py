@@ -59,7 +59,12 @@ def parse_args(argv=None):
     p.add_argument("--size", type=int, default=128, help="frame size in pixels (the released model: 128)")
     p.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
     p.add_argument("--model", help="a model folder whose calibrated template to use, if it has one")
-    p.add_argument("--scale", type=float, default=1.0, help="framing: below 1 shows more around the face")
+    p.add_argument(
+        "--scale",
+        default="recipe",
+        help="framing: a number (below 1 shows more around the face, above 1 less) or recipe (1: the face-processor "
+        "crop made square), tight (4/3: cut to its width), head (0.75: the whole head and hair); docs/FRAMING.md",
+    )
     p.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
     p.add_argument("--keep-background", action="store_true", help="only align; keep the videos' background")
     p.add_argument(
@@ -99,8 +104,16 @@ def parse_args(argv=None):
         p.error("--size must be at least 16")
     if not 0.0 <= args.test_fraction < 1.0:
         p.error("--test-fraction must be in [0, 1)")
-    if args.max_gap < 0 or args.min_seconds <= 0 or args.smoothing < 0 or args.scale <= 0:
-        p.error("--max-gap and --smoothing must be 0 or more, --min-seconds and --scale above 0")
+    if args.max_gap < 0 or args.min_seconds <= 0 or args.smoothing < 0:
+        p.error("--max-gap and --smoothing must be 0 or more, --min-seconds above 0")
+    from .faces import FRAMING
+
+    try:
+        args.scale = FRAMING[args.scale] if args.scale in FRAMING else float(args.scale)
+    except ValueError:
+        args.scale = -1.0
+    if not args.scale > 0:
+        p.error(f"--scale takes a positive number or one of {', '.join(FRAMING)}")
     return args
 
 

@@ -24,7 +24,12 @@ def parse_args(argv=None):
     parser.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
     parser.add_argument("--frame", type=int, help="with a video: the frame to use (default 0)")
     parser.add_argument("--face", default="largest", help="'largest' or the index of a face counted from the largest")
-    parser.add_argument("--scale", type=float, default=1.0, help="framing: below 1 shows more around the face")
+    parser.add_argument(
+        "--scale",
+        default="recipe",
+        help="framing: a number (below 1 shows more around the face, above 1 less) or recipe (1: the face-processor "
+        "crop made square), tight (4/3: cut to its width), head (0.75: the whole head and hair); docs/FRAMING.md",
+    )
     parser.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
     parser.add_argument("--keep-background", action="store_true", help="only align; keep the photo's background")
     parser.add_argument(
