@@ -14,9 +14,10 @@ import torch
 
 from diffused_heads import dataset, prepare_dataset, train
 from diffused_heads.faces import MESH_INDICES, FaceModels, face_mesh, fill_missing, landmark_speed
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
-from helpers import tiny_pipeline
-from talking_videos import busy_background, talking_video, write_video
+from helpers import speech_like, tiny_pipeline
+from talking_videos import busy_background, frame_at, talking_video, write_video
 
 SIZE = 64
 
@@ -43,6 +44,11 @@ def raw(tmp_path_factory):
         fps=25,
         audio=np.asarray(np.random.default_rng(0).normal(0, 0.1, 19200), np.float32),
     )
+    # The face leaves the picture for 0.4 s (more than --max-gap frames) in the middle.
+    faces = [frame_at(k / 25, "hopper") for k in range(65)]
+    empty_middle = [np.asarray(busy_background(320, 240, seed=0))] * 10
+    audio = speech_like(2.6, seed=5)
+    write_video(str(folder / "grace" / "away.mp4"), faces[:30] + empty_middle + faces[40:], fps=25, audio=audio)
     (folder / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 and then nothing")
     (folder / "notes.txt").write_text("not a video")
     return folder
@@ -66,7 +72,7 @@ def manifest(folder):
 def test_usable_videos_become_clips_and_the_rest_is_left_out_with_a_reason(prepared):
     content = manifest(prepared)
     sources = {c["source"]: c for c in content["clips"]}
-    assert set(sources) == {"anna/moving.mp4", "anna/cut.mp4", "grace/talk.mov"}
+    assert set(sources) == {"anna/moving.mp4", "anna/cut.mp4", "grace/talk.mov", "grace/away.mp4"}
     reasons = {d["source"]: d["reason"] for d in content["dropped"]}
     assert reasons["pair.mp4"].startswith("several faces")
     assert reasons["quiet.mp4"].startswith("silent")
@@ -87,6 +93,11 @@ def test_the_scene_cut_splits_a_video_in_two_clips(prepared):
     cut = [c for c in manifest(prepared)["clips"] if c["source"] == "anna/cut.mp4"]
     assert [c["start_frame"] for c in cut] == [0, 38]  # the cut is at half of 75 frames
     assert [c["frames"] for c in cut] == [38, 37]
+
+
+def test_a_face_missing_for_longer_than_the_gap_splits_the_video(prepared):
+    away = [c for c in manifest(prepared)["clips"] if c["source"] == "grace/away.mp4"]
+    assert [(c["start_frame"], c["frames"]) for c in away] == [(0, 30), (40, 25)]
 
 
 def test_every_clip_is_25_fps_with_640_samples_per_frame_and_mouth_boxes(prepared):
@@ -185,6 +196,31 @@ def test_two_processes_make_what_one_makes(raw, prepared, tmp_path):
             a = np.load(prepared / "clips" / clip["id"] / name)
             b = np.load(tmp_path / "two" / "clips" / clip["id"] / name)
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_fine_tuning_runs_over_two_processes(prepared, tmp_path):
+    start = tmp_path / "start"
+    tiny_pipeline().save_pretrained(start)
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
+    command += ["-m", "diffused_heads", "train", "--data", str(prepared), "--init-from", str(start), "--output-dir"]
+    command += [
+        str(tmp_path / "tuned"),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--num-workers",
+        "1",
+        "--threads",
+        "1",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("saved the pipeline") == 1  # one training run over two processes, not two runs
+    before = DiffusedHeadsPipeline.from_pretrained(start).unet.state_dict()
+    after = DiffusedHeadsPipeline.from_pretrained(tmp_path / "tuned").unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):

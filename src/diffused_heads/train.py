@@ -584,7 +584,8 @@ def train(args) -> str:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # Without a GPU the processes of `accelerate launch` talk over gloo (accelerate's multi-CPU mode).
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     log = accelerator.print
     unet, encoder, noise_scheduler, defaults = build_components(args)
     if unet.config.audio_embedding_dim != encoder.config.hidden_size:
