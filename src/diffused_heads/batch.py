@@ -411,12 +411,7 @@ def run(args) -> int:
         share.run(mine)
     board.post(share.jobs_done, share.frames_done, finished=True)
     if bar is not None:  # follow the other processes until all are finished
-        while (progress := board.read())["finished"] < state.num_processes:
-            bar.n = progress["frames"]
-            bar.refresh()
-            time.sleep(0.5)
-        bar.n = board.read()["frames"]
-        bar.close()
+        board.follow(bar, "frames")
     everything = gather_object([asdict(r) for r in share.results])
     state.wait_for_everyone()
     if not state.is_main_process:

@@ -130,6 +130,34 @@ def run_command(body: Callable[[], int], flags: Optional[Dict[str, str]] = None,
             signal.signal(signal.SIGTERM, previous)
 
 
+# The person segmenters of the faces extra (`faces.SEGMENTERS`), here too so that --help answers without it.
+SEGMENTER_CHOICES = ("general", "landscape", "pose")
+
+
+def add_face_options(parser: argparse.ArgumentParser, whose: str) -> None:
+    """The options of face preparation (template, framing, background, segmenter), shared by the commands that
+    prepare faces; `whose` names the person kept ("the face's", "the speaker")."""
+    parser.add_argument("--model", help="a model folder whose calibrated template to use, if it has one")
+    parser.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
+    parser.add_argument(
+        "--scale",
+        default="recipe",
+        help="framing: a number (below 1 shows more around the face, above 1 less) or recipe (1: the face-processor "
+        "crop made square), tight (4/3: cut to its width), head (0.75: the whole head and hair); docs/FRAMING.md",
+    )
+    parser.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
+    parser.add_argument("--keep-background", action="store_true", help="only align; keep the background")
+    parser.add_argument(
+        "--segmenter",
+        choices=SEGMENTER_CHOICES,
+        default="general",
+        help="the person segmenter (general measured best on busy backgrounds)",
+    )
+    parser.add_argument(
+        "--everyone", action="store_true", help=f"keep every person the segmenter finds, not only {whose}"
+    )
+
+
 def parse_colour(text: Optional[str]) -> Optional[Tuple[int, int, int]]:
     if text is None:
         return None
@@ -181,6 +209,16 @@ class ProgressBoard:
             total["frames"] += posted["frames"]
             total["finished"] += bool(posted["finished"])
         return total
+
+    def follow(self, bar, key: str) -> None:
+        """Show the whole run's `key` count ("jobs" or "frames") on the main process's progress bar until every
+        process has posted that it is finished, then close the bar."""
+        while (progress := self.read())["finished"] < self.num_processes:
+            bar.n = progress[key]
+            bar.refresh()
+            time.sleep(0.5)
+        bar.n = self.read()[key]
+        bar.close()
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

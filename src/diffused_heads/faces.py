@@ -355,37 +355,10 @@ def _warp(image: PIL.Image.Image, matrix: np.ndarray, size: int, fill=(0, 0, 0))
     )
 
 
-def prepare_identity(
-    image: Union[str, PIL.Image.Image, np.ndarray],
-    template: Optional[IdentityTemplate] = None,
-    size: Optional[int] = None,
-    face: Union[str, int] = "largest",
-    scale: float = 1.0,
-    background: Optional[Tuple[int, int, int]] = None,
-    keep_background: bool = False,
-    frame: Optional[int] = None,
-    segmenter: str = "general",
-    everyone: bool = False,
-) -> PIL.Image.Image:
+def prepare_identity(image: Union[str, PIL.Image.Image, np.ndarray], **options) -> PIL.Image.Image:
     """A photo (or a frame of a video) as a model-ready identity frame: aligned, on the training background.
-
-    Args:
-        image: A path (image or video), a PIL image or an HxWx3 uint8 array.
-        template: Where the stable points go (default: the reconstruction of the published recipe; see
-            `template_from_reference` and `model_template`).
-        size: Output size (default: the template's, 128).
-        face: "largest" (default; a warning names how many faces there are) or the index of a face from the largest.
-        scale: Framing: below 1 shows more around the face, above 1 less; or a name of `FRAMING` ("recipe" = 1,
-            "tight", "head").
-        background: Colour put behind the person (default: the template's, the training green).
-        keep_background: Only align; keep the photo's background.
-        frame: For a video, the frame to use (its landmarks are averaged with the next 6 frames').
-        segmenter: Which person segmenter finds the person (`SEGMENTERS`; "general" measured best).
-        everyone: Keep every person the segmenter finds, not only the one whose face is used.
-    """
-    return align_identity(
-        image, template, size, face, scale, background, keep_background, frame, segmenter, everyone
-    ).image
+    The options are `align_identity`'s."""
+    return align_identity(image, **options).image
 
 
 def framing_scale(scale: Union[float, str]) -> float:
@@ -417,14 +390,30 @@ def align_identity(
     template: Optional[IdentityTemplate] = None,
     size: Optional[int] = None,
     face: Union[str, int] = "largest",
-    scale: float = 1.0,
+    scale: Union[float, str] = 1.0,
     background: Optional[Tuple[int, int, int]] = None,
     keep_background: bool = False,
     frame: Optional[int] = None,
     segmenter: str = "general",
     everyone: bool = False,
 ) -> AlignedIdentity:
-    """`prepare_identity`, with the person's mask and the alignment's matrix."""
+    """A photo (or a frame of a video) as a model-ready identity frame (aligned, on the training background), with
+    the person's mask in it and the matrix that took the photo's pixels to the frame's.
+
+    Args:
+        image: A path (image or video), a PIL image or an HxWx3 uint8 array.
+        template: Where the stable points go (default: the reconstruction of the published recipe; see
+            `template_from_reference` and `model_template`).
+        size: Output size (default: the template's, 128).
+        face: "largest" (default; a warning names how many faces there are) or the index of a face from the largest.
+        scale: Framing: below 1 shows more around the face, above 1 less; or a name of `FRAMING` ("recipe" = 1,
+            "tight", "head").
+        background: Colour put behind the person (default: the template's, the training green).
+        keep_background: Only align; keep the photo's background.
+        frame: For a video, the frame to use (its landmarks are averaged with the next 6 frames').
+        segmenter: Which person segmenter finds the person (`SEGMENTERS`; "general" measured best).
+        everyone: Keep every person the segmenter finds, not only the one whose face is used.
+    """
     template = template or default_template()
     size = size or template.size
     scale = framing_scale(scale)

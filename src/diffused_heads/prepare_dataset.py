@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .cli_utils import HelpFormatter, ProgressBoard, parse_colour, run_command
+from .cli_utils import HelpFormatter, ProgressBoard, add_face_options, parse_colour, run_command
 from .errors import ArgumentError, MediaError
 
 logger = logging.getLogger(__name__)
@@ -57,25 +57,7 @@ def parse_args(argv=None):
     p.add_argument("raw", metavar="RAW", help="folder of videos (searched recursively)")
     p.add_argument("output", metavar="OUT", help="the prepared dataset's folder (created; a run resumes in it)")
     p.add_argument("--size", type=int, default=128, help="frame size in pixels (the released model: 128)")
-    p.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
-    p.add_argument("--model", help="a model folder whose calibrated template to use, if it has one")
-    p.add_argument(
-        "--scale",
-        default="recipe",
-        help="framing: a number (below 1 shows more around the face, above 1 less) or recipe (1: the face-processor "
-        "crop made square), tight (4/3: cut to its width), head (0.75: the whole head and hair); docs/FRAMING.md",
-    )
-    p.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
-    p.add_argument("--keep-background", action="store_true", help="only align; keep the videos' background")
-    p.add_argument(
-        "--segmenter",
-        choices=("general", "landscape", "pose"),
-        default="general",
-        help="the person segmenter (general measured best on busy backgrounds)",
-    )
-    p.add_argument(
-        "--everyone", action="store_true", help="keep every person the segmenter finds, not only the speaker"
-    )
+    add_face_options(p, "the speaker")
     p.add_argument(
         "--aligned",
         action="store_true",
@@ -501,13 +483,8 @@ def run(args) -> int:
                 bar.n = board.read()["jobs"]
                 bar.refresh()
     board.post(done, frames, finished=True)
-    if bar is not None:
-        while (progress := board.read())["finished"] < state.num_processes:
-            bar.n = progress["jobs"]
-            bar.refresh()
-            time.sleep(0.5)
-        bar.n = board.read()["jobs"]
-        bar.close()
+    if bar is not None:  # follow the other processes until all are finished
+        board.follow(bar, "jobs")
     gather_object([done])
     state.wait_for_everyone()
     if not state.is_main_process:

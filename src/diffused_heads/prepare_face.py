@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .cli_utils import HelpFormatter, parse_colour, run_command
+from .cli_utils import HelpFormatter, add_face_options, parse_colour, run_command
 from .errors import ArgumentError
 
 
@@ -20,27 +20,9 @@ def parse_args(argv=None):
     )
     parser.add_argument("--image", required=True, help="a photo, or a video (its --frame)")
     parser.add_argument("--output", required=True, help="the PNG file to write")
-    parser.add_argument("--model", help="a model folder whose calibrated template to use, if it has one")
-    parser.add_argument("--reference", help="a real frame of the training data (image or video) to calibrate from")
+    add_face_options(parser, "the face's")
     parser.add_argument("--frame", type=int, help="with a video: the frame to use (default 0)")
     parser.add_argument("--face", default="largest", help="'largest' or the index of a face counted from the largest")
-    parser.add_argument(
-        "--scale",
-        default="recipe",
-        help="framing: a number (below 1 shows more around the face, above 1 less) or recipe (1: the face-processor "
-        "crop made square), tight (4/3: cut to its width), head (0.75: the whole head and hair); docs/FRAMING.md",
-    )
-    parser.add_argument("--background", help="R,G,B colour behind the person (default: the template's green)")
-    parser.add_argument("--keep-background", action="store_true", help="only align; keep the photo's background")
-    parser.add_argument(
-        "--segmenter",
-        choices=("general", "landscape", "pose"),
-        default="general",
-        help="the person segmenter (general measured best on busy backgrounds)",
-    )
-    parser.add_argument(
-        "--everyone", action="store_true", help="keep every person the segmenter finds, not only the face's"
-    )
     parser.add_argument("--size", type=int, help="output size in pixels (default: the template's, 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     return parser.parse_args(argv)
