@@ -109,3 +109,44 @@ def test_framing_presets_scale_the_face(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --scale must be a positive number or one of recipe, tight, head, got 'huge'"
     ]
+
+
+def test_prepare_face_passes_its_options_on(tmp_path, monkeypatch):
+    from diffused_heads import prepare_face
+
+    seen = {}
+
+    def align(image, **options):
+        seen.update(options)
+        return faces.AlignedIdentity(faces.PIL.Image.new("RGB", (128, 128)), np.zeros((128, 128)), np.eye(2, 3))
+
+    monkeypatch.setattr(faces, "align_identity", align)
+    arguments = ["--image", "photo.png", "--output", str(tmp_path / "out.png"), "--segmenter", "pose", "--everyone"]
+    arguments += ["--scale", "head", "--background", "1,2,3", "--face", "1", "--size", "64"]
+    assert prepare_face.main(arguments) == 0
+    assert seen["segmenter"] == "pose" and seen["everyone"] is True and seen["scale"] == "head"
+    assert seen["background"] == (1, 2, 3) and seen["face"] == 1 and seen["size"] == 64
+
+
+def test_prepare_dataset_passes_the_mask_options_to_every_frame(tmp_path, monkeypatch):
+    from diffused_heads import prepare_dataset
+
+    from talking_videos import talking_video
+
+    (tmp_path / "raw").mkdir()
+    talking_video(str(tmp_path / "raw" / "a.mp4"), "astronaut", seconds=1.2, fps=25)
+    calls = []
+    real = faces.align_frame
+
+    def align(rgb, matrix, size, background, keep_background=False, face=None, segmenter="general"):
+        calls.append((face, segmenter, background))
+        return real(rgb, matrix, size, background, keep_background, face, segmenter)
+
+    monkeypatch.setattr(faces, "align_frame", align)
+    arguments = [str(tmp_path / "raw"), str(tmp_path / "out"), "--size", "32", "--segmenter", "landscape"]
+    assert prepare_dataset.main(arguments + ["--background", "0,0,255"]) == 0
+    assert len(calls) == 30 and all(s == "landscape" and b == (0, 0, 255) for _, s, b in calls)
+    assert all(isinstance(f, faces.FoundFace) and f.mesh.shape == (468, 2) for f, _, _ in calls)
+    calls.clear()
+    assert prepare_dataset.main([str(tmp_path / "raw"), str(tmp_path / "all"), "--size", "32", "--everyone"]) == 0
+    assert len(calls) == 30 and all(f is None for f, _, _ in calls)
