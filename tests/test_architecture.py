@@ -17,6 +17,7 @@ PACKAGE = os.path.join(ROOT, "src", "diffused_heads")
 # Lower numbers are lower layers (ARCHITECTURE.md).
 LAYERS = {
     "errors": 0,
+    "system": 0,
     "hub.pipeline_diffused_heads": 1,
     "hub.unet.unet_diffused_heads": 1,
     "hub.audio_encoder.audio_encoder_diffused_heads": 1,

@@ -487,16 +487,24 @@ def test_default_threads_leave_out_the_cores_others_keep_busy(monkeypatch):
     import torch
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(runtime, "busy_cores", lambda: 0.0)
+    monkeypatch.setattr(runtime, "busy_cores", lambda since=None: 0.0)
     assert runtime.configure_threads() == cores == torch.get_num_threads()
     assert runtime.configure_threads(processes_per_node=cores) == 1
-    monkeypatch.setattr(runtime, "busy_cores", lambda: float(cores))
+    monkeypatch.setattr(runtime, "busy_cores", lambda since=None: float(cores))
     assert runtime.configure_threads() == 1
-    monkeypatch.setattr(runtime, "busy_cores", lambda: None)  # not measurable: all of this process's share
+    monkeypatch.setattr(runtime, "busy_cores", lambda since=None: None)  # not measurable: all of this process's share
     assert runtime.configure_threads() == cores
     assert runtime.configure_threads(3) == 3 == torch.get_num_threads()
     with pytest.raises(ArgumentError, match="threads must be at least 1"):
         runtime.configure_threads(0)
     monkeypatch.undo()
+    # A reading taken earlier counts the time since as the interval: no wait.
+    from diffused_heads.system import cpu_ticks
+
+    earlier = cpu_ticks()
+    time.sleep(0.3)
+    started = time.monotonic()
+    assert runtime.busy_cores(since=earlier) is not None
+    assert time.monotonic() - started < 0.1
     measured = runtime.busy_cores(interval=0.05)
     assert measured is None or 0.0 <= measured <= os.cpu_count()

@@ -68,6 +68,7 @@ def test_command_lists_its_subcommands(tmp_path):
         "convert",
         "train",
         "evaluate",
+        "prepare-dataset",
         "make-dataset",
     ]
     unknown = subprocess.run(["diffused-heads", "nope"], cwd=tmp_path, capture_output=True, text=True)
@@ -179,3 +180,24 @@ def test_builtin_model_loads_both_ways(tmp_path):
     )
     # Without the package it loads too: the folder carries the code.
     assert_loads_as_remote_code_without_the_package(path, tmp_path, frames_of(local))
+
+
+def test_a_command_that_ends_the_program_early_skips_the_teardown_but_runs_exit_handlers_and_flushes(tmp_path):
+    code = (
+        "import atexit, sys\n"
+        "atexit.register(lambda: open('handler-ran', 'w').write('yes'))\n"
+        "class Torn:\n    def __del__(self):\n        open('torn-down', 'w').write('yes')\n"
+        "kept = Torn()  # deleted only by the interpreter's teardown\n"
+        "from diffused_heads import cli\n"
+        "cli.QUICK_EXIT.add('make-dataset')\n"
+        "sys.argv = ['diffused-heads', 'make-dataset', '--output', 'clips', '--num-clips', '1', '--size', '16',\n"
+        "            '--max-seconds', '1', '--speech', 'synthetic']\n"
+        "print('before', end='')\n"
+        "sys.exit(cli.main())\n"
+        "print('never reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("before") and "never reached" not in result.stdout
+    assert (tmp_path / "handler-ran").read_text() == "yes"
+    assert not (tmp_path / "torn-down").exists()  # the teardown was skipped

@@ -1,6 +1,7 @@
 """The `diffused-heads` command: one entry point, a subcommand per tool, each with its own `--help`."""
 
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -35,7 +36,30 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+# Commands that run in one process and whose work is done when they return: the program then ends without
+# the interpreter's module-by-module teardown, which takes about a second once torch and diffusers are imported
+# (4.6 s of the demo's 4.6 s became 3.6 s).
+QUICK_EXIT = {"generate", "prepare-face"}
+
+
+def _end_now(code: int) -> None:
+    """End the program as `sys.exit(code)` would (exit handlers run, output flushed), skipping the teardown."""
+    import atexit
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run a command; `argv` None means the program's own arguments (and the program ends with the command)."""
+    program = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -51,7 +75,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"\nerror: unknown command {command!r}; choose one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0], __package__)
-    return module.main(rest)
+    code = module.main(rest)
+    if program and command in QUICK_EXIT:
+        _end_now(code or 0)
+    return code
 
 
 if __name__ == "__main__":

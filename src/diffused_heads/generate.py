@@ -104,6 +104,9 @@ def frame_progress(total: int, desc: str = "generating"):
 
 
 def run(args) -> str:
+    from .system import cpu_ticks
+
+    before_imports = cpu_ticks()  # how busy the machine is is measured over the imports
     check_args(args)
     import logging
 
@@ -113,7 +116,7 @@ def run(args) -> str:
     from .media import SAMPLING_RATE, VideoWriter, load_audio, load_identity_frame, save_frame, save_image
 
     logger = logging.getLogger("diffused_heads.generate")
-    runtime.configure_threads(args.threads)
+    runtime.configure_threads(args.threads, since=before_imports)
     device = runtime.resolve_device(args.device)
     dtype = runtime.resolve_dtype(args.dtype, device)  # a bad choice is said before anything is read
     started = time.perf_counter()

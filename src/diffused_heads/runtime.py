@@ -22,6 +22,7 @@ import torch
 from . import builtin_model_path
 from .errors import ArgumentError, MediaError
 from .media import MAX_PIXELS, VIDEO_EXTENSIONS, load_identity_frame, random_frame_index, square
+from .system import CpuTicks, cpu_ticks
 
 logger = logging.getLogger(__name__)
 
@@ -84,41 +85,38 @@ def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch
     return dtype
 
 
-def busy_cores(interval: float = 0.25) -> Optional[float]:
-    """How many cores other programs keep busy right now (Linux: /proc/stat over `interval`, this process's own
-    time taken out); None where that cannot be read. The load average would lag by a minute behind."""
-
-    def ticks():
-        with open("/proc/stat", encoding="ascii") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-        with open("/proc/self/stat", encoding="ascii") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        return sum(values), values[3] + values[4], int(own[11]) + int(own[12])  # total, idle, our utime + stime
-
-    try:
-        total0, idle0, own0 = ticks()
-        time.sleep(interval)
-        total1, idle1, own1 = ticks()
-    except (OSError, ValueError, IndexError):
+def busy_cores(interval: float = 0.25, since: Optional[CpuTicks] = None) -> Optional[float]:
+    """How many cores other programs keep busy right now (Linux: /proc/stat over at least `interval` seconds,
+    this process's own time taken out); None where that cannot be read. The load average would lag by a minute
+    behind. `since`: a reading taken earlier (a command takes one before its imports, which then count as the
+    interval instead of a wait)."""
+    first = since or cpu_ticks()
+    if first is None:
         return None
-    if total1 <= total0:
+    waited = time.monotonic() - first.at
+    if waited < interval:
+        time.sleep(interval - waited)
+    last = cpu_ticks()
+    if last is None or last.total <= first.total:
         return None
-    others = (total1 - total0) - (idle1 - idle0) - (own1 - own0)
-    return max(0.0, others / (total1 - total0) * (os.cpu_count() or 1))
+    others = (last.total - first.total) - (last.idle - first.idle) - (last.own - first.own)
+    return max(0.0, others / (last.total - first.total) * (os.cpu_count() or 1))
 
 
-def configure_threads(threads: Optional[int] = None, processes_per_node: int = 1) -> int:
+def configure_threads(
+    threads: Optional[int] = None, processes_per_node: int = 1, since: Optional[CpuTicks] = None
+) -> int:
     """Set torch's CPU threads: `threads`, or this process's fair share of the cores that are free.
 
     The UNet's many small operations each start a parallel region whose threads spin while they wait for each
     other. With more threads than free cores they spin against the other programs: on 2 cores, 1.6 s of the demo
     took 34 s with 2 threads beside one busy process and 152 s beside two, against 19 s and 34 s with 1 thread
     (10 s on a quiet machine). So the default is the cores this process may use, divided among the processes of
-    the run, less those other programs keep busy (at least 1)."""
+    the run, less those other programs keep busy (at least 1; measured since `since`, see `busy_cores`)."""
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = cores // max(1, processes_per_node)
-        busy = busy_cores()
+        busy = busy_cores(since=since)
         if busy is not None:
             threads = min(threads, cores - round(busy))
         threads = max(1, threads)
