@@ -188,3 +188,26 @@ def test_a_sampler_sweep_on_real_clips_writes_its_table_and_plot(prepared, tmp_p
     assert len(rows) == 5 and rows[0].startswith("scheduler,steps,gen_sync_r")
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     assert (tmp_path / "sweep" / "ddim-2" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_evaluate_spreads_over_two_processes_with_the_figures_of_one(prepared, tmp_path):
+    import socket
+    import subprocess
+
+    clips = given_clips(prepared, tmp_path / "given", lambda frames: shifted(frames, 2))
+    arguments = ["--data", str(prepared), "--generated", str(clips)]
+    assert evaluate.main(arguments + ["--output-dir", str(tmp_path / "one")]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(port)]
+    command += ["-m", "diffused_heads", "evaluate", *arguments, "--output-dir", str(tmp_path / "two")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("Wrote") == 1  # one summary, from the main process
+    one = json.loads((tmp_path / "one" / "summary.json").read_text())["measures"]
+    two = json.loads((tmp_path / "two" / "summary.json").read_text())["measures"]
+    assert one.keys() == two.keys()
+    for key in one:
+        np.testing.assert_allclose(two[key], one[key], rtol=1e-9, err_msg=key)

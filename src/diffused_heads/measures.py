@@ -119,11 +119,12 @@ def mouth_masks(points: np.ndarray, size: int, margin: float = 0.06) -> np.ndarr
     """`(F, size, size)` bool: the box around each frame's lips, widened by `margin` of the size on every side
     (a frame without landmarks gets the clip's mean box)."""
     lips = points[:, list(LIPS)]
-    low, high = np.nanmin(lips, axis=1), np.nanmax(lips, axis=1)
-    missing = ~np.isfinite(low).all(axis=1)
+    missing = ~np.isfinite(lips).all(axis=(1, 2))
     if missing.all():
         return np.zeros((len(points), size, size), bool)
-    low[missing], high[missing] = np.nanmean(low, axis=0), np.nanmean(high, axis=0)
+    low, high = np.zeros((len(points), 2)), np.zeros((len(points), 2))
+    low[~missing], high[~missing] = lips[~missing].min(axis=1), lips[~missing].max(axis=1)
+    low[missing], high[missing] = low[~missing].mean(axis=0), high[~missing].mean(axis=0)
     low, high = low - margin * size, high + margin * size
     grid = np.arange(size) + 0.5
     inside_x = (grid[None] >= low[:, :1]) & (grid[None] <= high[:, :1])
