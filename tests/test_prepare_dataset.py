@@ -255,7 +255,8 @@ def test_fine_tuning_a_tiny_model_on_the_prepared_set_lowers_its_loss(prepared, 
         pipe = DiffusedHeadsPipeline.from_pretrained(folder)
         data = dataset.PreparedDataset(str(prepared))
         embeddings = str(tmp_path / "embeddings")
-        folder_of = train.precompute_embeddings(pipe.audio_encoder, data, embeddings, "cpu", False)
+        folder_of = train.embeddings_folder(pipe.audio_encoder, embeddings)
+        train.precompute_embeddings(pipe.audio_encoder, data, folder_of, "cpu", show=False)
         samples = train.TrainingFrames(data, pipe.unet.config.sample_size, pipe.unet.config.audio_context, folder_of)
         objective = train.DiffusionObjective(pipe.scheduler, lip_weight=0.0)
         total = []

@@ -33,6 +33,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 CLIPS = "clips"
 SPLITS = ("train", "test")
+NUM_CONTEXT_FRAMES = 3  # a clip needs a target frame and its two motion frames
 
 
 class DatasetError(MediaError):
@@ -85,7 +86,8 @@ class ClipWriter:
         shutil.rmtree(self.temporary, ignore_errors=True)
 
 
-def write_manifest(dataset: str, size: int, clips: List[dict], dropped: List[dict], **extra) -> str:
+def write_manifest(dataset: str, size: int, clips: List[dict], dropped: List[dict], **extra) -> dict:
+    """Write `manifest.json` (the clips, what was dropped, and a summary) and return its content."""
     frames = sum(c["frames"] for c in clips)
     summary = {
         "clips": len(clips),
@@ -111,7 +113,7 @@ def write_manifest(dataset: str, size: int, clips: List[dict], dropped: List[dic
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(content, f, indent=1)
     os.replace(path + ".tmp", path)
-    return path
+    return content
 
 
 def count_reasons(dropped: List[dict]) -> Dict[str, int]:
@@ -226,10 +228,7 @@ class PreparedDataset:
         """Frame `index` of a clip, `(S, S, 3)` uint8, read from disk (nothing else of the clip is read)."""
         if not 0 <= index < clip.frames:
             raise IndexError(f"clip {clip.id} has {clip.frames} frames, not {index + 1}")
-        offset, _, _ = self._layout(clip, "frames.npy")
-        count = self.size * self.size * 3
-        data = np.fromfile(self.path(clip, "frames.npy"), dtype=np.uint8, count=count, offset=offset + index * count)
-        return data.reshape(self.size, self.size, 3)
+        return self.frames(clip, index, 1)[0]
 
     def frames(self, clip: ClipInfo, start: int = 0, count: Optional[int] = None) -> np.ndarray:
         """Frames `start` to `start + count` of a clip as `(n, S, S, 3)` uint8, in one read."""
@@ -305,9 +304,6 @@ def convert_clip_folder(folder: str, dataset: str, size: int, test_fraction: flo
     assign_splits(clips, test_fraction, seed)
     write_manifest(dataset, size, clips, dropped, prepared_from=os.path.abspath(folder))
     return clips, dropped
-
-
-NUM_CONTEXT_FRAMES = 3  # a target frame and its two motion frames
 
 
 def _clip_folder_boxes(stem: str, num_frames: int, size: int) -> Optional[np.ndarray]:

@@ -39,7 +39,7 @@ import torch
 
 from .cli_utils import DTYPE_CHOICES, SCHEDULER_CHOICES, HelpFormatter, run_command
 from .errors import ArgumentError, MissingExtra
-from .media import SAMPLES_PER_FRAME, VIDEO_EXTENSIONS, load_audio, read_video
+from .media import SAMPLES_PER_FRAME, VIDEO_EXTENSIONS, load_audio, read_video, resize_frames
 from .synthetic_data import MOUTH_INSIDE, speech_envelope
 
 
@@ -202,9 +202,8 @@ def write_sweep(rows: List[dict], folder: str, measures=MEASURES) -> Tuple[str, 
 
 GENERATED = "generated"
 CLIPS_FOLDER = "clips"
-# Per clip, measured on the generated clip and on the ground truth; then those of the generated clip against it.
+# Per clip, measured on the generated clip and on the ground truth alike.
 OWN_MEASURES = ("sync_r", "sync_offset", "sync_r_best", "blinks_per_s", "blink_s", "head_jitter_px", "face_found")
-COMPARED_MEASURES = ("lmd_px", "psnr", "psnr_outside_mouth", "ssim", "ssim_outside_mouth")
 REAL_MEASURES = (
     ("gen_sync_r", "mouth opening vs loudness (r)", "gt_sync_r"),
     ("gen_lmd_px", "mouth landmark distance (px)", None),
@@ -218,14 +217,6 @@ def _save_array(path: str, array: np.ndarray) -> None:
     os.replace(path + ".partial.npy", path)
 
 
-def _resized(frames: np.ndarray, size: int) -> np.ndarray:
-    if frames.shape[1] == size:
-        return frames
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
-    scaled = torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True)
-    return scaled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
 def generate_clips(pipe, data, clips, folder: str, steps: int, seed: int, stabilize_every, state, bar=None) -> None:
     """Regenerate each clip (this process's share) from its first frame and its speech into
     `folder/ID.npy` (uint8 frames at the model's size) with `ID.json` (frames, seconds); clips already there are
@@ -235,7 +226,7 @@ def generate_clips(pipe, data, clips, folder: str, steps: int, seed: int, stabil
     size = pipe.unet.config.sample_size
     with state.split_between_processes(pending) as mine:
         for clip in mine:
-            identity = _resized(data.frame(clip, 0)[None], size)[0]
+            identity = resize_frames(data.frame(clip, 0)[None], size)[0]
             started = time.perf_counter()
             frames = pipe(
                 identity,
@@ -257,7 +248,7 @@ def read_generated(folder: str, clip, size: int) -> np.ndarray:
     """A clip's generated frames: `ID.npy` (uint8 `(F, S, S, 3)`) or a video `ID.*` (centre-cropped, resized)."""
     path = os.path.join(folder, clip.id + ".npy")
     if os.path.isfile(path):
-        return _resized(np.load(path), size)
+        return resize_frames(np.load(path), size)
     for extension in sorted(VIDEO_EXTENSIONS):
         if os.path.isfile(os.path.join(folder, clip.id + extension)):
             return read_video(os.path.join(folder, clip.id + extension), size)
@@ -359,7 +350,7 @@ def measure_all(data, clips, generated_folder, size, output_dir, state, bar=None
     pending = [c for c in clips if not os.path.isfile(os.path.join(folder, c.id + ".json"))]
     with state.split_between_processes(pending) as mine:
         for clip in mine:
-            truth = _resized(data.frames(clip), size)
+            truth = resize_frames(data.frames(clip), size)
             row = measure_clip(read_generated(generated_folder, clip, size), truth, data.audio(clip), folder, clip.id)
             with open(os.path.join(folder, clip.id + ".json.partial"), "w", encoding="utf-8") as f:
                 json.dump(row, f)

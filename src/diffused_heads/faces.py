@@ -288,8 +288,7 @@ def find_face(image: PIL.Image.Image, face: Union[str, int] = "largest", quiet: 
         mesh = face_mesh(models, rgb, boxes[index])
         if mesh is None:
             continue
-        others = [np.array([(b[0], b[1]), (b[2], b[1]), (b[2], b[3]), (b[0], b[3])]) for k, b in enumerate(boxes)]
-        others = [corners for k, corners in enumerate(others) if k != index]
+        others = [box_corners(b) for k, b in enumerate(boxes) if k != index]
         if angle:
             if not quiet:
                 logger.info(f"the face was found with the photo turned by {angle} degrees")
@@ -639,6 +638,12 @@ def detect_faces(rgb: np.ndarray) -> List[Box]:
     return [tuple(v / factor for v in box) for box in _boxes(FaceModels.shared(), np.ascontiguousarray(small))]
 
 
+def box_corners(box) -> np.ndarray:
+    """The four corners `(4, 2)` of a box `(x0, y0, x1, y1)`."""
+    x0, y0, x1, y1 = box
+    return np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)], np.float64)
+
+
 def box_overlap(a: Box, b: Box) -> float:
     """Intersection over union of two boxes."""
     width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
@@ -771,10 +776,13 @@ def apply_transform(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def landmark_speed(points: np.ndarray) -> float:
-    """The mean distance a landmark moves from one frame to the next, for `(T, N, 2)` points."""
-    if len(points) < 2:
-        return 0.0
-    return float(np.linalg.norm(np.diff(points, axis=0), axis=-1).mean())
+    """The mean distance a landmark moves from one frame to the next, for `(T, N, 2)` points; frames without
+    landmarks (NaN) are left out with the steps to and from them (NaN when no step is left)."""
+    known = np.isfinite(points).all(axis=(1, 2))
+    both = known[1:] & known[:-1]
+    if not both.any():
+        return float("nan")
+    return float(np.linalg.norm(np.diff(points, axis=0)[both], axis=-1).mean())
 
 
 def align_frame(

@@ -19,7 +19,16 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from .faces import INNER_LIPS, LEFT_EYE, MESH_INDICES, OUTER_LIPS, RIGHT_EYE, FaceModels, face_mesh
+from .faces import (
+    INNER_LIPS,
+    LEFT_EYE,
+    MESH_INDICES,
+    OUTER_LIPS,
+    RIGHT_EYE,
+    FaceModels,
+    face_mesh,
+    landmark_speed,
+)
 from .media import FPS, SAMPLES_PER_FRAME
 
 LIPS = tuple(dict.fromkeys(OUTER_LIPS + INNER_LIPS))
@@ -213,13 +222,7 @@ def blinks(ratio: np.ndarray, fps: float = FPS) -> Tuple[float, float]:
 
 def head_jitter(points: np.ndarray) -> float:
     """Head motion: the mean frame-to-frame distance of the five stable points, in pixels."""
-    stable = points[:, list(MESH_INDICES)]
-    known = np.isfinite(stable).all(axis=(1, 2))
-    if known.sum() < 2:
-        return float("nan")
-    steps = np.linalg.norm(np.diff(stable, axis=0), axis=-1).mean(axis=1)
-    steps = steps[known[1:] & known[:-1]]
-    return float(steps.mean()) if len(steps) else float("nan")
+    return landmark_speed(points[:, list(MESH_INDICES)])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -228,8 +228,6 @@ def read_video_frames(path: str, start: int = 0, count: Optional[int] = 1) -> Li
 def read_video(path: str, size: Optional[int] = None) -> np.ndarray:
     """All frames of a video as `(num_frames, size, size, 3)` uint8, centre-cropped to a square and resized with
     an antialiasing bilinear filter (`size=None`: as they are); `MediaError` for a video with no frames."""
-    import torch.nn.functional as F
-
     frames = list(iter_video_frames(path))
     if not frames:
         raise MediaError(f"{path} holds no video frames")
@@ -239,10 +237,17 @@ def read_video(path: str, size: Optional[int] = None) -> np.ndarray:
     height, width = array.shape[1:3]
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
-    array = array[:, top : top + side, left : left + side]
-    if side == size:
-        return np.ascontiguousarray(array)
-    tensor = torch.from_numpy(array).permute(0, 3, 1, 2).float()
+    return resize_frames(array[:, top : top + side, left : left + side], size)
+
+
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """Square `(N, S, S, 3)` uint8 frames at `size` x `size`, with an antialiasing bilinear filter (as they are
+    when they have that size already)."""
+    import torch.nn.functional as F
+
+    if frames.shape[1] == size and frames.shape[2] == size:
+        return np.ascontiguousarray(frames)
+    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
     resized = F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
 

@@ -171,15 +171,6 @@ def _quiet(name: str):
         named.setLevel(level)
 
 
-def _speed_of_found(points: List[np.ndarray]) -> float:
-    from .faces import fill_missing, landmark_speed
-
-    try:
-        return landmark_speed(fill_missing(np.stack(points)))
-    except ValueError:  # the mesh found the face in no aligned frame
-        return float("nan")
-
-
 def _loudness_dbfs(waveform: np.ndarray) -> float:
     rms = float(np.sqrt(np.mean(np.square(waveform, dtype=np.float64))))
     return 20 * np.log10(max(rms, 1e-10))
@@ -190,14 +181,13 @@ class VideoPreparer:
 
     def __init__(self, args, template):
         self.args = args
-        self.template = template
         self.size = args.size
         centre = np.array([self.size / 2, self.size / 2])
         self.target = centre + (template.scaled(self.size) - centre) * args.scale
         self.background = parse_colour(args.background) or tuple(template.background)
         self.min_frames = max(3, int(round(args.min_seconds * 25)))
 
-    def __call__(self, raw: str, relative: str, log_frames=None) -> Tuple[List[dict], List[dict]]:
+    def __call__(self, raw: str, relative: str) -> Tuple[List[dict], List[dict]]:
         """The clips made from a video and the parts left out, each `{"source", "reason"}`."""
         from .media import SAMPLES_PER_FRAME, load_audio, video_frame_count
 
@@ -216,7 +206,7 @@ class VideoPreparer:
         if loudness < SILENT_DBFS:
             return [], [{"source": relative, "reason": f"silent: {loudness:.0f} dBFS"}]
         try:
-            return self._video(path, relative, waveform, len(waveform) // SAMPLES_PER_FRAME, log_frames)
+            return self._video(path, relative, waveform, len(waveform) // SAMPLES_PER_FRAME)
         except MediaError as error:
             return [], [{"source": relative, "reason": f"unreadable: {error}"}]
 
@@ -228,7 +218,7 @@ class VideoPreparer:
                 return
             yield index, shown, frame
 
-    def _video(self, path, relative, waveform, audio_frames, log_frames):
+    def _video(self, path, relative, waveform, audio_frames):
         from . import dataset
         from .faces import (
             MESH_INDICES,
@@ -238,6 +228,7 @@ class VideoPreparer:
             FoundFace,
             align_frame,
             apply_transform,
+            box_corners,
             detect_faces,
             face_mesh,
             fill_missing,
@@ -259,8 +250,6 @@ class VideoPreparer:
         cuts = scene_cuts(changes)
         if not boxes:
             return [], [{"source": relative, "reason": "unreadable: no video frames"}]
-        if log_frames:
-            log_frames(len(boxes))
         dropped = []
         segments = []
         for segment in follow_face(boxes, cuts, max_gap=self.args.max_gap):
@@ -338,12 +327,8 @@ class VideoPreparer:
                     continue
                 offset = index - plan["segment"].start
                 followed = plan["segment"].boxes[offset]
-                others = [b for b in boxes[index] if b is not followed and b != followed]
-                face = FoundFace(
-                    plan["mesh"][offset][list(MESH_INDICES)],
-                    plan["mesh"][offset],
-                    [np.array([(b[0], b[1]), (b[2], b[1]), (b[2], b[3]), (b[0], b[3])]) for b in others],
-                )
+                others = [box_corners(b) for b in boxes[index] if b != followed]
+                face = FoundFace(plan["mesh"][offset][list(MESH_INDICES)], plan["mesh"][offset], others)
                 aligned = align_frame(
                     frame,
                     plan["matrices"][offset],
@@ -368,7 +353,7 @@ class VideoPreparer:
                             "source": relative.replace(os.sep, "/"),
                             "start_frame": start,
                             "jitter_in_px": round(plan["jitter_in"], 3),
-                            "jitter_out_px": round(_speed_of_found(plan["found"]), 3),
+                            "jitter_out_px": round(landmark_speed(np.stack(plan["found"])), 3),
                         }
                     )
                     writer = None
@@ -440,7 +425,6 @@ def _write_record(path: str, record: dict) -> None:
 
 def run(args) -> int:
     from accelerate import PartialState
-    from accelerate.utils import gather_object
     from tqdm.auto import tqdm
 
     from . import dataset
@@ -485,7 +469,6 @@ def run(args) -> int:
     board.post(done, frames, finished=True)
     if bar is not None:  # follow the other processes until all are finished
         board.follow(bar, "jobs")
-    gather_object([done])
     state.wait_for_everyone()
     if not state.is_main_process:
         return 0
@@ -500,10 +483,10 @@ def run(args) -> int:
         "jitter_in_px": round(float(np.mean([c["jitter_in_px"] for c in clips])), 3) if clips else None,
         "jitter_out_px": round(float(np.mean([c["jitter_out_px"] for c in clips])), 3) if clips else None,
     }
-    path = dataset.write_manifest(
+    manifest = dataset.write_manifest(
         args.output, args.size, clips, dropped, template=template.source, alignment=jitter, options=_options(args)
     )
-    print_summary(json.load(open(path, encoding="utf-8")), time.perf_counter() - started)
+    print_summary(manifest, time.perf_counter() - started)
     if not clips:
         raise MediaError(f"no usable clips in {args.raw}: {len(dropped)} part(s) left out ({_reasons(dropped)})")
     return 0

@@ -50,7 +50,7 @@ from .hub.pipeline_diffused_heads import (
     to_motion_frame,
 )
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES, DiffusedHeadsUNetModel
-from .media import FPS
+from .media import FPS, resize_frames
 
 logger = logging.getLogger(__name__)
 
@@ -139,15 +139,6 @@ class TrainingFrames(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.data.num_frames
 
-    def _resized(self, frames: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
-        if tensor.shape[-1] == self.size:
-            return tensor.contiguous()
-        scaled = torch.nn.functional.interpolate(
-            tensor.float(), size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
-        )
-        return scaled.round().clamp(0, 255).to(torch.uint8)
-
     def __getitem__(self, plan) -> dict:
         index, target, identity_index, dropped = plan
         clip = self.data.clips[index]
@@ -155,7 +146,7 @@ class TrainingFrames(torch.utils.data.Dataset):
         stacked = np.concatenate(
             [self.data.frames(clip, first, target - first + 1), self.data.frame(clip, identity_index)[None]]
         )
-        frames = self._resized(stacked)
+        frames = torch.from_numpy(resize_frames(stacked, self.size)).permute(0, 3, 1, 2)
         recent, identity = frames[:-1], frames[-1]
         motion = []
         for back in range(NUM_MOTION_FRAMES, 0, -1):  # oldest first
@@ -238,12 +229,16 @@ def _fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def precompute_embeddings(encoder, data: PreparedDataset, folder: str, device, show: bool) -> str:
-    """The frozen encoder's embeddings of every clip, one `.npy` per clip in `folder/<encoder fingerprint>/`
-    (made once; a resumed run reuses them)."""
+def embeddings_folder(encoder, folder: str) -> str:
+    """Where a frozen encoder's embeddings are kept: `folder/<fingerprint of its weights>`."""
+    return os.path.join(folder, _fingerprint(encoder))
+
+
+def precompute_embeddings(encoder, data: PreparedDataset, target: str, device, show: bool = True) -> str:
+    """The frozen encoder's embeddings of every clip, one `.npy` per clip in `target` (see `embeddings_folder`;
+    clips done before are kept, so a resumed run reuses them)."""
     from tqdm.auto import tqdm
 
-    target = os.path.join(folder, _fingerprint(encoder))
     os.makedirs(target, exist_ok=True)
     missing = [c for c in data.clips if not os.path.isfile(os.path.join(target, c.id + ".npy"))]
     with torch.no_grad():
@@ -643,18 +638,16 @@ def train(args) -> str:
         if ema_encoder is not None:
             ema_encoder.to(device)
 
-    embeddings_folder = None
+    frozen_folder = None
     if not args.train_audio_encoder:
+        frozen_folder = embeddings_folder(encoder, os.path.join(args.checkpoint_dir, "audio-embeddings"))
         if accelerator.is_main_process:
-            precompute_embeddings(encoder, data, os.path.join(args.checkpoint_dir, "audio-embeddings"), device, True)
+            precompute_embeddings(encoder, data, frozen_folder, device)
         accelerator.wait_for_everyone()
-        embeddings_folder = precompute_embeddings(
-            encoder, data, os.path.join(args.checkpoint_dir, "audio-embeddings"), device, False
-        )
 
     log_path = os.path.join(args.checkpoint_dir, "train_log.jsonl")
     motion_channels = accelerator.unwrap_model(unet).config.motion_frame_channels
-    samples = TrainingFrames(data, size, context, embeddings_folder)
+    samples = TrainingFrames(data, size, context, frozen_folder)
     batches = StepBatches(
         frame_counts,
         args.batch_size,
