@@ -27,6 +27,7 @@ LAYERS = {
     "dataset": 3,
     "runtime": 4,
     "measures": 4,
+    "training": 4,
     "cli_utils": 5,
     "hub.convert_checkpoint": 6,
     "generate": 6,

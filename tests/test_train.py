@@ -11,10 +11,10 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from scipy.stats import norm
 
-from diffused_heads import dataset, make_dataset, train
+from diffused_heads import dataset, make_dataset, train, training
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
-from diffused_heads.train import (
+from diffused_heads.training import (
     DiffusionObjective,
     StepBatches,
     TrainingFrames,
@@ -328,7 +328,7 @@ def recorded_run(monkeypatch, clip_folder, output, *extra):
     """Run the training script in one process, recording the data it opens, the batches it makes and what the
     UNet receives."""
     record = {"data": None, "batches": [], "unet_inputs": []}
-    real_open, real_collate, real_forward = train.open_data, train.collate_samples, DiffusedHeadsUNetModel.forward
+    real_open, real_collate, real_forward = train.open_data, training.collate_samples, DiffusedHeadsUNetModel.forward
 
     def open_data(*args, **kwargs):
         record["data"] = real_open(*args, **kwargs)
@@ -349,7 +349,7 @@ def recorded_run(monkeypatch, clip_folder, output, *extra):
         return real_forward(self, sample, timestep, identity_frame, motion_frames, audio_context, **kwargs)
 
     monkeypatch.setattr(train, "open_data", open_data)
-    monkeypatch.setattr(train, "collate_samples", collate)
+    monkeypatch.setattr(training, "collate_samples", collate)
     monkeypatch.setattr(DiffusedHeadsUNetModel, "forward", forward)
     assert run(clip_folder, output, "--num-workers", "0", *extra) == 0
     assert len(record["batches"]) == len(record["unet_inputs"]) > 0

@@ -222,3 +222,55 @@ class ProgressBoard:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def add_training_options(parser: argparse.ArgumentParser, **defaults) -> None:
+    """The options every training command has (data, output, optimisation, checkpoints), with the command's own
+    `defaults` (`max_steps=..., learning_rate=...`); see `check_training_options`."""
+    p = parser
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a prepared dataset (prepare-dataset), or a folder of ready clips: NAME.mp4 [+ NAME.wav] [+ NAME.json "
+        "mouth boxes], stored once as a prepared dataset in the checkpoint folder",
+    )
+    p.add_argument(
+        "--split", choices=("train", "test", "all"), default="train", help="which clips of a prepared dataset to use"
+    )
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=min(4, max(1, (os.cpu_count() or 2) // 2)),
+        help="DataLoader worker processes that read the frames (0: read in the training process)",
+    )
+    p.add_argument("--output-dir", required=True, help="where the trained pipeline is saved (save_pretrained)")
+    p.add_argument("--checkpoint-dir", help="checkpoints and train_log.jsonl (default: OUTPUT_DIR-checkpoints)")
+    p.add_argument("--max-steps", type=int, default=3000, help="optimisation steps")
+    p.add_argument("--batch-size", type=int, default=10, help="frames per step per process")
+    p.add_argument("--learning-rate", type=float, default=5e-5, help="AdamW learning rate")
+    p.add_argument("--lr-warmup-steps", type=int, default=0, help="linear warm-up steps")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA of the weights (0 turns it off)")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    p.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
+    p.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+    p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate precision")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.set_defaults(**defaults)
+
+
+def check_training_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` for a value of `add_training_options` out of range; the checkpoint folder's default."""
+    if args.num_workers < 0:
+        parser.error("--num-workers must be 0 or more")
+    for name in ("max_steps", "batch_size", "checkpoint_every", "log_every", "keep_checkpoints"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0.0 <= args.ema_decay < 1.0:
+        parser.error("--ema-decay must be in [0, 1)")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = os.path.normpath(args.output_dir) + "-checkpoints"
