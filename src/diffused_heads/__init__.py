@@ -30,15 +30,30 @@ _EXPORTS = {
     "IdentityTemplate": ".faces",
 }
 
-__all__ = sorted(_EXPORTS) + ["builtin_model_path", "example_image_path", "example_audio_path", "__version__"]
+__all__ = sorted(_EXPORTS) + [
+    "BUILTIN_MODELS",
+    "builtin_model_path",
+    "example_image_path",
+    "example_audio_path",
+    "__version__",
+]
 
 
-def builtin_model_path() -> str:
-    """The folder of the built-in demo model (a small UNet and audio encoder trained on drawn faces).
+# The built-in demo models by name (their folders in the package): the model trained on drawn faces, sampled with
+# DDPM at 10 steps a frame, and its 2-step student.
+BUILTIN_MODELS = {"builtin-fast": "builtin_fast", "builtin-ddpm": "builtin"}
+DEFAULT_BUILTIN_MODEL = "builtin-ddpm"
+
+
+def builtin_model_path(name: str = DEFAULT_BUILTIN_MODEL) -> str:
+    """The folder of a built-in demo model (a small UNet and audio encoder trained on drawn faces): `"builtin-fast"`
+    (the default: 2 UNet evaluations a frame) or `"builtin-ddpm"` (its 10-step teacher).
 
     It loads with `DiffusedHeadsPipeline.from_pretrained(builtin_model_path())` and with
     `DiffusionPipeline.from_pretrained(builtin_model_path(), trust_remote_code=True)`."""
-    return os.path.join(_PACKAGE_DIR, "builtin")
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"name must be one of {', '.join(BUILTIN_MODELS)}, got {name!r}")
+    return os.path.join(_PACKAGE_DIR, BUILTIN_MODELS[name])
 
 
 def example_image_path() -> str:

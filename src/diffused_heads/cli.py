@@ -13,6 +13,7 @@ COMMANDS = {
     "app": (".app", "serve a web page: photo and voice in, talking video out (the app extra)"),
     "convert": (".convert", "convert the released TorchScript files into a verified model folder"),
     "train": (".train", "train a model (or fine-tune one) on talking-face clips; runs under accelerate launch"),
+    "distill": (".distill", "distil a model into a few-step student (2 UNet calls a frame); runs under accelerate"),
     "evaluate": (".evaluate", "lip-sync and identity figures of a model on synthetic held-out clips"),
     "prepare-dataset": (".prepare_dataset", "make a training set from talking-head videos; runs under accelerate"),
     "make-dataset": (".make_dataset", "make synthetic talking-face clips for training and evaluation"),

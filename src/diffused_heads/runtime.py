@@ -19,7 +19,7 @@ from typing import Optional, Union
 import PIL.Image
 import torch
 
-from . import builtin_model_path
+from . import BUILTIN_MODELS, builtin_model_path
 from .errors import ArgumentError, MediaError
 from .media import MAX_PIXELS, VIDEO_EXTENSIONS, load_identity_frame, random_frame_index, square
 from .system import CpuTicks, cpu_ticks
@@ -144,13 +144,16 @@ def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
 
 
 def resolve_model(model: Optional[str]) -> str:
-    """The model folder or Hub id to load (None: the built-in demo model), checked first: a folder with a
-    `model_index.json`, or a Hub id that can be had (cached, or the Hub reachable).
+    """The model folder or Hub id to load (None: the default built-in demo model; `builtin-fast`, `builtin-ddpm`:
+    the built-in models by name), checked first: a folder with a `model_index.json`, or a Hub id that can be had
+    (cached, or the Hub reachable).
 
     Without this a mistyped folder name is taken for a Hub id, retried for half a minute and reported as a
     missing `model_index.json`."""
     if model is None:
         return builtin_model_path()
+    if model in BUILTIN_MODELS and not os.path.exists(model):
+        return builtin_model_path(model)
     if os.path.isdir(model):
         if not os.path.isfile(os.path.join(model, "model_index.json")):
             raise ArgumentError("model", f"{model} is a folder but not a diffusers model folder (no model_index.json)")
@@ -188,7 +191,7 @@ def resolve_model(model: Optional[str]) -> str:
 
 
 @contextlib.contextmanager
-def _no_loading_bar():
+def no_loading_bar():
     """Without diffusers' "Loading pipeline components" bar (the callers show their own progress)."""
     from diffusers.utils import logging as diffusers_logging
 
@@ -223,7 +226,7 @@ def load_pipeline(
         )
     path = resolve_model(model)
     try:
-        with warnings.catch_warnings(), _no_loading_bar():  # newer diffusers name it `dtype`, older `torch_dtype`
+        with warnings.catch_warnings(), no_loading_bar():  # newer diffusers name it `dtype`, older `torch_dtype`
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = DiffusedHeadsPipeline.from_pretrained(path, torch_dtype=dtype)
     except Exception as error:  # diffusers raises several kinds for a missing or broken folder

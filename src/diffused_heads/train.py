@@ -35,6 +35,7 @@ from .cli_utils import HelpFormatter, add_training_options, check_training_optio
 from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window, to_motion_frame
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
 from .media import FPS
+from .runtime import no_loading_bar
 from .training import (
     PRESETS,
     DiffusionObjective,
@@ -122,7 +123,8 @@ def build_components(args):
     from diffusers import DDPMScheduler
 
     if args.init_from:
-        pipe = load_model(args.init_from)
+        with no_loading_bar():
+            pipe = load_model(args.init_from)
         scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         return pipe.unet, pipe.audio_encoder, scheduler, model_defaults(pipe)
     if not args.train_audio_encoder:

@@ -549,6 +549,8 @@ def training_loop(
     if not parameters:
         raise TrainingError("nothing to train: no parameter requires gradients")
     resume_from = checkpoint_to_resume(settings.resume, settings.checkpoint_dir)
+    # Dropout draws from the global generator: seeded per process here, restored from a checkpoint on resuming.
+    torch.manual_seed(settings.seed * 1000 + accelerator.process_index)
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     lr_scheduler = learning_rate_schedule(
         optimizer, settings.lr_warmup_steps, settings.max_steps, accelerator.num_processes

@@ -1,0 +1,302 @@
+"""Distil a model into a few-step student: the same UNet making a frame in K denoising steps instead of N.
+
+    diffused-heads distill --model TEACHER --data DATA --output-dir student [--student-steps 2] [--method direct]
+    accelerate launch -m diffused_heads distill --model ./diffused-heads-crema --data prepared/ --output-dir fast
+
+DATA is a prepared dataset (`prepare-dataset`) or a folder of ready clips (`make-dataset`), as for `train`. The
+student starts from the teacher's weights and is trained by one of the methods of `distillation` (consistency
+distillation, or direct distillation of the teacher's own sampler), with its own generated motion frames in the
+context (`--rollout-frames`). The audio encoder is the teacher's, frozen (its embeddings are computed once and
+kept in the checkpoint folder).
+
+The result is an ordinary model folder: the teacher's UNet class with the student's weights, an `LCMScheduler`
+config, `num_inference_steps` = K in `model_index.json` (so every command uses the student at its own steps), a
+model card naming the teacher and the method, and `distillation.json` with the run's settings and its time.
+Checkpoints and `--resume latest` work as in `train`.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from .cli_utils import HelpFormatter, add_training_options, check_training_options, run_command
+from .distillation import (
+    METHODS,
+    Conditioning,
+    NoiseSchedule,
+    consistency_losses,
+    direct_losses,
+    is_student,
+    motion_input,
+    roll_out,
+    sample_frames,
+    student_scheduler,
+    teacher_grid,
+)
+from .errors import ArgumentError
+from .hub.pipeline_diffused_heads import DEFAULT_NUM_INFERENCE_STEPS, DiffusedHeadsPipeline
+from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
+from .media import FPS
+from .runtime import no_loading_bar, resolve_model
+from .training import (
+    LoopSettings,
+    TrainingError,
+    TrainingFrames,
+    checkpoint_to_resume,
+    frozen_embeddings,
+    load_model,
+    make_accelerator,
+    mouth_masks,
+    open_data,
+    training_loop,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="diffused-heads distill",
+        description="Distil a model into a student that makes each frame in a few denoising steps (see the module "
+        "docstring).",
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument(
+        "--model",
+        help="the teacher: a model folder or Hub id (default: the built-in 10-step model, builtin-ddpm)",
+    )
+    add_training_options(p, max_steps=1000, batch_size=8, learning_rate=5e-5, ema_decay=0.99, checkpoint_every=250)
+    p.add_argument("--method", choices=METHODS, default="direct", help="how the student learns (see the docstring)")
+    p.add_argument("--student-steps", type=int, default=2, metavar="K", help="the student's denoising steps per frame")
+    p.add_argument(
+        "--teacher-steps",
+        type=int,
+        metavar="N",
+        help="the teacher's steps per frame, whose grid the student's timesteps lie on (default: the teacher's own)",
+    )
+    p.add_argument(
+        "--rollout-frames",
+        type=int,
+        default=2,
+        metavar="R",
+        help="frames the student makes itself before each target, whose motion frames are then its own (0: "
+        "ground-truth motion frames only)",
+    )
+    p.add_argument("--lip-loss-weight", type=float, default=0.0, help="extra weight of the error inside the mouth box")
+    args = p.parse_args(argv)
+    check_training_options(p, args)
+    if args.student_steps < 1:
+        p.error("--student-steps must be at least 1")
+    if args.teacher_steps is not None and args.teacher_steps < 1:
+        p.error("--teacher-steps must be at least 1")
+    if args.rollout_frames < 0:
+        p.error("--rollout-frames must be 0 or more")
+    return args
+
+
+def load_teacher(args):
+    """The teacher pipeline, checked: not a student itself, with more steps than the student."""
+    try:
+        path = resolve_model(args.model)
+    except ArgumentError as error:
+        raise TrainingError(f"--model {error.detail}") from None
+    with no_loading_bar():
+        teacher = load_model(path, "--model")
+    if is_student(teacher.scheduler):
+        raise TrainingError(
+            f"--model {args.model} is already a distilled student ({type(teacher.scheduler).__name__}, "
+            f"{teacher.config.get('num_inference_steps')} steps); distil its teacher instead"
+        )
+    teacher_steps = args.teacher_steps or teacher.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
+    if args.student_steps >= teacher_steps:
+        raise TrainingError(
+            f"--student-steps {args.student_steps} must be fewer than the teacher's {teacher_steps} steps per frame"
+        )
+    timesteps = teacher.scheduler.config.num_train_timesteps
+    if timesteps % teacher_steps:
+        raise TrainingError(f"--teacher-steps {teacher_steps} must divide the {timesteps} training timesteps")
+    return path, teacher, teacher_steps
+
+
+def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampler, stabilize: bool):
+    """The losses of a batch for the chosen method, after the student's rollout of the motion frames."""
+    schedule = NoiseSchedule(teacher.scheduler)
+    grid = teacher_grid(student_sampler)
+    teacher_unet = teacher.unet
+    config = teacher_unet.config
+    motion_channels = config.motion_frame_channels
+
+    def losses_of_batch(batch, generator, models):
+        student = models["unet"]
+        device = accelerator.device
+        x_start = batch["x_start"].to(device)
+        identity = batch["identity"].to(device)
+        history = batch["motion"].to(device)
+        audio = batch["audio"].to(device)
+        if history.shape[1] > NUM_MOTION_FRAMES:
+            motion = roll_out(
+                student, student_sampler, args.student_steps, identity, history, audio, generator, stabilize
+            )
+        else:
+            motion = history
+        older = identity if stabilize else motion[:, 0]
+        cond = Conditioning(identity, motion_input(older, motion[:, 1], motion_channels), audio[:, -1])
+        mask = mouth_masks(batch["boxes"], config.sample_size).to(device) if batch["boxes"] is not None else None
+        with accelerator.autocast():
+            if args.method == "consistency":
+                return consistency_losses(
+                    student, teacher_unet, schedule, grid, x_start, cond, generator, mask, args.lip_loss_weight
+                )
+            target = sample_frames(teacher_unet, teacher.scheduler, teacher_steps, cond, generator)
+            return direct_losses(
+                student,
+                student_sampler,
+                schedule,
+                target.clamp(-1.0, 1.0),
+                cond,
+                generator,
+                mask,
+                args.lip_loss_weight,
+            )
+
+    return losses_of_batch
+
+
+def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dict) -> str:
+    """The student's README.md: the Hub's YAML header, what it is, how to use it, how it was made."""
+    base = teacher_name if not os.path.isdir(teacher_name) else None
+    header = ["---", "library_name: diffusers", "pipeline_tag: image-to-video", "license: apache-2.0", "tags:"]
+    header += ["- talking-face", "- diffused-heads", "- distillation", "- few-step"]
+    if base:
+        header.append(f"base_model: {base}")
+    header.append("---")
+    k = args.student_steps
+    body = f"""
+# Diffused Heads, {k}-step student
+
+A few-step student of `{teacher_name}`: the same UNet, trained by `diffused-heads distill` (method `{args.method}`)
+to make each frame in {k} denoising step{"s" if k > 1 else ""} (`LCMScheduler`) instead of the teacher's
+{teacher_steps}, with its own generated frames as motion frames during training ({args.rollout_frames} frames
+rolled out before each target).
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
+video = pipe(face, speech, sampling_rate=16000).frames[0]  # {k} UNet evaluations per frame
+```
+
+or `diffused-heads generate --model path/to/this/folder`.
+
+## Training
+
+| | |
+|---|---|
+| teacher | `{teacher_name}` ({teacher_steps} steps per frame, {type(teacher.scheduler).__name__}) |
+| method | `{args.method}` |
+| steps per frame | {k} |
+| optimisation steps | {record["steps"]} of batch {args.batch_size} per process |
+| learning rate | {args.learning_rate} |
+| rollout frames | {args.rollout_frames} |
+| data | {record["clips"]} clips, {record["minutes"]:.1f} minutes |
+| training time | {record["seconds"] / 60:.1f} minutes on {record["device"]} |
+
+## Figures
+
+Measure it beside its teacher on held-out clips with `diffused-heads evaluate --model {{student,teacher}} ...`
+(lip sync against the speech and the true mouth, identity outside the mouth, with 95% intervals).
+"""
+    return "\n".join(header) + "\n" + body
+
+
+def distill(args) -> str:
+    if os.path.exists(args.output_dir) and (not os.path.isdir(args.output_dir) or os.listdir(args.output_dir)):
+        raise TrainingError(f"--output-dir {args.output_dir} exists already; remove it or choose another folder")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    teacher_name, teacher, teacher_steps = load_teacher(args)
+    checkpoint_to_resume(args.resume, args.checkpoint_dir)  # a wrong --resume is said before the data is read
+    accelerator = make_accelerator(args.mixed_precision)
+    unet, encoder = teacher.unet, teacher.audio_encoder
+    config = unet.config
+    history = NUM_MOTION_FRAMES + args.rollout_frames
+    made_checkpoint_dir = not os.path.exists(args.checkpoint_dir)
+    os.makedirs(args.checkpoint_dir, exist_ok=True)
+    try:
+        data = open_data(args.data, args.split, args.checkpoint_dir, config.sample_size, accelerator, history + 1)
+    except TrainingError:
+        if made_checkpoint_dir and accelerator.is_main_process:  # bad data leaves nothing behind
+            shutil.rmtree(args.checkpoint_dir, ignore_errors=True)
+        raise
+    frame_counts = [c.frames for c in data.clips]
+    accelerator.print(
+        f"{len(data.clips)} clips, {sum(frame_counts)} frames ({sum(frame_counts) / FPS / 60:.1f} min); "
+        f"distilling {teacher_steps} steps into {args.student_steps} ({args.method})"
+    )
+    stabilize = teacher.config.get("stabilize_every") == 1
+    student_sampler = student_scheduler(teacher.scheduler.config, teacher_steps)
+    student_sampler.set_timesteps(args.student_steps)
+
+    teacher_unet = unet.to(accelerator.device).eval().requires_grad_(False)
+    student = type(unet).from_config(config)
+    student.load_state_dict(unet.state_dict())
+    student.requires_grad_(True)
+    teacher.unet = teacher_unet
+    encoder.to(accelerator.device).eval().requires_grad_(False)
+    embeddings = frozen_embeddings(encoder, data, args.checkpoint_dir, accelerator)
+    samples = TrainingFrames(data, config.sample_size, config.audio_context, embeddings, history=history)
+    trained = training_loop(
+        LoopSettings.from_args(args),
+        accelerator,
+        {"unet": student},
+        data,
+        samples,
+        distillation_losses(args, accelerator, teacher, teacher_steps, student_sampler, stabilize),
+        description="distilling",
+    )
+    if accelerator.is_main_process:
+        pipe = DiffusedHeadsPipeline(
+            unet=trained["unet"].to("cpu"),
+            audio_encoder=encoder.to("cpu"),
+            scheduler=student_scheduler(teacher.scheduler.config, teacher_steps),
+            trained_clip_seconds=teacher.config.get("trained_clip_seconds"),
+            stabilize_every=teacher.config.get("stabilize_every"),
+            num_inference_steps=args.student_steps,
+        )
+        pipe.save_pretrained(args.output_dir)
+        record = {
+            "teacher": teacher_name,
+            "teacher_steps": teacher_steps,
+            "method": args.method,
+            "student_steps": args.student_steps,
+            "rollout_frames": args.rollout_frames,
+            "steps": args.max_steps,
+            "batch_size": args.batch_size,
+            "processes": accelerator.num_processes,
+            "learning_rate": args.learning_rate,
+            "clips": len(data.clips),
+            "minutes": sum(frame_counts) / FPS / 60,
+            "seconds": round(time.time() - started, 1),
+            "device": f"{accelerator.num_processes} x {accelerator.device.type} ({torch.get_num_threads()} threads)",
+        }
+        with open(os.path.join(args.output_dir, "distillation.json"), "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(model_card(args, teacher_name, teacher, teacher_steps, record))
+        accelerator.print(f"saved the {args.student_steps}-step student to {args.output_dir}")
+    accelerator.end_training()
+    return args.output_dir
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    return run_command(lambda: distill(args) and 0, interrupted="--resume latest continues from the last checkpoint")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Few-step students: the distillation losses learn what they should (tiny teachers, fixed batches), and the
+`distill` command makes a model folder that every tool runs at its own steps, or says what is wrong and writes
+nothing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+from test_convert import TINY_ORIGINAL_ENCODER, TINY_ORIGINAL_UNET
+
+from diffused_heads import distill, make_dataset, runtime
+from diffused_heads.distillation import (
+    Conditioning,
+    NoiseSchedule,
+    consistency_losses,
+    direct_losses,
+    sample_frames,
+    student_scheduler,
+    teacher_grid,
+)
+from diffused_heads.hub.convert_checkpoint import convert
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+
+from helpers import tiny_pipeline
+from original_model import scripted_audio_encoder, traced_unet
+
+TEACHER_STEPS, STUDENT_STEPS = 10, 2
+
+
+def v_teacher(seed=0):
+    """A tiny teacher as the built-in model is: v-prediction, DDPM with the posterior variance, 10 steps."""
+    pipe = tiny_pipeline(seed)
+    pipe.scheduler = DDPMScheduler.from_config(
+        pipe.scheduler.config, prediction_type="v_prediction", variance_type="fixed_small"
+    )
+    pipe.register_to_config(num_inference_steps=TEACHER_STEPS, stabilize_every=1)
+    return pipe
+
+
+def conditioning(batch=4, seed=0):
+    """Fixed conditioning of a batch: smooth random identity and motion frames, random audio windows."""
+    g = torch.Generator().manual_seed(seed)
+    smooth = lambda: torch.nn.functional.interpolate(torch.rand(batch, 3, 4, 4, generator=g) * 2 - 1, size=16)  # noqa
+    identity = smooth()
+    motion = torch.cat([identity, smooth()], dim=1)
+    audio = torch.randn(batch, 5, 8, generator=g)
+    return Conditioning(identity, motion, audio)
+
+
+def mean_frames(unet, scheduler, steps, cond, seeds=6):
+    return torch.stack(
+        [sample_frames(unet, scheduler, steps, cond, torch.Generator().manual_seed(s)) for s in range(seeds)]
+    ).mean(0)
+
+
+def student_of(teacher):
+    student = type(teacher.unet).from_config(teacher.unet.config)
+    student.load_state_dict(teacher.unet.state_dict())
+    return student.train()
+
+
+def teacher_draws(teacher, cond, count=8):
+    """The teacher's own sampler (10 steps) `count` times on the same conditioning."""
+    return [
+        sample_frames(teacher.unet, teacher.scheduler, TEACHER_STEPS, cond, torch.Generator().manual_seed(s)).clamp(
+            -1, 1
+        )
+        for s in range(count)
+    ]
+
+
+def distil(teacher, method, draws, steps, fixed=False, wrong_target=False):
+    """Train a student on fixed conditioning with one method's losses, against the teacher's `draws` in turn
+    (with the same noise for each draw when `fixed`, else new noise at every step); return it, its sampler, and
+    the losses of every step."""
+    cond = conditioning()
+    schedule = NoiseSchedule(teacher.scheduler)
+    sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
+    sampler.set_timesteps(STUDENT_STEPS)
+    student = student_of(teacher)
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    history = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(1000 + (step % len(draws) if fixed else step))
+        target = draws[step % len(draws)]
+        if method == "direct":
+            if wrong_target:  # the noise instead of the teacher's frame
+                target = torch.randn(target.shape, generator=g)
+            losses = direct_losses(student, sampler, schedule, target, cond, g)
+        else:
+            losses = consistency_losses(student, teacher.unet, schedule, teacher_grid(sampler), target, cond, g)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+        history.append(losses["loss"].item())
+    return student.eval(), sampler, history
+
+
+def test_the_student_sampler_lies_on_the_teachers_grid():
+    sampler = student_scheduler(v_teacher().scheduler.config, TEACHER_STEPS)
+    assert isinstance(sampler, LCMScheduler)
+    assert sampler.config.prediction_type == "v_prediction"
+    sampler.set_timesteps(2)
+    assert sampler.timesteps.tolist() == [999, 499]
+    assert teacher_grid(sampler).tolist() == list(range(99, 1000, 100))
+
+
+# Consistency distillation's target is the student's own estimate one step down, which moves as it learns: its
+# loss falls more slowly than a regression's.
+@pytest.mark.parametrize("method,fraction", [("direct", 0.75), ("consistency", 0.85)])
+def test_the_students_loss_falls_on_fixed_batches(method, fraction):
+    teacher = v_teacher()
+    draws = teacher_draws(teacher, conditioning(), count=2)
+    _, _, history = distil(teacher, method, draws, steps=80, fixed=True)
+    assert np.mean(history[-4:]) < fraction * np.mean(history[:4]), history
+
+
+@pytest.mark.parametrize("wrong_target", [False, True], ids=["teacher's frames", "the noise as target"])
+def test_the_students_few_steps_come_closer_to_the_teacher_than_its_own_few_steps(wrong_target):
+    """The student's 2-step frames (averaged over seeds) against the teacher's own 10-step sampler (averaged over
+    the draws the student learnt from), beside the teacher's 2-step DDIM frames: direct distillation must bring them
+    closer; a student trained on the noise instead of the teacher's frames must not."""
+    teacher, cond = v_teacher(), conditioning()
+    draws = teacher_draws(teacher, cond)
+    reference = torch.stack(draws).mean(0)
+    student, sampler, _ = distil(teacher, "direct", draws, steps=120, wrong_target=wrong_target)
+    ddim = DDIMScheduler.from_config(teacher.scheduler.config, timestep_spacing="trailing")
+    baseline = (mean_frames(teacher.unet, ddim, STUDENT_STEPS, cond) - reference).pow(2).mean().item()
+    distilled = (mean_frames(student, sampler, STUDENT_STEPS, cond) - reference).pow(2).mean().item()
+    if wrong_target:
+        assert distilled > baseline, (distilled, baseline)
+    else:
+        assert distilled < 0.75 * baseline, (distilled, baseline)
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clips")
+    arguments = ["--output", str(folder), "--num-clips", "2", "--size", "16", "--max-seconds", "1.0"]
+    assert make_dataset.main([*arguments, "--speech", "synthetic"]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def teacher_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("teacher") / "teacher"
+    v_teacher().save_pretrained(folder)
+    return folder
+
+
+def run_distill(teacher, clips, output, *extra):
+    arguments = ["--model", str(teacher), "--data", str(clips), "--output-dir", str(output), "--batch-size", "2"]
+    arguments += ["--num-workers", "0", "--log-every", "1", "--checkpoint-every", "2", "--threads", "2"]
+    return distill.main([*arguments, *extra])
+
+
+def test_the_student_is_a_model_folder_every_tool_runs_at_its_own_steps(teacher_folder, clips, tmp_path):
+    output = tmp_path / "student"
+    assert run_distill(teacher_folder, clips, output, "--max-steps", "3", "--rollout-frames", "2") == 0
+    pipe = DiffusedHeadsPipeline.from_pretrained(output)
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert pipe.config.num_inference_steps == STUDENT_STEPS and pipe.config.stabilize_every == 1
+    assert pipe.scheduler.config.original_inference_steps == TEACHER_STEPS
+    assert runtime.default_steps(pipe) == STUDENT_STEPS
+    # Two UNet evaluations a frame by default.
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(args[1]))
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe(np.zeros((16, 16, 3), np.uint8), np.zeros(3200, np.float32)).frames
+    assert frames.shape == (1, 5, 16, 16, 3) and len(calls) == 5 * STUDENT_STEPS
+    assert [int(t) for t in calls[:2]] == [999, 499]
+    card = (output / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: diffusers\n") and str(teacher_folder) in card
+    record = json.loads((output / "distillation.json").read_text())
+    assert record["method"] == "direct" and record["student_steps"] == 2 and record["teacher_steps"] == 10
+    log = [json.loads(line) for line in open(f"{output}-checkpoints/train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+
+
+def test_resuming_gives_the_weights_of_an_unbroken_run(teacher_folder, clips, tmp_path):
+    common = ["--method", "consistency", "--rollout-frames", "1", "--ema-decay", "0.9"]
+    assert run_distill(teacher_folder, clips, tmp_path / "straight", "--max-steps", "4", *common) == 0
+    assert run_distill(teacher_folder, clips, tmp_path / "split", "--max-steps", "2", *common) == 0
+    import shutil
+
+    shutil.rmtree(tmp_path / "split")
+    extra = ("--max-steps", "4", "--resume", "latest", *common)
+    assert run_distill(teacher_folder, clips, tmp_path / "split", *extra) == 0
+    straight = DiffusedHeadsPipeline.from_pretrained(tmp_path / "straight").unet.state_dict()
+    resumed = DiffusedHeadsPipeline.from_pretrained(tmp_path / "split").unet.state_dict()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_distill_runs_from_a_converted_folder_of_the_released_files(clips, tmp_path):
+    """A tiny stand-in of the released files, converted: learned-range variance, noise prediction, 100 steps."""
+    unet_file, encoder_file = tmp_path / "crema_script.pt", tmp_path / "audio_encoder.pt"
+    traced_unet(unet_file, size=128, **TINY_ORIGINAL_UNET)
+    scripted_audio_encoder(encoder_file, **TINY_ORIGINAL_ENCODER)
+    convert(str(unet_file), str(encoder_file), str(tmp_path / "converted"), log=lambda message: None)
+    extra = ("--max-steps", "1", "--batch-size", "1", "--teacher-steps", "10", "--rollout-frames", "1")
+    assert run_distill(tmp_path / "converted", clips, tmp_path / "student", *extra) == 0
+    pipe = DiffusedHeadsPipeline.from_pretrained(tmp_path / "student")
+    assert pipe.scheduler.config.prediction_type == "epsilon" and pipe.config.num_inference_steps == 2
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("student teacher", "already a distilled student"),
+        ("too many steps", "must be fewer than the teacher's 10 steps"),
+        ("short clips", "is long enough"),
+        ("output exists", "exists already"),
+        ("no teacher", "no such folder"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_writes_nothing(case, message, teacher_folder, clips, tmp_path, capsys):
+    teacher, output, extra = teacher_folder, tmp_path / "out", ["--max-steps", "1"]
+    if case == "student teacher":
+        teacher = tmp_path / "student"
+        pipe = DiffusedHeadsPipeline.from_pretrained(teacher_folder)
+        pipe.scheduler = student_scheduler(pipe.scheduler.config, TEACHER_STEPS)
+        pipe.save_pretrained(teacher)
+    elif case == "too many steps":
+        extra += ["--student-steps", "10"]
+    elif case == "short clips":
+        extra += ["--rollout-frames", "40"]  # the clips are at most 25 frames long
+    elif case == "output exists":
+        output.mkdir()
+        (output / "keep.txt").write_text("mine")
+    else:
+        teacher = tmp_path / "nowhere"
+    before = sorted(os.listdir(tmp_path))
+    capsys.readouterr()  # the set-up's own output
+    assert run_distill(teacher, clips, output, *extra) == 1
+    lines = [line for line in capsys.readouterr().err.strip().splitlines() if not line.startswith("note:")]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert sorted(os.listdir(tmp_path)) == before
+    if case == "output exists":
+        assert os.listdir(output) == ["keep.txt"]
