@@ -24,7 +24,7 @@ import PIL.ImageDraw
 import torch
 
 from diffused_heads import example_audio_path, example_image_path, runtime
-from diffused_heads.evaluate import mouth_opening, mouth_region, pearson, psnr_outside
+from diffused_heads.measures import drawn_mouth_opening, drawn_mouth_region, outside_region, pearson, psnr
 from diffused_heads.media import SAMPLING_RATE, load_audio, load_identity_frame
 from diffused_heads.synthetic_data import speech_envelope
 
@@ -65,7 +65,7 @@ def main() -> None:
     size = pipe.unet.config.sample_size
     with open(os.path.join(os.path.dirname(example_image_path()), "identity.json"), encoding="utf-8") as f:
         info = json.load(f)
-    region = mouth_region(info["mouth_box"], info["size"], size)
+    region = drawn_mouth_region(info["mouth_box"], info["size"], size)
     identity = load_identity_frame(example_image_path())
     reference = np.asarray(identity.resize((size, size), PIL.Image.BICUBIC), np.float32) / 255.0
     speech = long_speech(args.minutes * 60)
@@ -79,8 +79,8 @@ def main() -> None:
         frame, index = output.frames[0], output.frame_index
         if index % frames_per_minute == 0:
             sheet.append(PIL.Image.fromarray((frame * 255).round().astype(np.uint8)))
-        openings.append(float(mouth_opening(frame[None], region)[0]))
-        mask_psnr = psnr_outside(frame[None], reference, region)
+        openings.append(float(drawn_mouth_opening(frame[None], region)[0]))
+        mask_psnr = psnr(frame[None], reference, outside_region(size, region))
         errors.append(10 ** (-mask_psnr / 10))  # the frame's MSE outside the mouth
         if len(openings) == frames_per_minute or index + 1 == output.num_frames[0]:
             first = index + 1 - len(openings)

@@ -11,8 +11,8 @@ import soundfile
 import torch
 
 from diffused_heads import builtin_model_path, example_image_path
-from diffused_heads.evaluate import mouth_opening, mouth_region, psnr_outside
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads.measures import drawn_mouth_opening, drawn_mouth_region, outside_region, psnr
 from diffused_heads.media import SAMPLES_PER_FRAME, load_identity_frame
 from diffused_heads.synthetic_data import FaceStyle, draw_face
 
@@ -41,7 +41,7 @@ def example_info():
 
 def example_mouth_region(size):
     info = example_info()
-    return mouth_region(info["mouth_box"], info["size"], size)
+    return drawn_mouth_region(info["mouth_box"], info["size"], size)
 
 
 def test_weights_are_small_safetensors():
@@ -70,20 +70,17 @@ def test_loud_syllable_opens_the_mouth_more_than_silence(pipe, identity):
         [identity, identity], [silence, syllable], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
     ).frames
     during = slice(int(0.4 * rate) // SAMPLES_PER_FRAME + 1, int(0.8 * rate) // SAMPLES_PER_FRAME)
-    quiet = mouth_opening(frames[0], region)[during]
-    loud = mouth_opening(frames[1], region)[during]
+    quiet = drawn_mouth_opening(frames[0], region)[during]
+    loud = drawn_mouth_opening(frames[1], region)[during]
     # Scale: the measure on the example face drawn with its mouth wide open (0.068 at 48x48; half open: 0.023).
     style = FaceStyle(**{k: tuple(v) if isinstance(v, list) else v for k, v in example_info()["style"].items()})
-    wide_open = mouth_opening(np.asarray(draw_face(style, 1.0, 1.0, (0, 0), size)[0])[None] / 255.0, region)[0]
+    wide_open = drawn_mouth_opening(np.asarray(draw_face(style, 1.0, 1.0, (0, 0), size)[0])[None] / 255.0, region)[0]
     # Measured with seed 0: silence 0.000 (closed throughout), syllable 0.014 on average (up to 0.026).
     assert quiet.max() < 0.1 * wide_open, quiet.round(3)
     assert loud.mean() > quiet.mean() + 0.15 * wide_open, (loud.round(3), quiet.round(3), wide_open)
     # The face is kept: outside the mouth the frames stay close to the identity frame (measured: 26.3 dB).
     reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
-    mask = np.ones((size, size), bool)
-    mask[region[1] : region[3], region[0] : region[2]] = False
-    mse = ((frames[1] - reference[None]) ** 2)[:, mask].mean()
-    assert 10 * np.log10(1 / mse) > 23
+    assert psnr(frames[1], reference, outside_region(size, region)) > 23
 
 
 def test_installed_command_uses_the_builtin_model_and_examples_from_any_folder(tmp_path):
@@ -113,7 +110,7 @@ def test_the_face_holds_over_the_clip(pipe, identity):
         frames = pipe(
             identity, speech, num_inference_steps=10, generator=torch.Generator().manual_seed(0), **kwargs
         ).frames[0]
-        return np.array([psnr_outside(frame[None], reference, region) for frame in frames])
+        return np.array([psnr(frame[None], reference, outside_region(size, region)) for frame in frames])
 
     assert pipe.config.stabilize_every == 1
     held = per_frame_psnr()  # the model's default

@@ -2,6 +2,7 @@
 `distill` command makes a model folder that every tool runs at its own steps, or says what is wrong and writes
 nothing."""
 
+import copy
 import json
 import os
 
@@ -81,6 +82,7 @@ def distil(teacher, method, draws, steps, fixed=False, wrong_target=False):
     sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
     sampler.set_timesteps(STUDENT_STEPS)
     student = student_of(teacher)
+    target_network = copy.deepcopy(student).requires_grad_(False)  # the EMA of the student, for consistency
     optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
     history = []
     for step in range(steps):
@@ -91,10 +93,14 @@ def distil(teacher, method, draws, steps, fixed=False, wrong_target=False):
                 target = torch.randn(target.shape, generator=g)
             losses = direct_losses(student, sampler, schedule, target, cond, g)
         else:
-            losses = consistency_losses(student, teacher.unet, schedule, teacher_grid(sampler), target, cond, g)
+            grid = teacher_grid(sampler)
+            losses = consistency_losses(student, target_network, teacher.unet, schedule, grid, target, cond, g)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
+        with torch.no_grad():
+            for kept, trained in zip(target_network.parameters(), student.parameters()):
+                kept.lerp_(trained, 0.1)
         history.append(losses["loss"].item())
     return student.eval(), sampler, history
 

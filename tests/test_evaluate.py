@@ -1,10 +1,12 @@
 """`diffused-heads evaluate`: one setting, and a sweep of samplers and step counts with its table and plot."""
 
 import csv
+import json
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from diffused_heads import evaluate, make_dataset
 
@@ -54,3 +56,47 @@ def test_one_setting_prints_its_summary(eval_clips, capsys):
     assert evaluate.main(["--model", str(model), "--data", str(data), "--steps", "2", "--scheduler", "ddim"]) == 0
     out = capsys.readouterr().out
     assert "2 clips" in out and "DDIMScheduler" in out and "2 steps" in out
+
+
+def test_the_summary_has_95_percent_intervals_and_several_models_are_measured_alike(eval_clips, tmp_path, capsys):
+    data, model = eval_clips
+    student = tmp_path / "student"
+    pipe = tiny_pipeline()
+    pipe.register_to_config(num_inference_steps=1)
+    pipe.save_pretrained(student)
+    report = tmp_path / "report.json"
+    arguments = ["--model", str(model), "--model", str(student), "--data", str(data), "--json", str(report)]
+    assert evaluate.main(arguments + ["--steps", "2"]) == 0  # the first model's; the student runs at its own
+    out = capsys.readouterr().out
+    assert out.count("mean ± 95% interval") == 2 and "student: 2 clips" in out and "1 steps" in out
+    with open(report, encoding="utf-8") as f:
+        results = json.load(f)["models"]
+    assert [(r["model"], r["steps"]) for r in results] == [("model0", 2), ("student", 1)]
+    for result in results:
+        summary, clips = result["summary"], result["clips"]
+        for key in evaluate.DRAWN_KEYS:
+            values = [c[key] for c in clips]
+            assert summary[key] == pytest.approx(np.mean(values))
+            # Student's t with one degree of freedom: 12.706 times the standard error.
+            assert summary[key + "_ci95"] == pytest.approx(12.706 * np.std(values, ddof=1) / np.sqrt(2), rel=1e-3)
+
+
+def test_a_further_model_joins_the_sweep_at_its_own_steps(eval_clips, tmp_path):
+    data, model = eval_clips
+    student = tmp_path / "student"
+    pipe = tiny_pipeline()
+    pipe.register_to_config(num_inference_steps=2)
+    pipe.save_pretrained(student)
+    arguments = ["--model", str(model), "--model", str(student), "--data", str(data), "--steps", "1,3"]
+    assert evaluate.main(arguments + ["--schedulers", "ddim", "--output-dir", str(tmp_path / "sweep")]) == 0
+    with open(tmp_path / "sweep" / "sweep.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["scheduler"], int(r["steps"])) for r in rows] == [("ddim", 1), ("ddim", 3), ("student", 2)]
+    assert all(float(r["psnr_id_gen_ci95"]) > 0 for r in rows)
+
+
+def test_drawn_clips_are_generated_on_the_device_asked_for(eval_clips, capsys, monkeypatch):
+    data, model = eval_clips
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert evaluate.main(["--model", str(model), "--data", str(data), "--device", "cuda"]) == 1
+    assert "cuda was asked for but no CUDA GPU is available" in capsys.readouterr().err

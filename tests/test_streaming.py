@@ -11,6 +11,7 @@ import av
 import numpy as np
 import pytest
 import soundfile
+import torch
 
 from diffused_heads import generate
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
@@ -158,3 +159,32 @@ def test_sigterm_during_a_batch_leaves_no_partial_file(tiny_model, tmp_path):
     assert process.returncode == 143, err[-2000:]
     assert "finished videos are kept, none is half-written" in err
     assert [name for name in os.listdir(out) if not name.startswith(".diffused-heads-progress")] == []
+
+
+def test_requests_interleaved_on_one_model_each_equal_the_same_request_alone():
+    """Two generations at once on one loaded model (the page's --concurrency), each with its own step count:
+    while the first is at its first step, the second runs to its end. Each must equal the same call made alone,
+    so each needs its own scheduler state (`runtime.with_scheduler(..., own=True)`, as the page asks for)."""
+    from diffused_heads import runtime
+
+    shared = tiny_pipeline()
+    shared.set_progress_bar_config(disable=True)
+    identity = torch.rand(3, 16, 16)
+    speech = np.random.default_rng(0).standard_normal(640 * 4).astype(np.float32) * 0.1
+
+    def request(steps, callback=None):
+        pipe = runtime.with_scheduler(shared, None, own=True)
+        kwargs = {"callback_on_step_end": callback} if callback else {}
+        return pipe(identity, speech, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    alone_3, alone_6 = request(3).frames[0], request(6).frames[0]
+    inner = {}
+
+    def run_the_other_meanwhile(pipeline, step, timestep, callback_kwargs):
+        if not inner:
+            inner["frames"] = request(6).frames[0]
+        return callback_kwargs
+
+    outer = request(3, run_the_other_meanwhile).frames[0]
+    np.testing.assert_array_equal(inner["frames"], alone_6)
+    np.testing.assert_array_equal(outer, alone_3)

@@ -7,7 +7,7 @@ import soundfile
 
 from diffused_heads import make_dataset
 from diffused_heads import synthetic_data as data
-from diffused_heads.evaluate import mouth_opening, pearson
+from diffused_heads.measures import drawn_mouth_opening, pearson
 
 
 def test_envelope_is_zero_in_silence_and_high_in_speech():
@@ -33,7 +33,7 @@ def test_clip_mouth_follows_speech_and_measure_sees_it():
     boxes = np.array(info["mouth_boxes"])
     assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= 64).all() and (boxes[:, 2:] > boxes[:, :2]).all()
     region = (boxes[:, 0].min() - 3, boxes[:, 1].min() - 3, boxes[:, 2].max() + 3, boxes[:, 3].max() + 3)
-    measured = mouth_opening(frames / 255.0, tuple(int(v) for v in region))
+    measured = drawn_mouth_opening(frames / 255.0, tuple(int(v) for v in region))
     assert pearson(measured, opening) > 0.95
     # The background is the green of the original training data.
     assert tuple(frames[0, 0, 0]) == data.GREEN

@@ -19,7 +19,7 @@ from diffused_heads.training import (
     StepBatches,
     TrainingFrames,
     collate_samples,
-    mouth_masks,
+    lip_box_masks,
     plan_batch,
 )
 
@@ -146,7 +146,7 @@ def test_loss_weights_and_lip_term():
 
 
 def test_mouth_masks_cover_the_box_with_margin():
-    mask = mouth_masks(torch.tensor([[0.25, 0.5, 0.75, 0.75]]), 128)
+    mask = lip_box_masks(torch.tensor([[0.25, 0.5, 0.75, 0.75]]), 128)
     rows, cols = mask[0, 0].nonzero().unbind(1)
     assert (cols.min().item(), cols.max().item()) == (32 - 5, 96 + 5 - 1)
     assert (rows.min().item(), rows.max().item()) == (64 - 5, 96 + 5 - 1)

@@ -208,7 +208,8 @@ def run_request(
         num_frames = pipe.audio_encoder.num_frames(len(audio))
         if num_frames < 2:
             raise ValueError(f"the speech is too short ({seconds * 1000:.0f} ms); say at least a few words")
-        pipe = runtime.with_scheduler(pipe, None if scheduler in (None, "", OWN) else scheduler)
+        # Every request gets its own scheduler and sampling state: requests run at once (--concurrency).
+        pipe = runtime.with_scheduler(pipe, None if scheduler in (None, "", OWN) else scheduler, own=True)
         steps = steps or runtime.default_steps(pipe)
         started = time.perf_counter()
 

@@ -49,9 +49,9 @@ from .training import (
     TrainingFrames,
     checkpoint_to_resume,
     frozen_embeddings,
+    lip_box_masks,
     load_model,
     make_accelerator,
-    mouth_masks,
     open_data,
     training_loop,
 )
@@ -144,11 +144,20 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
             motion = history
         older = identity if stabilize else motion[:, 0]
         cond = Conditioning(identity, motion_input(older, motion[:, 1], motion_channels), audio[:, -1])
-        mask = mouth_masks(batch["boxes"], config.sample_size).to(device) if batch["boxes"] is not None else None
+        mask = lip_box_masks(batch["boxes"], config.sample_size).to(device) if batch["boxes"] is not None else None
         with accelerator.autocast():
             if args.method == "consistency":
                 return consistency_losses(
-                    student, teacher_unet, schedule, grid, x_start, cond, generator, mask, args.lip_loss_weight
+                    student,
+                    models["unet_target"],
+                    teacher_unet,
+                    schedule,
+                    grid,
+                    x_start,
+                    cond,
+                    generator,
+                    mask,
+                    args.lip_loss_weight,
                 )
             target = sample_frames(teacher_unet, teacher.scheduler, teacher_steps, cond, generator)
             return direct_losses(
@@ -257,6 +266,7 @@ def distill(args) -> str:
         samples,
         distillation_losses(args, accelerator, teacher, teacher_steps, student_sampler, stabilize),
         description="distilling",
+        ema_targets=args.method == "consistency",
     )
     if accelerator.is_main_process:
         pipe = DiffusedHeadsPipeline(

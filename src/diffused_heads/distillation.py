@@ -12,8 +12,9 @@ Methods (`METHODS`), both on the same data and loop (`training.training_loop`):
 
 - `"consistency"`: consistency distillation (Song et al. 2023; latent consistency models). A ground-truth frame is
   noised to a timestep t of the teacher's grid; the teacher takes one DDIM step from it to the grid's previous
-  timestep s; the student's clean-frame estimate at t is pulled to its own (no-gradient) estimate at s, and at the
-  grid's end to the teacher's clean frame. The student learns the teacher's deterministic (DDIM) path.
+  timestep s; the student's clean-frame estimate at t is pulled to its target network's (the EMA of its weights,
+  no gradient) estimate at s, and at the grid's end to the teacher's clean frame. The student learns the
+  teacher's deterministic (DDIM) path.
 - `"direct"`: the student learns the frames of the teacher's own sampler (its scheduler at its N steps; for the
   built-in model DDPM with the posterior variance). For each sample the teacher makes the target frame from
   noise; the student gets the input its own sampler would give it at a random one of its K timesteps (pure noise
@@ -207,6 +208,7 @@ def lip_weighted_mse(prediction, target, mouth_mask: Optional[torch.Tensor], lip
 
 def consistency_losses(
     student,
+    target_student,
     teacher,
     schedule: NoiseSchedule,
     grid: torch.Tensor,
@@ -216,8 +218,10 @@ def consistency_losses(
     mouth_mask: Optional[torch.Tensor] = None,
     lip_weight: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
-    """Consistency distillation on one batch: f(x_t, t) of the student against its own f(x_s, s) (no gradient), x_s
-    one teacher DDIM step from x_t; at the grid's first timestep the target is the teacher's clean frame."""
+    """Consistency distillation on one batch: f(x_t, t) of the student against f(x_s, s) of `target_student` (the
+    EMA of the student's weights, no gradient), x_s one teacher DDIM step from x_t; at the grid's first timestep the
+    target is the teacher's clean frame. (With the online student as its own target, the loss is smallest near f(x,
+    t) = x, the student drifts there and its frames keep their noise.)"""
     channels = x_start.shape[1]
     picks = torch.randint(len(grid), (len(x_start),), generator=generator)
     t = grid[picks]
@@ -231,7 +235,9 @@ def consistency_losses(
         x0_teacher = x0_teacher.clamp(-1.0, 1.0)
         alpha_bar_s = schedule.alpha_bar(s, x_t)
         x_s = alpha_bar_s.sqrt() * x0_teacher + (1.0 - alpha_bar_s).sqrt() * eps_teacher
-        x0_target, _ = schedule.split(run_unet(student, x_s, s.clamp(min=0), cond)[:, :channels], x_s, s.clamp(min=0))
+        x0_target, _ = schedule.split(
+            run_unet(target_student, x_s, s.clamp(min=0), cond)[:, :channels], x_s, s.clamp(min=0)
+        )
         c_skip_s, c_out_s = boundary_scalings(s, x_s)
         target = torch.where((s < 0).view(-1, 1, 1, 1), x0_teacher, c_skip_s * x_s + c_out_s * x0_target)
     x0_student, _ = schedule.split(run_unet(student, x_t, t, cond)[:, :channels], x_t, t)

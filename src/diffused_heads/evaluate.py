@@ -39,46 +39,9 @@ import torch
 
 from .cli_utils import DTYPE_CHOICES, SCHEDULER_CHOICES, HelpFormatter, run_command
 from .errors import ArgumentError, MissingExtra
+from .measures import drawn_mouth_opening, drawn_mouth_region, mean_and_interval, outside_region, pearson, psnr
 from .media import SAMPLES_PER_FRAME, VIDEO_EXTENSIONS, load_audio, read_video, resize_frames
-from .synthetic_data import MOUTH_INSIDE, speech_envelope
-
-
-def mouth_opening(frames: np.ndarray, region) -> np.ndarray:
-    """Per-frame mouth opening of `(F, H, W, 3)` frames in [0, 1]: the mean, over the region, of how close each
-    pixel is to the colour of the inside of the mouth (1 at that colour, 0 beyond a distance of 0.3)."""
-    x0, y0, x1, y1 = region
-    crop = frames[:, y0:y1, x0:x1].astype(np.float64)
-    distance = np.linalg.norm(crop - np.array(MOUTH_INSIDE) / 255.0, axis=-1)
-    return np.clip(1.0 - distance / 0.3, 0.0, 1.0).mean(axis=(1, 2))
-
-
-def pearson(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.std() < 1e-12 or b.std() < 1e-12:
-        return 0.0
-    return float(np.corrcoef(a, b)[0, 1])
-
-
-def psnr_outside(frames: np.ndarray, reference: np.ndarray, region) -> float:
-    """PSNR (dB) of frames in [0, 1] against one reference frame, ignoring the mouth region."""
-    mask = np.ones(reference.shape[:2], bool)
-    x0, y0, x1, y1 = region
-    mask[y0:y1, x0:x1] = False
-    mse = ((frames - reference[None]) ** 2)[:, mask].mean()
-    return float(10 * np.log10(1.0 / max(mse, 1e-12)))
-
-
-def mouth_region(boxes, source_size: float, size: int):
-    """The union of mouth `boxes` (`[x0, y0, x1, y1]` in pixels of a `source_size` frame; one box or one per
-    frame), widened by 6% of the size on every side, in pixels of a `size` frame."""
-    boxes = np.atleast_2d(np.asarray(boxes, np.float64)) * size / source_size
-    margin = 0.06 * size
-    return (
-        int(max(0, np.floor(boxes[:, 0].min() - margin))),
-        int(max(0, np.floor(boxes[:, 1].min() - margin))),
-        int(min(size, np.ceil(boxes[:, 2].max() + margin))),
-        int(min(size, np.ceil(boxes[:, 3].max() + margin))),
-    )
+from .synthetic_data import speech_envelope
 
 
 def read_clip(stem: str, size: int):
@@ -88,7 +51,7 @@ def read_clip(stem: str, size: int):
     with open(stem + ".json", encoding="utf-8") as f:
         info = json.load(f)
     waveform = load_audio(stem + ".wav")
-    return frames, waveform, mouth_region(info["mouth_boxes"], info["size"], size)
+    return frames, waveform, drawn_mouth_region(info["mouth_boxes"], info["size"], size)
 
 
 def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=None):
@@ -108,15 +71,16 @@ def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=
         count = min(len(generated), len(frames))
         generated, frames = generated[:count], frames[:count]
         envelope = speech_envelope(waveform, count)
-        gen_open, gt_open = mouth_opening(generated, region), mouth_opening(frames, region)
+        gen_open, gt_open = drawn_mouth_opening(generated, region), drawn_mouth_opening(frames, region)
+        outside = outside_region(size, region)
         row = {
             "clip": os.path.basename(stem),
             "frames": count,
             "r_gen_env": pearson(gen_open, envelope),
             "r_gt_env": pearson(gt_open, envelope),
             "r_gen_gt": pearson(gen_open, gt_open),
-            "psnr_id_gen": psnr_outside(generated, frames[0], region),
-            "psnr_id_gt": psnr_outside(frames, frames[0], region),
+            "psnr_id_gen": psnr(generated, frames[0], outside),
+            "psnr_id_gt": psnr(frames, frames[0], outside),
             "seconds": seconds,
         }
         rows.append(row)
@@ -125,10 +89,15 @@ def evaluate(pipe, stems, steps: int, seed: int = 0, log=print, stabilize_every=
             f"r(gen,gt) {row['r_gen_gt']:+.3f}  "
             f"psnr_id gen {row['psnr_id_gen']:.1f} dB / gt {row['psnr_id_gt']:.1f} dB"
         )
-    keys = ("r_gen_env", "r_gt_env", "r_gen_gt", "psnr_id_gen", "psnr_id_gt")
-    summary = {k: float(np.mean([r[k] for r in rows])) for k in keys}
+    summary = {}
+    for key in DRAWN_KEYS:
+        summary[key], summary[key + "_ci95"] = mean_and_interval([r[key] for r in rows])
     summary.update(clips=len(rows), frames=int(sum(r["frames"] for r in rows)))
     return rows, summary
+
+
+# The measures of a drawn clip; each summary has its mean and, as `KEY_ci95`, the half-width of its 95% interval.
+DRAWN_KEYS = ("r_gen_env", "r_gt_env", "r_gen_gt", "psnr_id_gen", "psnr_id_gt")
 
 
 MEASURES = (
@@ -138,25 +107,35 @@ MEASURES = (
 )
 
 
-def sweep(pipe, stems, schedulers: List[str], steps_list: List[int], seed: int = 0, stabilize_every=None, log=print):
+def sweep(
+    pipe,
+    stems,
+    schedulers: List[str],
+    steps_list: List[int],
+    seed: int = 0,
+    stabilize_every=None,
+    log=print,
+    others: Tuple[Tuple[str, object], ...] = (),
+):
     """Every sampler at every step count on the same clips: one row each with the summary figures and the seconds
-    of generating per frame, measured in this run."""
+    of generating per frame, measured in this run. `others` are further `(name, pipeline)` models (students, for
+    example), one row each at their own sampler and steps."""
     from . import runtime
 
+    samplers = [(name, runtime.with_scheduler(pipe, None if name == "own" else name)) for name in schedulers]
+    settings = [(name, sampler, steps) for name, sampler in samplers for steps in steps_list]
+    settings += [(name, model, runtime.default_steps(model)) for name, model in others]
     rows = []
-    for name in schedulers:
-        sampler = runtime.with_scheduler(pipe, None if name == "own" else name)
-        for steps in steps_list:
-            clips, summary = evaluate(
-                sampler, stems, steps, seed, log=lambda message: None, stabilize_every=stabilize_every
-            )
-            row = {"scheduler": name, "steps": steps, **summary}
-            row["seconds_per_frame"] = sum(c["seconds"] for c in clips) / max(1, summary["frames"])
-            rows.append(row)
-            log(
-                f"{name:>9} {steps:>4} steps: {row['seconds_per_frame']:.3f} s/frame, r(gen,env) "
-                f"{row['r_gen_env']:+.3f}, r(gen,gt) {row['r_gen_gt']:+.3f}, identity {row['psnr_id_gen']:.1f} dB"
-            )
+    for name, sampler, steps in settings:
+        quiet = lambda message: None  # noqa: E731
+        clips, summary = evaluate(sampler, stems, steps, seed, log=quiet, stabilize_every=stabilize_every)
+        row = {"scheduler": name, "steps": steps, **summary}
+        row["seconds_per_frame"] = sum(c["seconds"] for c in clips) / max(1, summary["frames"])
+        rows.append(row)
+        log(
+            f"{name:>9} {steps:>4} steps: {row['seconds_per_frame']:.3f} s/frame, r(gen,env) "
+            f"{row['r_gen_env']:+.3f}, r(gen,gt) {row['r_gen_gt']:+.3f}, identity {row['psnr_id_gen']:.1f} dB"
+        )
     return rows
 
 
@@ -179,9 +158,16 @@ def write_sweep(rows: List[dict], folder: str, measures=MEASURES) -> Tuple[str, 
     figure, axes = plt.subplots(1, len(measures), figsize=(5 * len(measures), 4))
     for axis, (key, label, reference) in zip(axes, measures):
         for name in dict.fromkeys(r["scheduler"] for r in rows):
-            points = sorted((r["seconds_per_frame"], r[key], r["steps"]) for r in rows if r["scheduler"] == name)
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-            for x, y, steps in points:
+            points = sorted(
+                (r["seconds_per_frame"], r[key], r["steps"], r.get(key + "_ci95", float("nan")))
+                for r in rows
+                if r["scheduler"] == name
+            )
+            intervals = [p[3] if np.isfinite(p[3]) else 0.0 for p in points]
+            axis.errorbar(
+                [p[0] for p in points], [p[1] for p in points], yerr=intervals, marker="o", capsize=2, label=name
+            )
+            for x, y, steps, _ in points:
                 axis.annotate(str(steps), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
         if reference:
             axis.axhline(rows[0][reference], color="grey", linestyle="--", label="ground truth")
@@ -292,8 +278,6 @@ def measure_clip(generated: np.ndarray, truth: np.ndarray, waveform: np.ndarray,
 
 def summarise(rows: List[dict]) -> dict:
     """Mean and 95% interval half-width of every measure over the clips."""
-    from .measures import mean_and_interval
-
     keys = [k for k in rows[0] if k not in ("clip", "frames")]
     return {k: mean_and_interval([r[k] for r in rows]) for k in keys}
 
@@ -429,7 +413,13 @@ def parse_args(argv=None):
         "drawn clips.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--model", help="pipeline folder (default: the built-in demo model)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help="pipeline folder, Hub id or built-in name (default: the built-in demo model); on drawn clips "
+        "repeatable: each further model (a distilled student, say) joins a sweep as its own line at its own "
+        "steps, or is measured beside the first",
+    )
     parser.add_argument(
         "--data",
         help="a prepared dataset (prepare-dataset; its --split is regenerated and measured), or a folder made by "
@@ -493,6 +483,8 @@ def parse_args(argv=None):
             parser.error(f"--schedulers: unknown {unknown}; choose from own, {', '.join(SCHEDULER_CHOICES)}")
     if (args.schedulers or (args.steps and len(args.steps) > 1)) and not args.output_dir:
         parser.error("a sweep (--schedulers, or several --steps) writes its table and plot to --output-dir")
+    args.models = args.model or [None]
+    args.model = args.models[0]
     return args
 
 
@@ -500,6 +492,12 @@ def run_prepared(args, options) -> int:
     from . import runtime
     from .dataset import PreparedDataset
 
+    if len(args.models) > 1:
+        raise ArgumentError(
+            "model",
+            "is given more than once; on a prepared dataset evaluate each model to its own --output-dir and "
+            "put them side by side with --compare",
+        )
     if not args.output_dir:
         raise ArgumentError("output_dir", "is needed with a prepared dataset: the results go there")
     data = PreparedDataset(args.data, None if args.split == "all" else args.split)
@@ -546,7 +544,6 @@ def run_prepared(args, options) -> int:
 def run(args) -> int:
     from . import runtime
     from .dataset import is_prepared
-    from .hub.pipeline_diffused_heads import scheduler_uses_variance
 
     if args.compare:
         return compare(*args.compare)
@@ -567,32 +564,62 @@ def run(args) -> int:
         raise ArgumentError("data", f"{args.data} holds no clips (NAME.mp4 + NAME.wav + NAME.json)")
     if args.num_clips:
         stems = stems[: args.num_clips]
-    pipe = runtime.load_pipeline(args.model, "cpu", args.dtype)
-    pipe = runtime.with_scheduler(pipe, args.scheduler, **options)
+    device = runtime.resolve_device(args.device)
+    pipes = [runtime.load_pipeline(model, device, args.dtype) for model in args.models]
+    pipe = runtime.with_scheduler(pipes[0], args.scheduler, **options)
+    for model in pipes:
+        model.set_progress_bar_config(disable=True)
+    names = [model_name(model) for model in args.models]
     if args.schedulers or (args.steps and len(args.steps) > 1):
         steps_list = args.steps or [runtime.default_steps(pipe)]
         schedulers = args.schedulers or ["own" if args.scheduler is None else args.scheduler]
-        rows = sweep(pipe, stems, schedulers, steps_list, args.seed, args.stabilize_every)
+        others = tuple(zip(names[1:], pipes[1:]))
+        rows = sweep(pipe, stems, schedulers, steps_list, args.seed, args.stabilize_every, others=others)
         table, picture = write_sweep(rows, args.output_dir)
-        print(f"Wrote {table} and {picture} ({len(rows)} samplers x steps, {len(stems)} clips)")
+        print(f"Wrote {table} and {picture} ({len(rows)} settings, {len(stems)} clips)")
         return 0
-    steps = args.steps[0] if args.steps else runtime.default_steps(pipe)
-    rows, summary = evaluate(pipe, stems, steps, args.seed, stabilize_every=args.stabilize_every)
+    results = []
+    for index, (name, model) in enumerate(zip(names, [pipe, *pipes[1:]])):
+        steps = args.steps[0] if args.steps and index == 0 else runtime.default_steps(model)
+        log = print if len(pipes) == 1 else (lambda message: None)
+        rows, summary = evaluate(model, stems, steps, args.seed, log=log, stabilize_every=args.stabilize_every)
+        print(drawn_summary_text(name, model, steps, summary))
+        results.append({"model": name, "steps": steps, "summary": summary, "clips": rows})
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            single = {"summary": results[0]["summary"], "clips": results[0]["clips"]} if len(results) == 1 else {}
+            json.dump({"args": vars(args), **single, "models": results}, f, indent=1)
+    return 0
+
+
+def model_name(model: Optional[str]) -> str:
+    """How a `--model` value is named in tables: a built-in name, or the folder's or Hub id's last part."""
+    if model is None:
+        return "built-in"
+    return os.path.basename(os.path.normpath(model)) or model
+
+
+def drawn_summary_text(name: str, pipe, steps: int, summary: dict) -> str:
+    """The summary of one model on drawn clips: mean ± 95% interval over the clips."""
+    from .hub.pipeline_diffused_heads import scheduler_uses_variance
+
     config = pipe.scheduler.config
     sampler = f"{type(pipe.scheduler).__name__} (timestep_spacing {config.timestep_spacing}"
     uses_variance = scheduler_uses_variance(pipe.scheduler) or "DDPM" in sampler
     sampler += f", variance_type {config.variance_type})" if uses_variance else ")"
-    print(
-        f"\n{summary['clips']} clips, {summary['frames']} frames, {sampler} {steps} steps:\n"
-        f"  mouth vs speech envelope  r = {summary['r_gen_env']:.3f} (ground truth {summary['r_gt_env']:.3f})\n"
-        f"  generated vs ground-truth mouth  r = {summary['r_gen_gt']:.3f}\n"
-        f"  identity kept outside the mouth: PSNR {summary['psnr_id_gen']:.1f} dB "
-        f"(ground truth {summary['psnr_id_gt']:.1f} dB)"
+
+    def figure(key, digits):
+        interval = summary[key + "_ci95"]
+        return f"{summary[key]:.{digits}f}" + (f" ± {interval:.{digits}f}" if np.isfinite(interval) else "")
+
+    return (
+        f"\n{name}: {summary['clips']} clips, {summary['frames']} frames, {sampler} {steps} steps "
+        "(mean ± 95% interval over the clips):\n"
+        f"  mouth vs speech envelope  r = {figure('r_gen_env', 3)} (ground truth {figure('r_gt_env', 3)})\n"
+        f"  generated vs ground-truth mouth  r = {figure('r_gen_gt', 3)}\n"
+        f"  identity kept outside the mouth: PSNR {figure('psnr_id_gen', 2)} dB "
+        f"(ground truth {figure('psnr_id_gt', 2)} dB)"
     )
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"args": vars(args), "summary": summary, "clips": rows}, f, indent=1)
-    return 0
 
 
 def main(argv=None) -> int:

@@ -30,6 +30,7 @@ from .faces import (
     landmark_speed,
 )
 from .media import FPS, SAMPLES_PER_FRAME
+from .synthetic_data import MOUTH_INSIDE
 
 LIPS = tuple(dict.fromkeys(OUTER_LIPS + INNER_LIPS))
 # Inner-lip points facing each other across the mouth (upper, lower), and the mouth corners.
@@ -143,11 +144,11 @@ def mouth_masks(points: np.ndarray, size: int, margin: float = 0.06) -> np.ndarr
 
 def psnr(frames: np.ndarray, reference: np.ndarray, mask: Optional[np.ndarray] = None) -> float:
     """PSNR in dB of frames against reference frames (one frame or one per frame), over the pixels where
-    `mask` `(F, H, W)` is True (all by default); 100 dB for identical frames."""
+    `mask` (`(F, H, W)`, or `(H, W)` for every frame) is True (all by default); 100 dB for identical frames."""
     a, b = _as_unit(frames), _as_unit(reference)
     b = np.broadcast_to(b, a.shape)
     squared = ((a - b) ** 2).mean(axis=-1)
-    mse = squared[mask].mean() if mask is not None else squared.mean()
+    mse = squared[np.broadcast_to(mask, squared.shape)].mean() if mask is not None else squared.mean()
     return 100.0 if mse <= 1e-10 else float(10.0 * np.log10(1.0 / mse))
 
 
@@ -267,6 +268,45 @@ T_975 = (
     12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
     2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
 )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# Drawn faces (synthetic clips): measured by colour, without the face mesh
+
+
+def drawn_mouth_region(boxes, source_size: float, size: int) -> Tuple[int, int, int, int]:
+    """The union of mouth `boxes` (`[x0, y0, x1, y1]` in pixels of a `source_size` frame; one box or one per
+    frame), widened by 6% of the size on every side, in pixels of a `size` frame."""
+    boxes = np.atleast_2d(np.asarray(boxes, np.float64)) * size / source_size
+    margin = 0.06 * size
+    return (
+        int(max(0, np.floor(boxes[:, 0].min() - margin))),
+        int(max(0, np.floor(boxes[:, 1].min() - margin))),
+        int(min(size, np.ceil(boxes[:, 2].max() + margin))),
+        int(min(size, np.ceil(boxes[:, 3].max() + margin))),
+    )
+
+
+def outside_region(size: int, region) -> np.ndarray:
+    """`(size, size)` bool: True outside the `(x0, y0, x1, y1)` region (for `psnr` outside a drawn mouth)."""
+    mask = np.ones((size, size), bool)
+    x0, y0, x1, y1 = region
+    mask[y0:y1, x0:x1] = False
+    return mask
+
+
+def drawn_mouth_opening(frames: np.ndarray, region) -> np.ndarray:
+    """Per-frame mouth opening of drawn `(F, H, W, 3)` frames (uint8 or [0, 1]): the mean, over the region, of how
+    close each pixel is to the colour of the inside of the drawn mouth (1 at that colour, 0 beyond a distance of
+    0.3)."""
+    x0, y0, x1, y1 = region
+    crop = _as_unit(frames)[:, y0:y1, x0:x1]
+    distance = np.linalg.norm(crop - np.array(MOUTH_INSIDE) / 255.0, axis=-1)
+    return np.clip(1.0 - distance / 0.3, 0.0, 1.0).mean(axis=(1, 2))
+
+
+# --------------------------------------------------------------------------------------------------
+# Summaries
 
 
 def mean_and_interval(values) -> Tuple[float, float]:

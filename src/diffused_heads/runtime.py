@@ -262,10 +262,13 @@ def make_scheduler(name: str, config):
     return diffusers.EulerDiscreteScheduler.from_config(config)
 
 
-def with_scheduler(pipe, name: Optional[str] = None, **overrides):
+def with_scheduler(pipe, name: Optional[str] = None, own: bool = False, **overrides):
     """`pipe` with another sampler (a name of `SCHEDULERS`, and/or scheduler config entries to override), as a new
-    pipeline that shares the weights (`DiffusionPipeline.from_pipe`); `pipe` itself when nothing changes."""
-    if name is None and not overrides:
+    pipeline that shares the weights (`DiffusionPipeline.from_pipe`); `pipe` itself when nothing changes, unless
+    `own`: then always a new pipeline with its own scheduler and sampling state, for callers that run several
+    generations at once on one model (a scheduler's timesteps and a pipeline's interrupt flag belong to one
+    call)."""
+    if name is None and not overrides and not own:
         return pipe
     config = pipe.scheduler.config
     if name is None:

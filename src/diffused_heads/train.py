@@ -45,10 +45,10 @@ from .training import (
     check_components,
     checkpoint_to_resume,
     frozen_embeddings,
+    lip_box_masks,
     load_model,
     make_accelerator,
     model_defaults,
-    mouth_masks,
     new_model,
     open_data,
     training_loop,
@@ -189,7 +189,7 @@ def diffusion_losses(objective: DiffusionObjective, accelerator, train_audio_enc
         noise = torch.randn(x_start.shape, generator=generator).to(device)
         timesteps = torch.randint(objective.num_train_timesteps, (len(x_start),), generator=generator).to(device)
         x_t = objective.add_noise(x_start, noise, timesteps)
-        mask = mouth_masks(batch["boxes"], size).to(device) if batch["boxes"] is not None else None
+        mask = lip_box_masks(batch["boxes"], size).to(device) if batch["boxes"] is not None else None
         with accelerator.autocast():
             output = unet(x_t, timesteps, identity, motion, audio).sample
         return objective(output, noise, x_start, x_t, timesteps, mask)

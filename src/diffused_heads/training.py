@@ -10,6 +10,7 @@ Every step's random numbers follow from the seed, the process and the step (`ste
 draws what an unbroken one draws.
 """
 
+import copy
 import glob
 import hashlib
 import json
@@ -367,7 +368,7 @@ class DiffusionObjective:
 # Batches
 
 
-def mouth_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
+def lip_box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
     """(B, 4) boxes in fractions of the size, widened by the lip-box margin, to (B, 1, size, size) masks."""
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     x0, y0, x1, y1 = (boxes - torch.tensor([LIP_BOX_MARGIN, LIP_BOX_MARGIN, -LIP_BOX_MARGIN, -LIP_BOX_MARGIN])).unbind(
@@ -535,13 +536,17 @@ def training_loop(
     samples: torch.utils.data.Dataset,
     losses_of_batch: LossesOfBatch,
     description: str = "training",
+    ema_targets: bool = False,
 ) -> Dict[str, torch.nn.Module]:
     """Optimise the parameters of `models` that require gradients on the losses that `losses_of_batch(batch,
     generator, models)` returns (its `"loss"` is minimised; `models` are the prepared modules, `generator` the step's
     own random numbers) over the batches of `samples`, with AdamW, the learning-rate warm-up, gradient clipping, an
     EMA of each model's weights, checkpoints every `checkpoint_every` steps (resumable) and a log of the losses
     (averaged over the processes) in `train_log.jsonl`. Returns the models unwrapped, in eval mode, with the EMA
-    weights (where EMA is on), on the main process; None on the others."""
+    weights (where EMA is on), on the main process; None on the others.
+
+    With `ema_targets`, `losses_of_batch` also gets, as `models[NAME + "_target"]`, a frozen copy of each trained
+    model holding its EMA weights as of the step before (a target network, as consistency distillation uses)."""
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
@@ -576,6 +581,14 @@ def training_loop(
         accelerator.print(f"resumed from {resume_from} at step {state.step}")
         for ema in emas.values():
             ema.to(device)
+    targets = {}
+    if ema_targets:
+        if not emas:
+            raise TrainingError("this method needs an EMA of the weights as its target: --ema-decay above 0")
+        for name in trained:
+            targets[name + "_target"] = copy.deepcopy(accelerator.unwrap_model(models[name])).requires_grad_(False)
+            emas[name].copy_to(targets[name + "_target"].parameters())
+            targets[name + "_target"].eval()
 
     frame_counts = [c.frames for c in data.clips]
     batches = StepBatches(
@@ -605,7 +618,7 @@ def training_loop(
     started, running = time.time(), {}
     for batch in loader:
         generator = step_generator(settings.seed, accelerator.process_index, state.step, 1)
-        losses = losses_of_batch(batch, generator, models)
+        losses = losses_of_batch(batch, generator, {**models, **targets})
         if not torch.isfinite(losses["loss"]):
             raise TrainingError(f"the loss became {losses['loss'].item()} at step {state.step}")
         accelerator.backward(losses["loss"])
@@ -616,6 +629,8 @@ def training_loop(
         optimizer.zero_grad(set_to_none=True)
         for name, ema in emas.items():
             ema.step(models[name].parameters())
+            if name + "_target" in targets:
+                ema.copy_to(targets[name + "_target"].parameters())
         state.step += 1
         progress.update()
 
