@@ -155,3 +155,13 @@ def test_the_page_honours_each_request(tiny_model, tmp_path, stream_calls):
         request(app.BUILTIN_LABEL, "the model's own", 0, image=None)
     with pytest.raises(ValueError, match="this page offers the models"):
         request("/etc", "the model's own", 0)
+
+
+def test_the_commands_lists_of_choices_are_the_librarys_own():
+    """`cli_utils` repeats these lists so that --help answers without importing torch or the faces extra; they
+    must stay the lists the library accepts."""
+    from diffused_heads import cli_utils, faces
+
+    assert cli_utils.SCHEDULER_CHOICES == runtime.SCHEDULERS
+    assert set(cli_utils.DTYPE_CHOICES) == {"auto", *runtime.DTYPES}
+    assert cli_utils.SEGMENTER_CHOICES == faces.SEGMENTERS

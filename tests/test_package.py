@@ -67,6 +67,7 @@ def test_command_lists_its_subcommands(tmp_path):
         "app",
         "convert",
         "train",
+        "distill",
         "evaluate",
         "prepare-dataset",
         "make-dataset",

@@ -35,6 +35,7 @@ import numpy as np
 
 from .cli_utils import HelpFormatter, ProgressBoard, add_face_options, parse_colour, run_command
 from .errors import ArgumentError, MediaError
+from .media import FPS
 
 logger = logging.getLogger(__name__)
 
@@ -185,7 +186,7 @@ class VideoPreparer:
         centre = np.array([self.size / 2, self.size / 2])
         self.target = centre + (template.scaled(self.size) - centre) * args.scale
         self.background = parse_colour(args.background) or tuple(template.background)
-        self.min_frames = max(3, int(round(args.min_seconds * 25)))
+        self.min_frames = max(3, int(round(args.min_seconds * FPS)))
 
     def __call__(self, raw: str, relative: str) -> Tuple[List[dict], List[dict]]:
         """The clips made from a video and the parts left out, each `{"source", "reason"}`."""
