@@ -211,3 +211,22 @@ def test_evaluate_spreads_over_two_processes_with_the_figures_of_one(prepared, t
     assert one.keys() == two.keys()
     for key in one:
         np.testing.assert_allclose(two[key], one[key], rtol=1e-9, err_msg=key)
+
+
+def test_psnr_outside_the_mouth_leaves_the_mouth_out(talking):
+    """Frames that differ from the reference only inside the mouth box: perfect outside it, not over the frame."""
+    frames, points, _ = talking
+    inside = measures.mouth_masks(points, frames.shape[1])
+    assert 0.01 < inside.mean() < 0.3
+    changed = frames.copy()
+    changed[inside] = 255 - changed[inside]
+    scores = measures.compared_measures(changed, points, frames, points)
+    assert scores["psnr_outside_mouth"] == 100.0
+    assert scores["psnr"] < 25.0
+    assert measures.psnr(changed, frames, ~inside) == 100.0 and measures.psnr(changed, frames) < 25.0
+    # One (H, W) mask for every frame, as for drawn clips.
+    region = (10, 20, 40, 50)
+    one = frames[:1].copy()
+    one[0, 20:50, 10:40] = 0
+    outside = measures.outside_region(frames.shape[1], region)
+    assert measures.psnr(one, frames[:1], outside) == 100.0 and measures.psnr(one, frames[:1]) < 25.0

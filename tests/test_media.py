@@ -508,3 +508,94 @@ def test_default_threads_leave_out_the_cores_others_keep_busy(monkeypatch):
     assert time.monotonic() - started < 0.1
     measured = runtime.busy_cores(interval=0.05)
     assert measured is None or 0.0 <= measured <= os.cpu_count()
+
+
+def top_level_boxes(path):
+    """The names of an MP4 file's top-level boxes, in order."""
+    data, names, at = open(path, "rb").read(), [], 0
+    while at + 8 <= len(data):
+        size, name = int.from_bytes(data[at : at + 4], "big"), data[at + 4 : at + 8].decode("latin-1")
+        if size == 1:
+            size = int.from_bytes(data[at + 8 : at + 16], "big")
+        names.append(name)
+        at += size if size else len(data)
+    return names
+
+
+def test_a_live_video_is_a_fragmented_mp4_that_plays_while_it_grows(tmp_path):
+    """Live: an empty `moov` first, then one fragment (`moof` + `mdat`) per second, so a player can open the file
+    before it is finished; by default: one `mdat` and the `moov` at the end, as players expect of a finished file."""
+    from diffused_heads.media import VideoWriter
+
+    frames = np.random.default_rng(0).random((60, 16, 16, 3)).astype(np.float32)
+    writer = VideoWriter(str(tmp_path / "live.mp4"), speech_like_audio(60), size=None, live=True)
+    with writer:
+        for frame in frames:
+            writer.write(frame)
+        # Before the end the file is there, under its own name, and already holds a playable fragment.
+        boxes_meanwhile = top_level_boxes(tmp_path / "live.mp4")
+        playable_meanwhile = sum(1 for _ in av.open(str(tmp_path / "live.mp4")).decode(video=0))
+    assert boxes_meanwhile[:2] == ["ftyp", "moov"] and "moof" in boxes_meanwhile
+    assert playable_meanwhile >= 20  # the first second, less what the decoder still holds
+    boxes = top_level_boxes(tmp_path / "live.mp4")
+    assert boxes.count("moof") >= 2 and boxes.index("moov") < boxes.index("mdat")
+
+    with VideoWriter(str(tmp_path / "plain.mp4"), speech_like_audio(60), size=None) as writer:
+        for frame in frames:
+            writer.write(frame)
+    plain = top_level_boxes(tmp_path / "plain.mp4")
+    assert "moof" not in plain and plain.count("mdat") == 1
+
+
+def speech_like_audio(num_frames):
+    return (0.2 * np.sin(np.arange(num_frames * 640) / 10.0)).astype(np.float32)
+
+
+def test_an_image_is_written_beside_its_name_and_given_the_mode_open_gives(tmp_path, monkeypatch):
+    """`save_image` writes a temporary file in the output's own folder (so the rename never crosses file
+    systems), renames it, and gives it the mode a plain `open()` would (not the temporary file's 0600)."""
+    import tempfile
+
+    from diffused_heads.media import save_image
+
+    made = []
+    mkstemp = tempfile.mkstemp
+
+    def recording_mkstemp(*args, **kwargs):
+        handle, name = mkstemp(*args, **kwargs)
+        made.append(name)
+        return handle, name
+
+    monkeypatch.setattr(tempfile, "mkstemp", recording_mkstemp)
+    out = tmp_path / "frames" / "face.png"
+    out.parent.mkdir()
+    previous = os.umask(0o022)
+    try:
+        save_image(PIL.Image.new("RGB", (8, 6), (10, 20, 30)), str(out))
+    finally:
+        os.umask(previous)
+    [temporary] = made
+    assert os.path.dirname(temporary) == str(out.parent) and temporary != str(out)
+    assert os.listdir(out.parent) == ["face.png"]
+    assert os.stat(out).st_mode & 0o777 == 0o644
+    assert PIL.Image.open(out).getpixel((3, 3)) == (10, 20, 30)
+
+
+def test_an_image_that_fails_to_write_leaves_nothing_and_keeps_the_old_file(tmp_path, monkeypatch):
+    from diffused_heads.media import save_image
+
+    out = tmp_path / "face.png"
+    PIL.Image.new("RGB", (4, 4), (1, 2, 3)).save(out)
+    real_save = PIL.Image.Image.save
+
+    def half_then_fail(self, fp, *args, **kwargs):
+        with open(fp, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PIL.Image.Image, "save", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        save_image(PIL.Image.new("RGB", (8, 6)), str(out))
+    monkeypatch.setattr(PIL.Image.Image, "save", real_save)
+    assert os.listdir(tmp_path) == ["face.png"]
+    assert PIL.Image.open(out).getpixel((0, 0)) == (1, 2, 3)

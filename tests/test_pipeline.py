@@ -598,3 +598,34 @@ def test_the_model_config_gives_the_default_steps(identity_image):
     pipe.register_to_config(num_inference_steps=4)
     run(pipe, identity_image, speech_like(0.05), num_inference_steps=None)
     assert len(recorder.calls) == 4 * 1
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler, EulerDiscreteScheduler])
+def test_every_frame_starts_from_noise_at_the_schedulers_initial_scale(identity_image, scheduler_class):
+    """A frame's first sample is its noise times the scheduler's `init_noise_sigma` (1 for DDPM and DDIM, the
+    largest sigma for Euler): the value the first `scale_model_input` receives, given noise and drawn noise."""
+    pipe = tiny_pipeline()
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    first_samples = []
+    scale_model_input = pipe.scheduler.scale_model_input
+
+    def record(sample, timestep, *args, **kwargs):
+        if timestep == pipe.scheduler.timesteps[0]:
+            first_samples.append(sample.clone())
+        return scale_model_input(sample, timestep, *args, **kwargs)
+
+    pipe.scheduler.scale_model_input = record
+    num_frames = 5  # of 0.2 s of speech
+    latents = torch.randn(1, num_frames, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    run(pipe, identity_image, speech_like(0.2), latents=latents)
+    pipe.scheduler.set_timesteps(3)
+    sigma = float(pipe.scheduler.init_noise_sigma)
+    assert (sigma > 5.0) == (scheduler_class is EulerDiscreteScheduler)
+    assert len(first_samples) == num_frames
+    for frame_index, sample in enumerate(first_samples):
+        torch.testing.assert_close(sample, latents[:, frame_index] * sigma)
+
+    first_samples.clear()
+    run(pipe, identity_image, speech_like(0.2))  # noise drawn from the generator
+    drawn = torch.cat(first_samples)
+    assert abs(float(drawn.std()) / sigma - 1.0) < 0.1

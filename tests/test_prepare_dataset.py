@@ -289,3 +289,60 @@ def test_a_folder_of_ready_clips_converts_with_one_command(tmp_path):
     assert len(data.clips) == 2 and data.size == 16
     assert all(data.mouth_boxes(c) is not None for c in data.clips)
     assert os.path.isfile(tmp_path / "data" / "clips" / data.clips[0].id / "frames.npy")
+
+
+def test_a_clips_audio_is_the_sources_own_at_the_clips_frames(raw, prepared):
+    """Clips that start after a video's first frame (a scene cut, a face that comes back) carry the speech of
+    their own frames: the source's 16 kHz audio from the clip's first frame on, not from the video's start."""
+    from diffused_heads.media import SAMPLES_PER_FRAME, load_audio
+
+    data = dataset.PreparedDataset(str(prepared))
+    later = [clip for clip in data.clips if manifest_entry(prepared, clip.id)["start_frame"] > 0]
+    assert len(later) >= 2
+    for clip in later:
+        start = manifest_entry(prepared, clip.id)["start_frame"] * SAMPLES_PER_FRAME
+        source = load_audio(str(raw / clip.source))
+        own = source[start : start + clip.frames * SAMPLES_PER_FRAME]
+        written = data.audio(clip)
+        assert written.shape == own.shape
+        np.testing.assert_allclose(written, own, atol=2e-3)
+        # and so far from the video's first frames that the check above tells them apart
+        assert np.abs(written - source[: len(written)]).max() > 0.05
+
+
+def manifest_entry(folder, clip_id):
+    return next(c for c in manifest(folder)["clips"] if c["id"] == clip_id)
+
+
+def test_the_alignment_is_the_smoothed_transforms(raw, tmp_path, monkeypatch):
+    """Every frame is aligned with its transform smoothed over `--smoothing` frames: the matrices that reach
+    `align_frame` are `smooth_transforms`' output, which is steadier than the per-frame fits it was given."""
+    from diffused_heads import faces
+
+    smoothed, used = [], []
+    smooth, align = faces.smooth_transforms, faces.align_frame
+
+    def record_smoothing(matrices, radius, times=None):
+        result = smooth(matrices, radius, times)
+        smoothed.append((np.array(matrices), radius, result))
+        return result
+
+    def record_alignment(frame, matrix, *args, **kwargs):
+        used.append(np.array(matrix))
+        return align(frame, matrix, *args, **kwargs)
+
+    monkeypatch.setattr(faces, "smooth_transforms", record_smoothing)
+    monkeypatch.setattr(faces, "align_frame", record_alignment)
+    source = tmp_path / "raw"
+    source.mkdir()
+    shutil.copy(raw / "anna" / "moving.mp4", source / "moving.mp4")
+    assert prepare(source, tmp_path / "data", "--smoothing", "5") == 0
+    assert len(smoothed) == 1
+    given, radius, result = smoothed[0]
+    assert radius == 5
+    np.testing.assert_allclose(np.stack(used), result)
+
+    def roughness(matrices):  # the shift's second differences: frame-to-frame wobble
+        return float(np.abs(np.diff(matrices[:, :, 2], n=2, axis=0)).mean())
+
+    assert roughness(result) < 0.7 * roughness(given)

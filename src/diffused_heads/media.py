@@ -530,7 +530,9 @@ class VideoWriter:
 
         if self.live:
             self._target = self.path
-            options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}
+            # Each fragment goes to the file as soon as it is complete (without flush_packets the muxer's output
+            # stays buffered until the end, and a player finds nothing to play meanwhile).
+            options = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}
         else:
             directory = os.path.dirname(os.path.abspath(self.path))
             try:
