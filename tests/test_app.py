@@ -90,7 +90,7 @@ def server(tmp_path_factory, offered):
                 process.kill()
                 pytest.fail(f"the app did not start: {log.read_text()[-2000:]}")
             time.sleep(0.5)
-    yield url, process
+    yield url, process, temporary
     process.terminate()
     process.wait(timeout=30)
     assert os.listdir(temporary) == [], "the app left files behind"
@@ -125,7 +125,11 @@ def test_generation_errors_and_the_queue_through_the_api(server, speech, tmp_pat
         with pytest.raises(Exception, match=message) as error:
             request(client, example_image_path(), speech / name)
         assert "Traceback" not in str(error.value)
-        assert "/tmp/gradio" not in str(error.value)  # names the file, not the server's copy of it
+        # names the file, not the server's copy of it (under the server's temporary folder)
+        assert str(server[2]) not in str(error.value) and "/gradio/" not in str(error.value)
+    with pytest.raises(Exception, match="could not be read as audio") as error:
+        request(client, example_image_path(), speech / "corrupt.wav")
+    assert "corrupt.wav" in str(error.value)
 
     # Two requests at once: the second waits for the first and is not lost; frames show while they are made.
     jobs = [

@@ -217,3 +217,29 @@ def test_batches_are_planned_before_the_jobs_are_shared_out(workspace, tmp_path)
     assert all(len({(job.steps, job.scheduler) for job in batch}) == 1 for batch in batches)
     with PartialState(cpu=True).split_between_processes(batches) as mine:
         assert mine == batches  # one process takes them all
+
+
+def test_each_video_of_a_batch_is_its_own_jobs_when_a_job_beside_it_fails(workspace, tmp_path):
+    """A job that fails while being prepared (an image that is no image, with speech of a readable length, so it
+    is planned into the batch of the others) leaves the others' videos their own: each has its own speech's
+    frame count and the frames its job makes alone."""
+    from diffused_heads import batch
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but no image")
+    rows = ["image,audio,output,seed"]
+    rows.append(f"{workspace / 'face0.png'},{workspace / 'speech0.wav'},first.mp4,0")
+    rows.append(f"broken.png,{workspace / 'speech2.wav'},broken.mp4,2")  # the shortest: planned first
+    rows.append(f"{workspace / 'face3.png'},{workspace / 'speech3.wav'},last.mp4,3")
+    (tmp_path / "jobs.csv").write_text("\n".join(rows) + "\n")
+    common = ["--jobs", str(tmp_path / "jobs.csv"), "--model", str(workspace / "model"), "--steps", "1"]
+    common += ["--size", "32", "--threads", "1"]
+    assert batch.main(common + ["--output-dir", str(tmp_path / "together"), "--batch-size", "3"]) == 1
+    planned = batch.plan_batches(read_jobs(str(tmp_path / "jobs.csv"), str(tmp_path), 0), 3)
+    assert [job.output.endswith("broken.mp4") for job in planned[0]] == [True, False, False]
+    assert batch.main(common + ["--output-dir", str(tmp_path / "alone"), "--batch-size", "1"]) == 1
+    for name, seconds in (("first", SECONDS[0]), ("last", SECONDS[3])):
+        together, alone = decoded(tmp_path / "together" / f"{name}.mp4"), decoded(tmp_path / "alone" / f"{name}.mp4")
+        assert len(together) == (round(seconds * 16000) + 2560 - 3200) // 640 + 1
+        assert together.shape == alone.shape
+        assert np.abs(together.astype(int) - alone.astype(int)).mean() < 1.0, name
+    assert not (tmp_path / "together" / "broken.mp4").exists()
