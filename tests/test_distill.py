@@ -203,6 +203,14 @@ def test_resuming_gives_the_weights_of_an_unbroken_run(teacher_folder, clips, tm
     resumed = DiffusedHeadsPipeline.from_pretrained(tmp_path / "split").unet.state_dict()
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    # The training time goes on from where it stopped: the log's clock does not restart, and the record counts
+    # both parts.
+    log = [json.loads(line) for line in open(tmp_path / "split-checkpoints" / "train_log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    elapsed = [r["elapsed_s"] for r in log]
+    assert 0 < elapsed[1] <= elapsed[2] <= elapsed[3]
+    record = json.loads((tmp_path / "split" / "distillation.json").read_text())
+    assert record["seconds"] >= elapsed[3] - 0.1
 
 
 def test_distill_runs_from_a_converted_folder_of_the_released_files(clips, tmp_path):

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import sys
-import time
 
 import torch
 
@@ -47,6 +46,7 @@ from .training import (
     LoopSettings,
     TrainingError,
     TrainingFrames,
+    TrainingState,
     checkpoint_to_resume,
     frozen_embeddings,
     lip_box_masks,
@@ -226,7 +226,6 @@ def distill(args) -> str:
         raise TrainingError(f"--output-dir {args.output_dir} exists already; remove it or choose another folder")
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = time.time()
     teacher_name, teacher, teacher_steps = load_teacher(args)
     checkpoint_to_resume(args.resume, args.checkpoint_dir)  # a wrong --resume is said before the data is read
     accelerator = make_accelerator(args.mixed_precision)
@@ -258,6 +257,7 @@ def distill(args) -> str:
     encoder.to(accelerator.device).eval().requires_grad_(False)
     embeddings = frozen_embeddings(encoder, data, args.checkpoint_dir, accelerator)
     samples = TrainingFrames(data, config.sample_size, config.audio_context, embeddings, history=history)
+    progress = TrainingState()
     trained = training_loop(
         LoopSettings.from_args(args),
         accelerator,
@@ -267,6 +267,7 @@ def distill(args) -> str:
         distillation_losses(args, accelerator, teacher, teacher_steps, student_sampler, stabilize),
         description="distilling",
         ema_targets=args.method == "consistency",
+        state=progress,
     )
     if accelerator.is_main_process:
         pipe = DiffusedHeadsPipeline(
@@ -290,7 +291,7 @@ def distill(args) -> str:
             "learning_rate": args.learning_rate,
             "clips": len(data.clips),
             "minutes": sum(frame_counts) / FPS / 60,
-            "seconds": round(time.time() - started, 1),
+            "seconds": round(progress.seconds, 1),  # of training steps, over every resumed run
             "device": f"{accelerator.num_processes} x {accelerator.device.type} ({torch.get_num_threads()} threads)",
         }
         with open(os.path.join(args.output_dir, "distillation.json"), "w", encoding="utf-8") as f:

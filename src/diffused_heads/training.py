@@ -384,16 +384,19 @@ def lip_box_masks(boxes: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class TrainingState:
-    """The step counter, saved with every checkpoint (each step's random numbers follow from it)."""
+    """The step counter and the seconds spent training so far, over every resumed run, saved with every checkpoint
+    (each step's random numbers follow from the step)."""
 
     def __init__(self):
         self.step = 0
+        self.seconds = 0.0
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "seconds": self.seconds}
 
     def load_state_dict(self, state):
         self.step = int(state["step"])
+        self.seconds = float(state.get("seconds", 0.0))  # checkpoints of older versions did not keep it
 
 
 # --------------------------------------------------------------------------------------------------
@@ -537,6 +540,7 @@ def training_loop(
     losses_of_batch: LossesOfBatch,
     description: str = "training",
     ema_targets: bool = False,
+    state: Optional[TrainingState] = None,
 ) -> Dict[str, torch.nn.Module]:
     """Optimise the parameters of `models` that require gradients on the losses that `losses_of_batch(batch,
     generator, models)` returns (its `"loss"` is minimised; `models` are the prepared modules, `generator` the step's
@@ -546,7 +550,9 @@ def training_loop(
     weights (where EMA is on), on the main process; None on the others.
 
     With `ema_targets`, `losses_of_batch` also gets, as `models[NAME + "_target"]`, a frozen copy of each trained
-    model holding its EMA weights as of the step before (a target network, as consistency distillation uses)."""
+    model holding its EMA weights as of the step before (a target network, as consistency distillation uses).
+    A `state` given is the one used: afterwards it says the steps made and the seconds they took, over every
+    resumed run."""
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
@@ -560,7 +566,7 @@ def training_loop(
     lr_scheduler = learning_rate_schedule(
         optimizer, settings.lr_warmup_steps, settings.max_steps, accelerator.num_processes
     )
-    state = TrainingState()
+    state = state if state is not None else TrainingState()
     trained = [name for name, model in models.items() if any(p.requires_grad for p in model.parameters())]
     emas = {}
     if settings.ema_decay:
@@ -615,7 +621,7 @@ def training_loop(
     progress = tqdm(
         total=settings.max_steps, initial=state.step, desc=description, disable=not accelerator.is_main_process
     )
-    started, running = time.time(), {}
+    started, running, seconds_before = time.time(), {}, state.seconds
     for batch in loader:
         generator = step_generator(settings.seed, accelerator.process_index, state.step, 1)
         losses = losses_of_batch(batch, generator, {**models, **targets})
@@ -632,6 +638,7 @@ def training_loop(
             if name + "_target" in targets:
                 ema.copy_to(targets[name + "_target"].parameters())
         state.step += 1
+        state.seconds = seconds_before + time.time() - started
         progress.update()
 
         names_now = sorted(losses)
@@ -641,7 +648,7 @@ def training_loop(
             running.setdefault(key, []).append(value)
         if state.step % settings.log_every == 0 or state.step == settings.max_steps:
             record = {"step": state.step, **{k: float(np.mean(v)) for k, v in running.items()}}
-            record.update(lr=lr_scheduler.get_last_lr()[0], elapsed_s=round(time.time() - started, 1))
+            record.update(lr=lr_scheduler.get_last_lr()[0], elapsed_s=round(state.seconds, 1))
             running = {}
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             if accelerator.is_main_process:
@@ -665,5 +672,5 @@ def training_loop(
             emas[name].copy_to(model.parameters())
         model.requires_grad_(False)
         result[name] = model
-    accelerator.print(f"{description}: {state.step} steps ({time.time() - started:.0f} s)")
+    accelerator.print(f"{description}: {state.step} steps ({state.seconds:.0f} s)")
     return result
