@@ -214,6 +214,10 @@ def test_fine_tuning_runs_over_two_processes(prepared, tmp_path):
         "1",
         "--threads",
         "1",
+        "--lr-warmup-steps",
+        "3",
+        "--log-every",
+        "1",
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -221,6 +225,17 @@ def test_fine_tuning_runs_over_two_processes(prepared, tmp_path):
     before = DiffusedHeadsPipeline.from_pretrained(start).unet.state_dict()
     after = DiffusedHeadsPipeline.from_pretrained(tmp_path / "tuned").unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
+    # The warm-up counts optimisation steps, not the scheduler's steps (one per process): the learning rate at
+    # every step is a one-process run's.
+    one = ["--data", str(prepared), "--init-from", str(start), "--output-dir", str(tmp_path / "one")]
+    one += ["--max-steps", "3", "--batch-size", "2", "--num-workers", "0", "--lr-warmup-steps", "3", "--log-every", "1"]
+    assert train.main(one) == 0
+
+    def rates(name):
+        return [json.loads(line)["lr"] for line in open(tmp_path / f"{name}-checkpoints" / "train_log.jsonl")]
+
+    assert rates("tuned") == rates("one")
+    assert len(set(rates("one"))) == 3  # still warming up: each step's rate is its own
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
