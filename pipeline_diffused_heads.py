@@ -670,45 +670,47 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         self._num_timesteps = len(self.scheduler.timesteps)
         counts = torch.tensor(frame_counts)
-        with self.progress_bar(total=num_frames * self._num_timesteps) as progress_bar:
-            for frame_index in range(num_frames):
-                if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
-                    previous[0] = identity_motion
-                motion_frames = torch.cat(previous, dim=1)
-                audio_context = audio_window(audio_embeddings, frame_index, context, counts)
+        # The hooks are freed however the loop ends: also when a consumer stops early (closes the generator).
+        try:
+            with self.progress_bar(total=num_frames * self._num_timesteps) as progress_bar:
+                for frame_index in range(num_frames):
+                    if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
+                        previous[0] = identity_motion
+                    motion_frames = torch.cat(previous, dim=1)
+                    audio_context = audio_window(audio_embeddings, frame_index, context, counts)
 
-                # Multistep schedulers keep state: start every frame afresh.
-                self.scheduler.set_timesteps(num_inference_steps, device=device)
-                frame_latents = frame_noise(frame_index) * self.scheduler.init_noise_sigma
-                for step_index, t in enumerate(self.scheduler.timesteps):
-                    model_input = self.scheduler.scale_model_input(frame_latents, t).to(dtype)
-                    model_output = self.unet(
-                        model_input, t, identity_frames, motion_frames, audio_context
-                    ).sample.float()
-                    if not uses_variance:
-                        model_output = model_output[:, :channels]
-                    frame_latents = self.scheduler.step(model_output, t, frame_latents, **step_kwargs).prev_sample
+                    # Multistep schedulers keep state: start every frame afresh.
+                    self.scheduler.set_timesteps(num_inference_steps, device=device)
+                    frame_latents = frame_noise(frame_index) * self.scheduler.init_noise_sigma
+                    for step_index, t in enumerate(self.scheduler.timesteps):
+                        model_input = self.scheduler.scale_model_input(frame_latents, t).to(dtype)
+                        model_output = self.unet(
+                            model_input, t, identity_frames, motion_frames, audio_context
+                        ).sample.float()
+                        if not uses_variance:
+                            model_output = model_output[:, :channels]
+                        frame_latents = self.scheduler.step(model_output, t, frame_latents, **step_kwargs).prev_sample
 
-                    if callback_on_step_end is not None:
-                        callback_kwargs = {}
-                        for k in callback_on_step_end_tensor_inputs:
-                            callback_kwargs[k] = locals()[k]
-                        global_step = frame_index * self._num_timesteps + step_index
-                        callback_outputs = callback_on_step_end(self, global_step, t, callback_kwargs) or {}
-                        frame_latents = callback_outputs.pop("frame_latents", frame_latents)
-                    progress_bar.update()
+                        if callback_on_step_end is not None:
+                            callback_kwargs = {}
+                            for k in callback_on_step_end_tensor_inputs:
+                                callback_kwargs[k] = locals()[k]
+                            global_step = frame_index * self._num_timesteps + step_index
+                            callback_outputs = callback_on_step_end(self, global_step, t, callback_kwargs) or {}
+                            frame_latents = callback_outputs.pop("frame_latents", frame_latents)
+                        progress_bar.update()
 
-                previous = [previous[1], to_motion_frame(frame_latents.to(dtype), motion_channels)]
-                yield DiffusedHeadsFrameOutput(
-                    frame_index=frame_index,
-                    frames=self.postprocess(frame_latents, output_type),
-                    num_frames=frame_counts,
-                    audio=audio_out,
-                )
-                if self.interrupt:
-                    break
-
-        self.maybe_free_model_hooks()
+                    previous = [previous[1], to_motion_frame(frame_latents.to(dtype), motion_channels)]
+                    yield DiffusedHeadsFrameOutput(
+                        frame_index=frame_index,
+                        frames=self.postprocess(frame_latents, output_type),
+                        num_frames=frame_counts,
+                        audio=audio_out,
+                    )
+                    if self.interrupt:
+                        break
+        finally:
+            self.maybe_free_model_hooks()
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)

@@ -630,3 +630,18 @@ def test_every_frame_starts_from_noise_at_the_schedulers_initial_scale(identity_
     run(pipe, identity_image, speech_like(0.2))  # noise drawn from the generator
     drawn = torch.cat(first_samples)
     assert abs(float(drawn.std()) / sigma - 1.0) < 0.1
+
+
+def test_the_model_hooks_are_freed_when_a_consumer_stops_early(identity_image):
+    """`stream` frees the offload hooks when its loop ends, and also when the consumer stops after a frame and
+    closes the generator (as `generate-batch` does once all its clips are written)."""
+    pipe = tiny_pipeline()
+    freed = []
+    pipe.maybe_free_model_hooks = lambda: freed.append(True)
+    frames = pipe.stream(identity_image, speech_like(0.3), num_inference_steps=1)
+    next(frames)
+    assert freed == []
+    frames.close()
+    assert freed == [True]
+    list(pipe.stream(identity_image, speech_like(0.2), num_inference_steps=1))
+    assert freed == [True, True]
