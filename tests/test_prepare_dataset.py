@@ -228,7 +228,8 @@ def test_fine_tuning_runs_over_two_processes(prepared, tmp_path):
     # The warm-up counts optimisation steps, not the scheduler's steps (one per process): the learning rate at
     # every step is a one-process run's.
     one = ["--data", str(prepared), "--init-from", str(start), "--output-dir", str(tmp_path / "one")]
-    one += ["--max-steps", "3", "--batch-size", "2", "--num-workers", "0", "--lr-warmup-steps", "3", "--log-every", "1"]
+    one += ["--max-steps", "3", "--batch-size", "2", "--num-workers", "0"]
+    one += ["--lr-warmup-steps", "3", "--log-every", "1"]
     assert train.main(one) == 0
 
     def rates(name):
