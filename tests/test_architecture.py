@@ -23,6 +23,7 @@ LAYERS = {
     "hub.audio_encoder.audio_encoder_diffused_heads": 1,
     "media": 2,
     "faces": 3,
+    "paste": 3,
     "synthetic_data": 3,
     "dataset": 3,
     "runtime": 4,

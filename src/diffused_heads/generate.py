@@ -58,6 +58,18 @@ def parse_args(argv=None):
         "far (by default the file appears only when complete)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--paste-back",
+        action="store_true",
+        help="put the talking head back into the photo: the video has the photo's size and background (--size is "
+        "then not used)",
+    )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=1920,
+        help="with --paste-back: photos longer than this on their long side are scaled down to it",
+    )
     return parser.parse_args(argv)
 
 
@@ -79,6 +91,10 @@ def check_args(args) -> None:
         raise ArgumentError("stabilize_every", f"must be 0 (off) or more, got {args.stabilize_every}")
     if args.size < 16 or args.size % 2:
         raise ArgumentError("size", f"must be an even number of at least 16, got {args.size}")
+    if args.paste_back and args.no_prepare:
+        raise ArgumentError("paste_back", "needs the face's alignment to invert; it cannot be used with --no-prepare")
+    if args.max_size < 16:
+        raise ArgumentError("max_size", f"must be at least 16, got {args.max_size}")
     if not args.image and (args.frame is not None or args.random_frame):
         raise ArgumentError("frame", "and --random-frame need a video as --image")
     # Where the extra files go is checked before anything is made.
@@ -103,6 +119,25 @@ def frame_progress(total: int, desc: str = "generating"):
     return tqdm(total=total, unit="frame", desc=desc, dynamic_ncols=True, smoothing=0.1)
 
 
+def paste_into_photo(identity, aligned, photo, max_size: int):
+    """What `--paste-back` does: `(paste, size)`, a `paste.PasteBack` into the photo the identity frame was
+    aligned from and no scaling; for an image that was already a model-ready crop, no pasting and the crop's own
+    size (even-rounded)."""
+    import logging
+
+    from .paste import PasteBack
+
+    if aligned is None:
+        return None, max(16, min(identity.width, max_size) // 2 * 2)
+    paste = PasteBack(photo, aligned.matrix, identity.width, identity_mask=aligned.mask, max_size=max_size)
+    if paste.scaled_from is not None:
+        logging.getLogger("diffused_heads.generate").info(
+            f"the photo is {paste.scaled_from[0]}x{paste.scaled_from[1]}; the video is scaled to "
+            f"{paste.size[0]}x{paste.size[1]} (--max-size {max_size})"
+        )
+    return paste, None
+
+
 def run(args) -> str:
     from .system import cpu_ticks
 
@@ -121,8 +156,9 @@ def run(args) -> str:
     dtype = runtime.resolve_dtype(args.dtype, device)  # a bad choice is said before anything is read
     started = time.perf_counter()
 
+    aligned = photo = None
     if args.image:
-        identity = runtime.identity_frame(
+        identity, aligned, photo = runtime.identity_frame(
             args.image,
             model=args.model,
             reference=args.reference,
@@ -132,6 +168,7 @@ def run(args) -> str:
             seed=args.seed,
             face=args.face,
             resize=args.resize,
+            with_alignment=True,
         )
     else:
         logger.info("no --image given: using the built-in example face")
@@ -155,13 +192,17 @@ def run(args) -> str:
         stabilize_every=args.stabilize_every,
         generator=torch.Generator(device).manual_seed(args.seed),
     )
-    writer = VideoWriter(args.output, audio, size=args.size, overwrite=args.overwrite, live=args.live)
+    paste, size = None, args.size
+    if args.paste_back:
+        paste, size = paste_into_photo(identity, aligned, photo, args.max_size)
+    writer = VideoWriter(args.output, audio, size=size, overwrite=args.overwrite, live=args.live)
     try:
         with frame_progress(num_frames) as bar, writer:
             for output in frames:
-                writer.write(output.frames[0])
+                frame = output.frames[0] if paste is None else paste(output.frames[0])
+                writer.write(frame)
                 if args.save_frames:
-                    save_frame(output.frames[0], args.save_frames, output.frame_index, size=args.size)
+                    save_frame(frame, args.save_frames, output.frame_index, size=size)
                 bar.update()
     except BaseException:
         if args.live and writer.frames_written:

@@ -16,7 +16,6 @@ import time
 import warnings
 from typing import Optional, Union
 
-import PIL.Image
 import torch
 
 from . import BUILTIN_MODELS, builtin_model_path
@@ -302,14 +301,19 @@ def identity_frame(
     face: Union[str, int] = "largest",
     resize: str = "crop",
     max_pixels: Optional[int] = None,
-) -> PIL.Image.Image:
+    with_alignment: bool = False,
+):
     """The identity frame of an image or video file (images of more than `max_pixels` pixels are refused before
     they are decoded; default: `media.MAX_PIXELS`).
 
     Prepared (aligned, on green; the faces extra) when `prepare` is on and the model folder has a calibrated
     template (or a `reference` is given) or the image is not already a model-ready crop (square, with a border of
     the training green); else the image as it is, squared by `resize`. Notes and warnings go to the
-    `diffused_heads` logger."""
+    `diffused_heads` logger.
+
+    With `with_alignment`: `(frame, aligned, photo)`, where `aligned` is the `faces.AlignedIdentity` of a
+    prepared frame (its matrix and the person's mask; None when the image is used as it is) and `photo` the whole
+    picture it was aligned from (for `paste.PasteBack`)."""
     from . import faces
 
     model_folder = model if model and os.path.isdir(model) else None
@@ -325,10 +329,10 @@ def identity_frame(
         logger.warning(f"the image is not a model-ready crop (a face on the training green); {faces.FACES_EXTRA}")
         prepare = False
     if not prepare:
-        return square(whole, resize)
+        return (square(whole, resize), None, whole) if with_alignment else square(whole, resize)
     is_video = os.path.splitext(image)[1].lower() in VIDEO_EXTENSIONS
     try:  # a video's frame is aligned on its points averaged over the next frames, so it is read from the file
-        identity = faces.prepare_identity(
+        aligned = faces.align_identity(
             image if is_video else whole,
             template=template,
             face=face if face == "largest" else int(face),
@@ -340,10 +344,10 @@ def identity_frame(
         # Preparing was our idea, not the user's: an image without a detectable face (a drawing, say) is used
         # as it is.
         logger.warning(f"{error}; using the image as it is (turning preparation off says so without looking)")
-        return square(whole, resize)
+        return (square(whole, resize), None, whole) if with_alignment else square(whole, resize)
     source = template.source if template is not None else "the default template"
     logger.info(
         f"prepared the face (aligned with {source}, background replaced); turning preparation off uses the image "
         "as it is"
     )
-    return identity
+    return (aligned.image, aligned, whole) if with_alignment else aligned.image

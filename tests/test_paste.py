@@ -1,0 +1,193 @@
+"""`--paste-back`: generated frames back in the photo, checked against known answers on real photos."""
+
+import os
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from diffused_heads import generate
+from diffused_heads.media import GREEN_BACKGROUND, read_video_frames
+from diffused_heads.paste import PasteBack
+
+from helpers import speech_like
+from talking_videos import astronaut, hopper
+
+pytest.importorskip("mediapipe", reason="the faces extra is not installed")
+from diffused_heads.faces import align_identity  # noqa: E402
+
+
+def placed(photo, case):
+    """The photo turned, scaled or moved on a larger canvas."""
+    if case == "turned":
+        return photo.rotate(17, expand=True, resample=PIL.Image.BICUBIC, fillcolor=(90, 120, 160))
+    if case == "scaled":
+        return photo.resize((photo.width * 3 // 2, photo.height * 3 // 2), PIL.Image.LANCZOS)
+    if case == "moved":
+        canvas = PIL.Image.new("RGB", (photo.width + 300, photo.height + 120), (90, 120, 160))
+        canvas.paste(photo, (260, 30))
+        return canvas
+    return photo
+
+
+def as_unit(image):
+    """An image (PIL, uint8 or already float in [0, 1]) as float32 in [0, 1]."""
+    array = np.asarray(image)
+    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+
+
+def psnr(a, b, where):
+    mse = float(((as_unit(a) - as_unit(b)) ** 2)[where].mean())
+    return 100.0 if mse <= 1e-10 else 10 * np.log10(1 / mse)
+
+
+def weight_in_photo(paste, frame):
+    """The blend weight of a generated frame over the whole (even-cropped) photo."""
+    _, weight = paste.head_and_weight(as_unit(frame))
+    x0, y0, x1, y1 = paste.box
+    full = np.zeros(paste.size[::-1], np.float32)
+    full[y0:y1, x0:x1] = weight.numpy()
+    return full
+
+
+def grown(mask, pixels):
+    from scipy.ndimage import binary_dilation
+
+    return binary_dilation(mask, iterations=pixels)
+
+
+# The crop is made at a size where it holds about as many pixels as the photo's head (so the resolution it loses
+# is not what is measured): 256 for Grace Hopper's large head, 128 for the astronaut's.
+PHOTOS = {"hopper": (hopper, 256), "astronaut": (astronaut, 128)}
+
+
+@pytest.mark.parametrize("case", ["as taken", "turned", "scaled", "moved"])
+@pytest.mark.parametrize("name", ["hopper", "astronaut"])
+def test_pasting_back_the_identity_frame_gives_the_photo(name, case):
+    make, size = PHOTOS[name]
+    photo = placed(make(), case)
+    if case == "scaled":
+        size = size * 3 // 2
+    aligned = align_identity(photo, size=size)
+    paste = PasteBack(photo, aligned.matrix, size, identity_mask=aligned.mask)
+    out = paste(as_unit(aligned.image))
+    reference = photo.crop((0, 0, *paste.size))
+    assert out.shape == (paste.size[1], paste.size[0], 3)
+    weight = weight_in_photo(paste, aligned.image)
+    head = weight > 0.99
+    seam = grown((weight > 0.01) & ~head, 3)
+    assert head.sum() > 5000
+    assert psnr(out, reference, ~seam & ~head) >= 40.0
+    assert psnr(out, reference, head & ~seam) >= 30.0
+
+
+@pytest.mark.parametrize("case", ["as taken", "turned"])
+def test_a_head_moved_in_the_crop_moves_by_that_over_the_crops_scale_in_the_photo(case):
+    photo = placed(hopper(), case)
+    aligned = align_identity(photo, size=128)
+    paste = PasteBack(photo, aligned.matrix, 128, identity_mask=aligned.mask)
+    frame = as_unit(aligned.image)
+    d = 6
+
+    def centre(weight):
+        ys, xs = np.nonzero(weight > 0.5)
+        return np.array([xs.mean(), ys.mean()])
+
+    # Only the middle of the crop, away from its border fade, so the measured head is the same head; moved d
+    # pixels to the right (what rolls in from the other side is green).
+    green = np.asarray(GREEN_BACKGROUND, np.float32) / 255.0
+    core = np.zeros(frame.shape[:2], bool)
+    core[20:108, 26:96] = True
+    frame_core = np.where(core[..., None], frame, green)
+    moved_core = np.roll(frame_core, d, axis=1)
+    shift = centre(weight_in_photo(paste, moved_core)) - centre(weight_in_photo(paste, frame_core))
+    inverse = np.linalg.inv(aligned.matrix[:, :2])
+    expected = inverse @ np.array([d, 0.0])  # d crop pixels, over the crop's scale, turned as the photo is
+    assert np.linalg.norm(expected) > 10
+    np.testing.assert_allclose(shift, expected, atol=1.0)
+
+
+def green_excess(image):
+    """How much greener than red and blue each pixel is."""
+    unit = as_unit(image)
+    return unit[..., 1] - np.maximum(unit[..., 0], unit[..., 2])
+
+
+def new_green(out, photo):
+    """Pixels of the output with a green cast where the photo had none."""
+    return int(((green_excess(out) > 0.1) & (green_excess(photo) < 0.05)).sum())
+
+
+def test_no_green_shows_the_other_person_is_unchanged_and_the_old_head_is_gone():
+    """A head moved off its place (so the photo's own head is uncovered) on a group photo: no pixel of the
+    model's green, nothing of the second person changed, and where the head was the background shows."""
+    group = PIL.Image.new("RGB", (1000, 620), (200, 200, 200))
+    group.paste(astronaut().resize((400, 400)), (0, 100))
+    group.paste(hopper(), (470, 10))
+    aligned = align_identity(group, size=128)  # the larger face: Grace Hopper's
+    paste = PasteBack(group, aligned.matrix, 128, identity_mask=aligned.mask)
+    frame = as_unit(aligned.image)
+    moved = np.roll(frame, 10, axis=1)
+    moved[:, :10] = np.asarray(GREEN_BACKGROUND, np.float32) / 255.0
+    # A model draws the head's edge soft, half green: the identity frame blurred is such a frame.
+    from scipy.ndimage import gaussian_filter
+
+    soft = gaussian_filter(frame, sigma=(1.5, 1.5, 0))
+    for generated in (frame, moved, soft):
+        out = paste(generated)
+        assert new_green(out, group) <= 50
+        np.testing.assert_array_equal(out[:, :420], np.asarray(group)[:, :420])  # the astronaut's side
+    # Where the photo's head was and the moved one is not, the background shows, not the old head.
+    x0, y0, x1, y1 = paste.box
+    uncovered = (paste.hole.numpy() > 0.9) & (weight_in_photo(paste, moved)[y0:y1, x0:x1] < 0.05)
+    assert uncovered.sum() > 200
+    out = paste(moved)[y0:y1, x0:x1]
+    assert np.abs(as_unit(out) - as_unit(group)[y0:y1, x0:x1])[uncovered].mean() > 0.1
+
+
+def test_an_exif_turned_photo_comes_out_upright_and_at_its_size(tmp_path):
+    upright = hopper()
+    stored = upright.rotate(90, expand=True)  # stored on its side; the EXIF tag says to turn it back
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 clockwise to view
+    stored.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    import soundfile
+
+    soundfile.write(tmp_path / "s.wav", speech_like(0.2), 16000)
+    out = tmp_path / "o.mp4"
+    args = ["--image", tmp_path / "turned.jpg", "--audio", tmp_path / "s.wav", "--paste-back", "--steps", "1"]
+    assert generate.main([str(a) for a in args + ["--output", out]]) == 0
+    first = read_video_frames(str(out), 0)[0]
+    assert first.size == (upright.width // 2 * 2, upright.height // 2 * 2)
+    # Away from the head the video is the photo, upright (within the video codec's error).
+    top_left = (slice(0, 60), slice(0, 60))
+    assert np.abs(as_unit(first)[top_left] - as_unit(upright)[top_left]).mean() < 0.03
+
+
+def test_bad_input_and_sizes(tmp_path, capsys):
+    import soundfile
+
+    from diffused_heads import example_image_path
+
+    soundfile.write(tmp_path / "s.wav", speech_like(0.2), 16000)
+    hopper().save(tmp_path / "photo.jpg")
+    common = ["--audio", tmp_path / "s.wav", "--steps", "1", "--paste-back"]
+
+    def run(*extra):
+        return generate.main([str(a) for a in [*common, *extra]])
+
+    assert run("--image", tmp_path / "photo.jpg", "--no-prepare", "--output", tmp_path / "a.mp4") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "--no-prepare" in err[0]
+    assert not (tmp_path / "a.mp4").exists()
+
+    # Larger than the cap: scaled, with a note.
+    assert run("--image", tmp_path / "photo.jpg", "--max-size", "300", "--output", tmp_path / "b.mp4") == 0
+    assert "scaled to 256x300" in capsys.readouterr().err
+    assert read_video_frames(str(tmp_path / "b.mp4"), 0)[0].size == (256, 300)
+
+    # Already a model-ready crop: the crop's own size.
+    assert run("--image", example_image_path(), "--output", tmp_path / "c.mp4") == 0
+    crop = PIL.Image.open(example_image_path())
+    assert read_video_frames(str(tmp_path / "c.mp4"), 0)[0].size == (crop.width // 2 * 2,) * 2
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".partial")]
