@@ -1,0 +1,347 @@
+"""Does the test suite notice a one-line bug? A small mutation check of the package's own.
+
+Each entry of MUTATIONS is a bug of the kind a change could bring in (a default changed, an option not passed
+on, an index off by one, a step skipped): a file, a line's text, what it becomes, and the tests that should fail.
+For each, the repository's tracked files are copied to a temporary folder, the one line is changed there, and the
+tests run against the copy (`PYTHONPATH` puts the copy's package first, for the tests' own processes too). A
+mutation is *caught* when those tests fail, *survived* when they pass.
+
+    python benchmarks/mutation_check.py                  # every mutation (about 10 minutes on 2 cores)
+    python benchmarks/mutation_check.py -k media         # those whose name contains "media"
+    python benchmarks/mutation_check.py --list
+
+An entry whose line is no longer in its file (the code moved) is reported as stale and counts as survived:
+update the list when code moves. Not run in CI: it runs the selected tests once per mutation.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import List, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = "src/diffused_heads/"
+PIPELINE = "pipeline_diffused_heads.py"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str  # relative to the repository root
+    line: str  # the text of one line (stripped), found exactly once in the file
+    becomes: str  # the line's new text (indentation kept)
+    tests: Tuple[str, ...]  # pytest arguments that select the tests expected to catch it
+
+
+MUTATIONS: List[Mutation] = [
+    # The pipeline's frame loop
+    Mutation(
+        "pipeline: first latents not scaled by init_noise_sigma",
+        PIPELINE,
+        "frame_latents = frame_noise(frame_index) * self.scheduler.init_noise_sigma",
+        "frame_latents = frame_noise(frame_index)",
+        ("tests/test_pipeline.py", "-k", "initial_scale"),
+    ),
+    Mutation(
+        "pipeline: motion frames in the wrong order",
+        PIPELINE,
+        "motion_frames = torch.cat(previous, dim=1)",
+        "motion_frames = torch.cat(previous[::-1], dim=1)",
+        ("tests/test_pipeline.py", "-k", "frame_loop_conditioning"),
+    ),
+    Mutation(
+        "pipeline: stabilize_every ignored",
+        PIPELINE,
+        "previous[0] = identity_motion",
+        "pass",
+        ("tests/test_pipeline.py",),
+    ),
+    # Data preparation
+    Mutation(
+        "prepare-dataset: --smoothing dropped",
+        PACKAGE + "prepare_dataset.py",
+        "matrices = smooth_transforms(raw_matrices, self.args.smoothing, shown)",
+        "matrices = raw_matrices",
+        ("tests/test_prepare_dataset.py", "-k", "smoothed_transforms"),
+    ),
+    Mutation(
+        "prepare-dataset: a clip's audio cut from the video's start",
+        PACKAGE + "prepare_dataset.py",
+        'writer.close(waveform[start * SAMPLES_PER_FRAME : end * SAMPLES_PER_FRAME], plan["mouth"])',
+        'writer.close(waveform[: (end - start) * SAMPLES_PER_FRAME], plan["mouth"])',
+        ("tests/test_prepare_dataset.py", "-k", "own_at_the_clips"),
+    ),
+    # Measures
+    Mutation(
+        "measures: PSNR's mask ignored",
+        PACKAGE + "measures.py",
+        "mse = squared[np.broadcast_to(mask, squared.shape)].mean() if mask is not None else squared.mean()",
+        "mse = squared.mean()",
+        ("tests/test_measures.py",),
+    ),
+    Mutation(
+        "measures: the t quantile of the wrong degrees of freedom",
+        PACKAGE + "measures.py",
+        "quantile = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96",
+        "quantile = T_975[len(values) - 1] if len(values) <= len(T_975) else 1.96",
+        ("tests/test_measures.py", "tests/test_evaluate.py"),
+    ),
+    # Media
+    Mutation(
+        "media: a live video not fragmented",
+        PACKAGE + "media.py",
+        'options = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}',
+        "options = {}",
+        ("tests/test_media.py", "-k", "fragmented"),
+    ),
+    Mutation(
+        "media: a live video's fragments left in the muxer's buffer",
+        PACKAGE + "media.py",
+        'options = {"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"}',
+        'options = {"movflags": "frag_keyframe+empty_moov+default_base_moof"}',
+        ("tests/test_media.py", "-k", "fragmented"),
+    ),
+    Mutation(
+        "media: an image's temporary file in the system's temp folder",
+        PACKAGE + "media.py",
+        'handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".partial-", dir=directory)',
+        'handle, temporary = tempfile.mkstemp(suffix=suffix, prefix=".partial-")',
+        ("tests/test_media.py", "-k", "image"),
+    ),
+    Mutation(
+        "media: a failed image write leaves its temporary file",
+        PACKAGE + "media.py",
+        "os.remove(temporary)",
+        "pass",
+        ("tests/test_media.py", "-k", "image"),
+    ),
+    Mutation(
+        "media: a written image keeps the temporary file's 0600 mode",
+        PACKAGE + "media.py",
+        "os.chmod(temporary, default_file_mode())",
+        "pass",
+        ("tests/test_media.py", "-k", "image"),
+    ),
+    Mutation(
+        "media: a video keeps the temporary file's 0600 mode",
+        PACKAGE + "media.py",
+        "os.chmod(self._target, default_file_mode())",
+        "pass",
+        ("tests/test_media.py", "-k", "mode"),
+    ),
+    # Pasting back into the photo
+    Mutation(
+        "paste: the forward transform instead of its inverse",
+        PACKAGE + "paste.py",
+        "crop_x = matrix[0, 0] * xs + matrix[0, 1] * ys + matrix[0, 2]",
+        "crop_x = inverse[0, 0] * xs + inverse[0, 1] * ys + inverse[0, 2]",
+        ("tests/test_paste.py",),
+    ),
+    Mutation(
+        "paste: the generated frame's person mask left out",
+        PACKAGE + "paste.py",
+        "weight = self._to_box(mask[None], size)[0].clamp(0.0, 1.0) * self.border",
+        "weight = self.border.clone()",
+        ("tests/test_paste.py",),
+    ),
+    Mutation(
+        "paste: the green tint of the outline kept",
+        PACKAGE + "paste.py",
+        "pixels = torch.stack([pixels[0], torch.where(near, spill_free, pixels[1]), pixels[2]])",
+        "pass",
+        ("tests/test_paste.py", "-k", "green"),
+    ),
+    Mutation(
+        "paste: the photo's own head left where the new one is not",
+        PACKAGE + "paste.py",
+        "base = photo if self.plate is None else photo * (1 - self.hole) + self.plate * self.hole",
+        "base = photo",
+        ("tests/test_paste.py",),
+    ),
+    # Batches and the page
+    Mutation(
+        "batch: outputs paired with the planned batch, not the prepared jobs",
+        PACKAGE + "batch.py",
+        "for k, (job, _, _) in enumerate(ready):",
+        "for k, job in enumerate(batch):",
+        ("tests/test_batch.py", "-k", "beside_it_fails"),
+    ),
+    Mutation(
+        "app: an error shows the server's copy of the upload",
+        PACKAGE + "app.py",
+        "message = message.replace(path, os.path.basename(path))",
+        "pass",
+        ("tests/test_app.py", "-k", "errors_and_the_queue"),
+    ),
+    Mutation(
+        "runtime: concurrent requests share one scheduler",
+        PACKAGE + "runtime.py",
+        "if name is None and not overrides and not own:",
+        "if name is None and not overrides:",
+        ("tests/test_streaming.py", "-k", "interleaved"),
+    ),
+    Mutation(
+        "evaluate: --device ignored on drawn clips",
+        PACKAGE + "evaluate.py",
+        "pipes = [runtime.load_pipeline(model, device, args.dtype) for model in args.models]",
+        'pipes = [runtime.load_pipeline(model, "cpu", args.dtype) for model in args.models]',
+        ("tests/test_evaluate.py", "-k", "device"),
+    ),
+    # The training library
+    Mutation(
+        "training: the warm-up not counted over the processes",
+        PACKAGE + "training.py",
+        "num_warmup_steps=warmup_steps * num_processes,",
+        "num_warmup_steps=warmup_steps,",
+        ("tests/test_prepare_dataset.py", "-k", "fine_tuning_runs_over_two"),
+    ),
+    Mutation(
+        "training: a resumed run's clock restarts",
+        PACKAGE + "training.py",
+        "started, running, seconds_before = time.time(), {}, state.seconds",
+        "started, running, seconds_before = time.time(), {}, 0.0",
+        ("tests/test_distill.py", "-k", "resuming"),
+    ),
+    Mutation(
+        "training: the target network never follows the EMA",
+        PACKAGE + "training.py",
+        'ema.copy_to(targets[name + "_target"].parameters())',
+        "pass",
+        ("tests/test_distill.py", "tests/test_train.py"),
+    ),
+    Mutation(
+        "training: the lip loss left out",
+        PACKAGE + "distillation.py",
+        'loss = loss + lip_weight * losses["lip"]',
+        "loss = loss",
+        ("tests/test_distill.py", "tests/test_train.py"),
+    ),
+    # Distillation
+    Mutation(
+        "distillation: the direct student learns the noise, not the teacher's frames",
+        PACKAGE + "distillation.py",
+        "return lip_weighted_mse(c_skip * x + c_out * x0_student, teacher_frames, mouth_mask, lip_weight)",
+        "return lip_weighted_mse(c_skip * x + c_out * x0_student, x, mouth_mask, lip_weight)",
+        ("tests/test_distill.py", "-k", "closer or falls"),
+    ),
+    Mutation(
+        "distillation: the consistency target is the noisy input",
+        PACKAGE + "distillation.py",
+        "target = torch.where((s < 0).view(-1, 1, 1, 1), x0_teacher, c_skip_s * x_s + c_out_s * x0_target)",
+        "target = torch.where((s < 0).view(-1, 1, 1, 1), x0_teacher, x_s)",
+        ("tests/test_distill.py", "-k", "closer or falls"),
+    ),
+    Mutation(
+        "distillation: the rollout ignores stabilize_every",
+        PACKAGE + "distillation.py",
+        "older = identity if stabilize else frames[-2]",
+        "older = frames[-2]",
+        ("tests/test_distill.py",),
+    ),
+    Mutation(
+        "distill: a student as many steps as its teacher accepted",
+        PACKAGE + "distill.py",
+        "if args.student_steps >= teacher_steps:",
+        "if args.student_steps > teacher_steps:",
+        ("tests/test_distill.py", "-k", "bad_input"),
+    ),
+]
+
+
+def tracked_files() -> List[str]:
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    return [name for name in listed.decode().split("\0") if name]
+
+
+def copy_repository(target: str) -> None:
+    """The tracked files as they are in the working tree (links kept as links)."""
+    for name in tracked_files():
+        source = os.path.join(ROOT, name)
+        if not os.path.lexists(source):
+            continue
+        destination = os.path.join(target, name)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), destination)
+        else:
+            shutil.copy2(source, destination)
+
+
+def mutate(root: str, mutation: Mutation) -> bool:
+    """Change the mutation's line in the copy; False when the line is not in the file exactly once."""
+    path = os.path.join(root, mutation.path)
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    found = [i for i, line in enumerate(lines) if line.strip() == mutation.line]
+    if len(found) != 1:
+        return False
+    i = found[0]
+    indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
+    lines[i] = indent + mutation.becomes
+    os.remove(path)  # a link's target is not changed through the link
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines))
+    return True
+
+
+def run_tests(root: str, tests: Tuple[str, ...], timeout: float) -> Tuple[bool, str]:
+    environment = dict(os.environ, PYTHONPATH=os.path.join(root, "src"), PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
+    try:
+        result = subprocess.run(command, cwd=root, env=environment, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, "timed out"
+    tail = (result.stdout.strip().splitlines() or [""])[-1]
+    return result.returncode == 0, tail
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-k", default="", help="only the mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutations and stop")
+    parser.add_argument("--baseline", action="store_true", help="first check that each selection passes unmutated")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds for one mutation's tests")
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if args.k.lower() in m.name.lower()]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}  [{m.path}]  pytest {' '.join(m.tests)}")
+        return 0
+    caught, survived = [], []
+    with tempfile.TemporaryDirectory(prefix="mutation-check-") as work:
+        pristine = os.path.join(work, "pristine")
+        copy_repository(pristine)
+        if args.baseline:
+            for tests in sorted({m.tests for m in chosen}):
+                passed, tail = run_tests(pristine, tests, args.timeout)
+                if not passed:
+                    print(f"the unmutated code fails `pytest {' '.join(tests)}`: {tail}", file=sys.stderr)
+                    return 2
+        for number, mutation in enumerate(chosen, 1):
+            root = os.path.join(work, f"m{number}")
+            shutil.copytree(pristine, root, symlinks=True)
+            started = time.time()
+            if not mutate(root, mutation):
+                verdict, detail = "STALE", "the line is not in the file exactly once: update the list"
+                survived.append(mutation)
+            else:
+                passed, detail = run_tests(root, mutation.tests, args.timeout)
+                verdict = "survived" if passed else "caught"
+                (survived if passed else caught).append(mutation)
+            shutil.rmtree(root, ignore_errors=True)
+            print(f"[{number}/{len(chosen)}] {verdict:8s} {mutation.name} ({time.time() - started:.0f} s; {detail})")
+            sys.stdout.flush()
+    total = len(caught) + len(survived)
+    print(f"\ncaught {len(caught)} of {total} ({100.0 * len(caught) / max(total, 1):.0f}%)")
+    for mutation in survived:
+        print(f"  survived: {mutation.name} [{mutation.path}]")
+    return 0 if not survived else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
