@@ -100,3 +100,21 @@ def test_drawn_clips_are_generated_on_the_device_asked_for(eval_clips, capsys, m
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert evaluate.main(["--model", str(model), "--data", str(data), "--device", "cuda"]) == 1
     assert "cuda was asked for but no CUDA GPU is available" in capsys.readouterr().err
+
+    # Where there is one, the models are loaded on it.
+    from diffused_heads import runtime
+
+    loaded = []
+
+    class Stop(Exception):
+        pass
+
+    def load_pipeline(model, device, *args, **kwargs):
+        loaded.append(device)
+        raise Stop
+
+    monkeypatch.setattr(runtime, "resolve_device", lambda name: torch.device("cuda" if name == "cuda" else "cpu"))
+    monkeypatch.setattr(runtime, "load_pipeline", load_pipeline)
+    with pytest.raises(Stop):
+        evaluate.main(["--model", str(model), "--data", str(data), "--device", "cuda"])
+    assert loaded == [torch.device("cuda")]
