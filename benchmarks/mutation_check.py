@@ -219,7 +219,7 @@ MUTATIONS: List[Mutation] = [
         PACKAGE + "distillation.py",
         'loss = loss + lip_weight * losses["lip"]',
         "loss = loss",
-        ("tests/test_distill.py", "tests/test_train.py"),
+        ("tests/test_distill.py", "-k", "lip_loss"),
     ),
     # Distillation
     Mutation(

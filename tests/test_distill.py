@@ -18,6 +18,7 @@ from diffused_heads.distillation import (
     NoiseSchedule,
     consistency_losses,
     direct_losses,
+    lip_weighted_mse,
     sample_frames,
     student_scheduler,
     teacher_grid,
@@ -264,3 +265,18 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, message, teacher_f
     assert sorted(os.listdir(tmp_path)) == before
     if case == "output exists":
         assert os.listdir(output) == ["keep.txt"]
+
+
+def test_the_lip_loss_is_the_error_inside_the_mouth_box_added_with_its_weight():
+    """A prediction wrong by 1 only inside the mouth box (a quarter of each frame): the MSE over the frame is 1/4,
+    the lip loss over the box 1, and the loss the MSE plus the weight times the lip loss."""
+    target = torch.zeros(2, 3, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    mask[:, :, 4:, 2:6] = True
+    prediction = torch.where(mask, torch.ones_like(target), target)
+    losses = lip_weighted_mse(prediction, target, mask, lip_weight=0.5)
+    assert losses["mse"].item() == pytest.approx(0.25)
+    assert losses["lip"].item() == pytest.approx(1.0)
+    assert losses["loss"].item() == pytest.approx(0.25 + 0.5 * 1.0)
+    without = lip_weighted_mse(prediction, target, mask, lip_weight=0.0)
+    assert "lip" not in without and without["loss"].item() == pytest.approx(0.25)
