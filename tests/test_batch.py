@@ -243,3 +243,31 @@ def test_each_video_of_a_batch_is_its_own_jobs_when_a_job_beside_it_fails(worksp
         assert together.shape == alone.shape
         assert np.abs(together.astype(int) - alone.astype(int)).mean() < 1.0, name
     assert not (tmp_path / "together" / "broken.mp4").exists()
+
+
+def test_paste_back_by_flag_and_by_job(workspace, tmp_path):
+    """A job's paste_back column overrides --paste-back: a pasted job's video has its photo's size and is the
+    photo away from the head; the others have --size."""
+    pytest.importorskip("mediapipe", reason="the faces extra is not installed")
+    from diffused_heads import batch
+
+    from talking_videos import hopper
+
+    hopper().save(tmp_path / "photo.jpg")
+    rows = ["image,audio,output,seed,paste_back"]
+    rows.append(f"photo.jpg,{workspace / 'speech2.wav'},pasted.mp4,0,")
+    rows.append(f"photo.jpg,{workspace / 'speech2.wav'},crop.mp4,0,false")
+    (tmp_path / "jobs.csv").write_text("\n".join(rows) + "\n")
+    args = ["--jobs", str(tmp_path / "jobs.csv"), "--model", str(workspace / "model"), "--steps", "1"]
+    args += ["--size", "32", "--threads", "1", "--output-dir", str(tmp_path / "out"), "--paste-back"]
+    assert batch.main(args + ["--max-size", "300"]) == 0
+    pasted, crop = decoded(tmp_path / "out" / "pasted.mp4"), decoded(tmp_path / "out" / "crop.mp4")
+    assert pasted.shape[1:] == (300, 256, 3) and crop.shape[1:] == (32, 32, 3)
+    photo = np.asarray(hopper().resize((256, 300), PIL.Image.LANCZOS), np.float32)
+    assert np.abs(pasted[0, :40, :40].astype(np.float32) - photo[:40, :40]).mean() < 8  # a corner: the photo
+
+    with pytest.raises(SystemExit):
+        batch.parse_args(args + ["--no-prepare"])
+    (tmp_path / "jobs.csv").write_text(f"image,audio,paste_back\nphoto.jpg,{workspace / 'speech2.wav'},maybe\n")
+    with pytest.raises(ArgumentError, match="paste_back must be true or false"):
+        read_jobs(str(tmp_path / "jobs.csv"), str(tmp_path), 0)

@@ -36,7 +36,8 @@ from .errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
-JOB_FIELDS = ("image", "audio", "output", "seed", "frame", "steps", "scheduler")
+JOB_FIELDS = ("image", "audio", "output", "seed", "frame", "steps", "scheduler", "paste_back")
+YES, NO = ("1", "true", "yes", "y"), ("0", "false", "no", "n")
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Job:
     steps: Optional[int] = None
     scheduler: Optional[str] = None
     max_frames: Optional[int] = None  # a clip of a folder: as many frames as the clip has
+    paste_back: Optional[bool] = None  # None: as --paste-back says
     seconds: Optional[float] = (
         None  # the audio's length from its header (None: unknown), read when batches are planned
     )
@@ -118,9 +120,17 @@ def read_jobs(path: str, output_dir: str, default_seed: int) -> List[Job]:
             raise bad(number, f"scheduler {scheduler!r} is not one of {SCHEDULER_CHOICES}")
         if steps is not None and steps < 1:
             raise bad(number, "steps must be at least 1")
+        paste_back = row.get("paste_back")
+        if isinstance(paste_back, str):
+            if paste_back.strip().lower() not in YES + NO + ("",):
+                raise bad(number, f"paste_back must be true or false, got {paste_back!r}")
+            paste_back = None if not paste_back.strip() else paste_back.strip().lower() in YES
+        elif paste_back is not None and not isinstance(paste_back, bool):
+            raise bad(number, f"paste_back must be true or false, got {paste_back!r}")
         audio = _resolve(str(row["audio"]), folder)
         output = row.get("output") or os.path.splitext(os.path.basename(audio))[0] + ".mp4"
-        jobs.append(Job(len(jobs), _resolve(str(row["image"]), folder), audio, output, seed, frame, steps, scheduler))
+        image = _resolve(str(row["image"]), folder)
+        jobs.append(Job(len(jobs), image, audio, output, seed, frame, steps, scheduler, paste_back=paste_back))
     return _place_outputs(jobs, output_dir, f"{path}", lines=[number for number, _ in rows])
 
 
@@ -192,23 +202,30 @@ def plan_batches(jobs: List[Job], batch_size: int) -> List[List[Job]]:
 
 
 def prepare_job(job: Job, args):
-    """The identity frame (prepared as `generate` prepares it) and the 16 kHz speech of a job; raises ValueError
-    (MediaError, ArgumentError) or OSError for bad input."""
+    """The identity frame (prepared as `generate` prepares it), the 16 kHz speech of a job, and how its frames
+    are written: `(paste, size)` (see `paste.paste_back_for`; no pasting and `--size` without paste-back); raises
+    ValueError (MediaError, ArgumentError) or OSError for bad input."""
     from . import runtime
     from .media import SAMPLES_PER_FRAME, load_audio
+    from .paste import paste_back_for
 
-    identity = runtime.identity_frame(
+    paste_back = args.paste_back if job.paste_back is None else job.paste_back
+    if paste_back and args.no_prepare:
+        raise ArgumentError("paste_back", "needs the face's alignment to invert; it cannot be used with --no-prepare")
+    identity, aligned, photo = runtime.identity_frame(
         job.image,
         model=args.model,
         prepare=not args.no_prepare,
         frame=job.frame,
         random_frame=args.random_frame,
         seed=job.seed,
+        with_alignment=True,
     )
     audio = load_audio(job.audio)
     if job.max_frames:  # compressed audio tracks run a little past the video (codec padding)
         audio = audio[: job.max_frames * SAMPLES_PER_FRAME]
-    return identity, audio
+    writing = paste_back_for(identity, aligned, photo, args.max_size) if paste_back else (None, args.size)
+    return identity, audio, writing
 
 
 class Share:
@@ -260,24 +277,25 @@ class Share:
         pipe = runtime.with_scheduler(self.pipe, batch[0].scheduler or self.args.scheduler)
         steps = batch[0].steps or self.args.steps or runtime.default_steps(pipe)
         writers = {}
-        for job, _, audio in ready:
+        for job, _, audio, (_, size) in ready:
             os.makedirs(os.path.dirname(job.output), exist_ok=True)
-            writers[job.index] = VideoWriter(job.output, audio, size=self.args.size)
-        started, active = time.perf_counter(), {job.index: job for job, _, _ in ready}
+            writers[job.index] = VideoWriter(job.output, audio, size=size)
+        started, active = time.perf_counter(), {job.index: job for job, *_ in ready}
         try:
             for output in pipe.stream(
-                [identity for _, identity, _ in ready],
-                [audio for _, _, audio in ready],
+                [identity for _, identity, _, _ in ready],
+                [audio for _, _, audio, _ in ready],
                 sampling_rate=SAMPLING_RATE,
                 num_inference_steps=steps,
                 stabilize_every=self.args.stabilize_every,
-                generator=[torch.Generator(self.device).manual_seed(job.seed) for job, _, _ in ready],
+                generator=[torch.Generator(self.device).manual_seed(job.seed) for job, *_ in ready],
             ):
-                for k, (job, _, _) in enumerate(ready):
+                for k, (job, _, _, (paste, _)) in enumerate(ready):
                     if job.index not in active or output.frame_index >= output.num_frames[k]:
                         continue
                     try:
-                        writers[job.index].write(output.frames[k])
+                        frame = output.frames[k]
+                        writers[job.index].write(frame if paste is None else paste(frame))
                         self.frame_made()
                         if output.frame_index + 1 == output.num_frames[k]:
                             writers[job.index].close()
@@ -323,9 +341,21 @@ def parse_args(argv=None):
         help="clips generated at once in a process (1 reproduces generate exactly: see the README's Batches)",
     )
     parser.add_argument("--threads", type=int, help="CPU threads per process (default: cores / processes)")
+    parser.add_argument(
+        "--paste-back",
+        action="store_true",
+        help="every job's head back in its photo, at the photo's size (a job's paste_back column overrides it)",
+    )
+    parser.add_argument(
+        "--max-size", type=int, default=1920, help="with paste-back: photos longer than this are scaled down to it"
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if args.max_size < 16:
+        parser.error("--max-size must be at least 16")
+    if args.paste_back and args.no_prepare:
+        parser.error("--paste-back needs the face's alignment to invert; it cannot be used with --no-prepare")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be at least 1")
     return args

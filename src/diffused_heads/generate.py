@@ -119,25 +119,6 @@ def frame_progress(total: int, desc: str = "generating"):
     return tqdm(total=total, unit="frame", desc=desc, dynamic_ncols=True, smoothing=0.1)
 
 
-def paste_into_photo(identity, aligned, photo, max_size: int):
-    """What `--paste-back` does: `(paste, size)`, a `paste.PasteBack` into the photo the identity frame was
-    aligned from and no scaling; for an image that was already a model-ready crop, no pasting and the crop's own
-    size (even-rounded)."""
-    import logging
-
-    from .paste import PasteBack
-
-    if aligned is None:
-        return None, max(16, min(identity.width, max_size) // 2 * 2)
-    paste = PasteBack(photo, aligned.matrix, identity.width, identity_mask=aligned.mask, max_size=max_size)
-    if paste.scaled_from is not None:
-        logging.getLogger("diffused_heads.generate").info(
-            f"the photo is {paste.scaled_from[0]}x{paste.scaled_from[1]}; the video is scaled to "
-            f"{paste.size[0]}x{paste.size[1]} (--max-size {max_size})"
-        )
-    return paste, None
-
-
 def run(args) -> str:
     from .system import cpu_ticks
 
@@ -194,7 +175,9 @@ def run(args) -> str:
     )
     paste, size = None, args.size
     if args.paste_back:
-        paste, size = paste_into_photo(identity, aligned, photo, args.max_size)
+        from .paste import paste_back_for
+
+        paste, size = paste_back_for(identity, aligned, photo, args.max_size)
     writer = VideoWriter(args.output, audio, size=size, overwrite=args.overwrite, live=args.live)
     try:
         with frame_progress(num_frames) as bar, writer:

@@ -214,3 +214,18 @@ class PasteBack:
         out = self.photo.clone()
         out[:, y0:y1, x0:x1] = base * (1 - weight) + head * weight
         return (out.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
+
+
+def paste_back_for(identity: PIL.Image.Image, aligned, photo: PIL.Image.Image, max_size: int = DEFAULT_MAX_SIZE):
+    """What `--paste-back` does with an identity frame made by `runtime.identity_frame(..., with_alignment=True)`:
+    `(paste, size)`, a `PasteBack` into the photo the frame was aligned from (and no scaling of its frames); for an
+    image that was already a model-ready crop (`aligned` None), no pasting and the crop's own size (even-rounded)."""
+    if aligned is None:
+        return None, max(16, min(identity.width, max_size) // 2 * 2)
+    paste = PasteBack(photo, aligned.matrix, identity.width, identity_mask=aligned.mask, max_size=max_size)
+    if paste.scaled_from is not None:
+        logger.info(
+            f"the photo is {paste.scaled_from[0]}x{paste.scaled_from[1]}; the video is scaled to "
+            f"{paste.size[0]}x{paste.size[1]} (--max-size {max_size})"
+        )
+    return paste, None
