@@ -174,7 +174,7 @@ def test_switching_models_loads_the_other_model_and_only_the_offered_ones(server
 
 
 def test_limits_turn_away_huge_pictures_large_uploads_and_a_full_queue(server, speech, tmp_path):
-    url, process = server
+    url, process, _ = server
     client = Client(url, verbose=False)
     PIL.Image.new("L", (13000, 13000)).save(tmp_path / "huge.png")  # 13000x13000 pixels in a few dozen KB
     before = rss_mb(process.pid)
