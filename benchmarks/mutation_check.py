@@ -234,14 +234,14 @@ MUTATIONS: List[Mutation] = [
         PACKAGE + "distillation.py",
         "target = torch.where((s < 0).view(-1, 1, 1, 1), x0_teacher, c_skip_s * x_s + c_out_s * x0_target)",
         "target = torch.where((s < 0).view(-1, 1, 1, 1), x0_teacher, x_s)",
-        ("tests/test_distill.py", "-k", "closer or falls"),
+        ("tests/test_distill.py", "-k", "knows_the_clean"),
     ),
     Mutation(
         "distillation: the rollout ignores stabilize_every",
         PACKAGE + "distillation.py",
         "older = identity if stabilize else frames[-2]",
         "older = frames[-2]",
-        ("tests/test_distill.py",),
+        ("tests/test_distill.py", "-k", "rollout"),
     ),
     Mutation(
         "distill: a student as many steps as its teacher accepted",

@@ -19,12 +19,13 @@ from diffused_heads.distillation import (
     consistency_losses,
     direct_losses,
     lip_weighted_mse,
+    roll_out,
     sample_frames,
     student_scheduler,
     teacher_grid,
 )
 from diffused_heads.hub.convert_checkpoint import convert
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, to_motion_frame
 
 from helpers import tiny_pipeline
 from original_model import scripted_audio_encoder, traced_unet
@@ -141,6 +142,85 @@ def test_the_students_few_steps_come_closer_to_the_teacher_than_its_own_few_step
         assert distilled > baseline, (distilled, baseline)
     else:
         assert distilled < 0.75 * baseline, (distilled, baseline)
+
+
+class Oracle(torch.nn.Module):
+    """A denoiser that knows the clean frames `x_start`: its prediction (noise, v or sample, as the schedule's
+    parameterisation asks) implies exactly `x_start` from any noisy input."""
+
+    def __init__(self, x_start, schedule):
+        super().__init__()
+        self.x_start, self.schedule = x_start, schedule
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, timesteps, identity, motion, audio):
+        alpha_bar = self.schedule.alpha_bar(timesteps, x)
+        a, b = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
+        eps = (x - a * self.x_start) / b
+        kind = self.schedule.prediction_type
+        output = eps if kind == "epsilon" else a * eps - b * self.x_start if kind == "v_prediction" else self.x_start
+        return type("Output", (), {"sample": output})
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_the_consistency_loss_of_a_denoiser_that_knows_the_clean_frame_is_zero(prediction_type):
+    """Where teacher, student and target all imply the clean frame from any noisy input, the student is already
+    the consistency function: its loss is (nearly) zero at every grid point; a student that knows other clean
+    frames has the squared distance between them as its loss."""
+    schedule = NoiseSchedule(DDPMScheduler(prediction_type=prediction_type))
+    sampler = student_scheduler(DDPMScheduler(prediction_type=prediction_type).config, TEACHER_STEPS)
+    grid = teacher_grid(sampler)
+    g = torch.Generator().manual_seed(0)
+    x_start = torch.rand(8, 3, 8, 8, generator=g) * 1.6 - 0.8
+    other = torch.rand(8, 3, 8, 8, generator=g) * 1.6 - 0.8
+    oracle = Oracle(x_start, schedule)
+    cond = conditioning(batch=8)
+    for seed in range(3):
+        losses = consistency_losses(
+            oracle, oracle, oracle, schedule, grid, x_start, cond, torch.Generator().manual_seed(seed)
+        )
+        assert losses["loss"].item() < 1e-4, losses
+    wrong = consistency_losses(Oracle(other, schedule), oracle, oracle, schedule, grid, x_start, cond, g)
+    assert wrong["loss"].item() == pytest.approx((other - x_start).pow(2).mean().item(), rel=0.05)
+
+
+class MotionRecorder(torch.nn.Module):
+    """A UNet wrapper that keeps the motion input of every call."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.config, self.motions = unet, unet.config, []
+
+    def forward(self, x, timesteps, identity, motion, audio):
+        self.motions.append(motion.clone())
+        return self.unet(x, timesteps, identity, motion, audio)
+
+
+@pytest.mark.parametrize("stabilize", [True, False])
+def test_the_rollout_gives_the_student_its_own_frames_and_the_identity_where_it_stabilizes(stabilize):
+    """Four history frames: the student makes the third and fourth from the two before each; the newer motion frame
+    is always the frame just made (the second ground-truth frame at first), the older one the identity frame where
+    the rollout stabilizes, else the frame before that."""
+    teacher, cond = v_teacher(), conditioning(batch=2)
+    student = MotionRecorder(teacher.unet.eval())
+    g = torch.Generator().manual_seed(0)
+    history = torch.rand(2, 4, 3, 16, 16, generator=g) * 2 - 1
+    audio = torch.randn(2, 3, 5, 8, generator=g)
+    sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
+    pair = roll_out(student, sampler, STUDENT_STEPS, cond.identity, history, audio, g, stabilize)
+    channels = teacher.unet.config.motion_frame_channels
+    motion = lambda frame: to_motion_frame(frame, channels)  # noqa: E731
+    assert len(student.motions) == 2 * STUDENT_STEPS
+    first, second = student.motions[0], student.motions[STUDENT_STEPS]
+    assert all(torch.equal(m, first) for m in student.motions[:STUDENT_STEPS])
+    made = pair[:, 0]  # the third frame, made by the student
+    assert not torch.allclose(made, history[:, 2])
+    assert torch.allclose(first[:, channels:], motion(history[:, 1]))
+    assert torch.allclose(second[:, channels:], motion(made))
+    older_first = motion(cond.identity) if stabilize else motion(history[:, 0])
+    older_second = motion(cond.identity) if stabilize else motion(history[:, 1])
+    assert torch.allclose(first[:, :channels], older_first)
+    assert torch.allclose(second[:, :channels], older_second)
 
 
 # --------------------------------------------------------------------------------------------------
