@@ -168,6 +168,69 @@ def scheduler_uses_variance(scheduler: SchedulerMixin) -> bool:
     return is_ddpm and scheduler.config.get("variance_type") in ("learned", "learned_range")
 
 
+def _unwrapped(module):
+    """A module compiled with `torch.compile` as the module it wraps."""
+    return getattr(module, "_orig_mod", module)
+
+
+MODEL_CARD_TAGS = ("talking-face", "talking-head", "audio-driven", "diffused-heads")
+
+
+def model_card(
+    title: str = "Diffused Heads",
+    description: str = "A Diffused Heads pipeline: a talking-face video from one face image and a speech recording.",
+    *,
+    license: str = "other",
+    base_model: Optional[str] = None,
+    tags: tuple = (),
+    steps: Optional[int] = None,
+    figures: Optional[Dict[str, Any]] = None,
+    repo: str = "path/to/this/folder",
+) -> str:
+    """A Hub model card (`README.md`) for a saved pipeline: the YAML header the Hub reads (`library_name:
+    diffusers`, `pipeline_tag`, tags, licence, `base_model` for fine-tunes and students), what the model is, how
+    to use it, and `figures` (name -> value) as a table."""
+    from huggingface_hub import ModelCardData
+
+    data = ModelCardData(
+        library_name="diffusers",
+        pipeline_tag="image-to-video",
+        license=license,
+        base_model=base_model,
+        tags=list(dict.fromkeys([*MODEL_CARD_TAGS, *tags])),
+    )
+    calls = f"{steps} UNet evaluations per frame" if steps else "the model's own steps per frame"
+    lines = ["---", data.to_yaml(), "---", "", f"# {title}", "", description, "", "## Usage", "", "```python"]
+    lines += [
+        "from diffusers import DiffusionPipeline",
+        "",
+        f'pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)',
+        f"video = pipe(face, speech, sampling_rate=16000).frames[0]  # {calls}",
+        "```",
+        "",
+        "`face` is a face image (centred on a plain background works best), `speech` a 1-D waveform; the frames",
+        "are 25 per second of speech. With the `diffused_heads` package installed: `diffused-heads generate",
+        f"--model {repo}`.",
+    ]
+    if figures:
+        lines += ["", "## Figures", "", "| | |", "|---|---|"]
+        lines += [f"| {name} | {value} |" for name, value in figures.items()]
+    return "\n".join(lines) + "\n"
+
+
+def card_license(folder: Optional[str], default: str = "other") -> str:
+    """The licence a saved folder's model card states, else `default`: what a model made from it carries on."""
+    readme = os.path.join(folder, "README.md") if folder and os.path.isdir(folder) else None
+    if readme and os.path.isfile(readme):
+        from huggingface_hub import ModelCard
+
+        try:
+            return ModelCard.load(readme).data.license or default
+        except Exception:  # a card without a YAML header
+            return default
+    return default
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
@@ -388,45 +451,100 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
     def register_modules(self, **kwargs):
         super().register_modules(**kwargs)
         for name, module in kwargs.items():
-            if module is not None and self._is_custom(module):
-                file_stem = os.path.splitext(os.path.basename(inspect.getsourcefile(type(module))))[0]
-                self.register_to_config(**{name: (file_stem, type(module).__name__)})
+            self._name_code_file(name, module)
+
+    def __setattr__(self, name, value):
+        # `pipe.unet = torch.compile(pipe.unet)` registers the component through diffusers' `__setattr__`, which
+        # names the class by its package module; the saved folder must name the code file saved beside it.
+        super().__setattr__(name, value)
+        if name in ("unet", "audio_encoder") and hasattr(self, "_internal_dict"):
+            self._name_code_file(name, value)
+
+    def _name_code_file(self, name: str, module) -> None:
+        module = _unwrapped(module)
+        if module is not None and self._is_custom(module):
+            file_stem = os.path.splitext(os.path.basename(inspect.getsourcefile(type(module))))[0]
+            self.register_to_config(**{name: (file_stem, type(module).__name__)})
 
     @staticmethod
     def _is_custom(module) -> bool:
-        return type(module).__module__.split(".")[0] not in ("diffusers", "transformers", "torch")
+        return type(_unwrapped(module)).__module__.split(".")[0] not in ("diffusers", "transformers", "torch")
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs):
         """Save the pipeline with its code: `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` loads it.
 
-        Takes the arguments of [`DiffusionPipeline.save_pretrained`]; with `push_to_hub=True` (and optionally
-        `repo_id`, `token`, `private`, `commit_message`, `create_pr`) the folder is then uploaded.
+        Takes the arguments of [`DiffusionPipeline.save_pretrained`]. With `push_to_hub=True` (and optionally
+        `repo_id`, `token`, `private`, `commit_message`, `create_pr`) the folder, code and model card included, is
+        then uploaded by diffusers' own upload; a folder without a `README.md` gets a model card first
+        ([`model_card`]; pass `model_card=` to give your own text).
         """
+        card = kwargs.pop("model_card", None)
         hub_kwargs = {
             k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs
         }
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         self._write_code(save_directory)
+        readme = os.path.join(save_directory, "README.md")
+        if card is not None or (push_to_hub and not os.path.exists(readme)):
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(card if card is not None else model_card())
         if push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
+            from huggingface_hub import create_repo
 
+            token = hub_kwargs.get("token")
             repo_id = hub_kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
-            repo_id = create_repo(
-                repo_id, exist_ok=True, private=hub_kwargs.get("private"), token=hub_kwargs.get("token")
-            ).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=save_directory,
-                token=hub_kwargs.get("token"),
-                commit_message=hub_kwargs.get("commit_message", "Upload DiffusedHeadsPipeline"),
+            repo_id = create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private"), token=token).repo_id
+            self._upload_folder(
+                save_directory,
+                repo_id,
+                token=token,
+                commit_message=hub_kwargs.get("commit_message"),
                 create_pr=hub_kwargs.get("create_pr", False),
             )
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: Optional[str] = None,
+        private: Optional[bool] = None,
+        token: Optional[str] = None,
+        create_pr: bool = False,
+        safe_serialization: bool = True,
+        variant: Optional[str] = None,
+        model_card: Optional[str] = None,
+    ) -> str:
+        """Upload the pipeline with its code to the Hub repository `repo_id` (created if needed), as
+        `save_pretrained(..., push_to_hub=True)` does; the model card is `model_card`, else the card of the folder
+        the pipeline was loaded from, else a new one ([`model_card`])."""
+        import tempfile
+
+        if model_card is None:
+            source = self.config.get("_name_or_path")
+            local = isinstance(source, (str, os.PathLike)) and os.path.isdir(source)
+            readme = os.path.join(source, "README.md") if local else None
+            if readme and os.path.isfile(readme):
+                with open(readme, encoding="utf-8") as f:
+                    model_card = f.read()
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(
+                folder,
+                push_to_hub=True,
+                repo_id=repo_id,
+                commit_message=commit_message,
+                private=private,
+                token=token,
+                create_pr=create_pr,
+                safe_serialization=safe_serialization,
+                variant=variant,
+                model_card=model_card,
+            )
+        return repo_id
 
     def _write_code(self, save_directory) -> None:
         pipeline_file = inspect.getsourcefile(type(self))
         shutil.copyfile(pipeline_file, os.path.join(save_directory, os.path.basename(pipeline_file)))
         for name in ("unet", "audio_encoder"):
-            module = getattr(self, name)
+            module = _unwrapped(getattr(self, name))
             if module is not None and self._is_custom(module):
                 source = inspect.getsourcefile(type(module))
                 shutil.copyfile(source, os.path.join(save_directory, name, os.path.basename(source)))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
+from huggingface_hub import ModelCard
 from test_convert import TINY_ORIGINAL_ENCODER, TINY_ORIGINAL_UNET
 
 from diffused_heads import distill, make_dataset, runtime
@@ -25,7 +26,7 @@ from diffused_heads.distillation import (
     teacher_grid,
 )
 from diffused_heads.hub.convert_checkpoint import convert
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, to_motion_frame
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, model_card, to_motion_frame
 
 from helpers import tiny_pipeline
 from original_model import scripted_audio_encoder, traced_unet
@@ -238,7 +239,7 @@ def clips(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("teacher") / "teacher"
-    v_teacher().save_pretrained(folder)
+    v_teacher().save_pretrained(folder, model_card=model_card(license="cc-by-nc-sa-4.0"))
     return folder
 
 
@@ -263,8 +264,11 @@ def test_the_student_is_a_model_folder_every_tool_runs_at_its_own_steps(teacher_
     frames = pipe(np.zeros((16, 16, 3), np.uint8), np.zeros(3200, np.float32)).frames
     assert frames.shape == (1, 5, 16, 16, 3) and len(calls) == 5 * STUDENT_STEPS
     assert [int(t) for t in calls[:2]] == [999, 499]
-    card = (output / "README.md").read_text()
-    assert card.startswith("---\nlibrary_name: diffusers\n") and str(teacher_folder) in card
+    card = ModelCard.load(output / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-video"
+    assert "distillation" in card.data.tags and str(teacher_folder) in card.text
+    # A teacher folder's licence is the student's; a folder is no Hub `base_model`.
+    assert card.data.license == "cc-by-nc-sa-4.0" and card.data.base_model is None
     record = json.loads((output / "distillation.json").read_text())
     assert record["method"] == "direct" and record["student_steps"] == 2 and record["teacher_steps"] == 10
     log = [json.loads(line) for line in open(f"{output}-checkpoints/train_log.jsonl")]

@@ -155,3 +155,75 @@ def test_from_pipe_keeps_each_shared_modules_dtype(identity_image):
     frames(ddim, identity_image)  # and it runs
     cast = type(pipe).from_pipe(pipe, torch_dtype=torch.float32)  # asked for: diffusers' own behaviour
     assert cast.unet.dtype == torch.float32
+
+
+def test_a_save_after_compiling_a_component_names_its_code_file_and_loads_back(tmp_path, identity_image):
+    """`pipe.unet = torch.compile(pipe.unet)` (as `--compile` does) goes through diffusers' `__setattr__`: the
+    saved folder must still name and hold the UNet's code file, and load without the package's classes."""
+    pipe = tiny_pipeline()
+    expected = frames(pipe, identity_image)
+    pipe.unet = torch.compile(pipe.unet)
+    assert pipe.config["unet"] == ("unet_diffused_heads", "DiffusedHeadsUNetModel")
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["unet"] == ["unet_diffused_heads", "DiffusedHeadsUNetModel"]
+    assert (tmp_path / "unet" / "unet_diffused_heads.py").is_file()
+    loaded = DiffusionPipeline.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(loaded.unet).__module__.startswith("diffusers_modules")
+    np.testing.assert_allclose(frames(loaded, identity_image), expected, atol=1e-5, rtol=0)
+
+
+def test_push_to_hub_writes_a_model_card_and_uploads_through_diffusers(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id}))
+
+    def upload(self, folder, repo_id, **kwargs):
+        uploads.append((repo_id, sorted(str(p.relative_to(folder)) for p in type(tmp_path)(folder).rglob("*.*"))))
+
+    monkeypatch.setattr(DiffusedHeadsPipeline, "_upload_folder", upload)
+    tiny_pipeline().save_pretrained(tmp_path / "a", push_to_hub=True, repo_id="someone/heads")
+    ((repo_id, files),) = uploads
+    assert repo_id == "someone/heads"
+    assert {"README.md", "pipeline_diffused_heads.py", "unet/unet_diffused_heads.py", "model_index.json"} <= set(files)
+    card = ModelCard.load(tmp_path / "a" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-video"
+    assert "diffused-heads" in card.data.tags and card.data.license == "other"
+    assert "trust_remote_code=True" in card.text
+
+    # A folder with a card keeps it; a card given is written as it is.
+    (tmp_path / "a" / "README.md").write_text("mine\n")
+    tiny_pipeline().save_pretrained(tmp_path / "a", push_to_hub=True, repo_id="someone/heads")
+    assert (tmp_path / "a" / "README.md").read_text() == "mine\n"
+    tiny_pipeline().save_pretrained(tmp_path / "b", model_card="given\n")
+    assert (tmp_path / "b" / "README.md").read_text() == "given\n" and len(uploads) == 2
+
+
+def test_a_model_made_from_a_folder_carries_its_licence(tmp_path):
+    from diffused_heads.hub.pipeline_diffused_heads import card_license, model_card
+
+    (tmp_path / "README.md").write_text(model_card(license="cc-by-nc-sa-4.0", base_model="someone/heads"))
+    assert card_license(str(tmp_path)) == "cc-by-nc-sa-4.0"
+    assert card_license(str(tmp_path / "missing"), default="apache-2.0") == "apache-2.0"
+    (tmp_path / "README.md").write_text("# no header\n")
+    assert card_license(str(tmp_path)) == "other"
+
+
+def test_push_to_hub_uploads_the_card_of_the_folder_it_was_loaded_from(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    uploads = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id}))
+
+    def upload(self, folder, repo_id, **kwargs):
+        code = os.path.isfile(os.path.join(folder, "unet", "unet_diffused_heads.py"))
+        uploads.append((repo_id, code, open(os.path.join(folder, "README.md")).read()))
+
+    monkeypatch.setattr(DiffusedHeadsPipeline, "_upload_folder", upload)
+    tiny_pipeline().save_pretrained(tmp_path / "tuned", model_card="the tuned model's card\n")
+    DiffusedHeadsPipeline.from_pretrained(tmp_path / "tuned").push_to_hub("you/tuned")
+    tiny_pipeline().push_to_hub("you/new")
+    assert uploads[0] == ("you/tuned", True, "the tuned model's card\n")
+    assert uploads[1][:2] == ("you/new", True) and "library_name: diffusers" in uploads[1][2]

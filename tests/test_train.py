@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from scipy.stats import norm
 
 from diffused_heads import dataset, make_dataset, train, training
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window, model_card
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 from diffused_heads.training import (
     DiffusionObjective,
@@ -322,6 +323,10 @@ def test_result_loads_in_the_pipeline(clip_folder, tiny_config, tmp_path):
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     # The longest clip made by the fixture (--max-seconds 1.0) is what the model knows.
     assert 0.5 <= pipe.config.trained_clip_seconds <= 1.0
+    # A new model's card: the Hub's header, a licence left for its owner to set, how it was made.
+    card = ModelCard.load(tmp_path / "model" / "README.md")
+    assert card.data.library_name == "diffusers" and card.data.license == "other" and card.data.base_model is None
+    assert "trained from scratch" in card.text and "| optimisation steps | 2 of batch" in card.text
 
 
 def recorded_run(monkeypatch, clip_folder, output, *extra):
@@ -358,7 +363,7 @@ def recorded_run(monkeypatch, clip_folder, output, *extra):
 
 def test_unet_gets_the_audio_window_of_the_target_frame(clip_folder, tmp_path, monkeypatch):
     start = tmp_path / "start"
-    tiny_pipeline().save_pretrained(start)
+    tiny_pipeline().save_pretrained(start, model_card=model_card(license="cc-by-nc-sa-4.0"))
     extra = ("--max-steps", "3", "--init-from", str(start), "--ema-decay", "0", "--batch-size", "3")
     record = recorded_run(monkeypatch, clip_folder, tmp_path / "tuned", *extra)
     encoder = DiffusedHeadsPipeline.from_pretrained(start).audio_encoder  # frozen during training
@@ -405,7 +410,7 @@ def test_saved_pipeline_holds_the_ema_weights(ema_decay, clip_folder, tiny_confi
 
 def test_audio_encoder_is_frozen_by_default(clip_folder, tmp_path):
     start = tmp_path / "start"
-    tiny_pipeline().save_pretrained(start)
+    tiny_pipeline().save_pretrained(start, model_card=model_card(license="cc-by-nc-sa-4.0"))
     assert run(clip_folder, tmp_path / "tuned", "--max-steps", "2", "--init-from", str(start), "--ema-decay", "0") == 0
     before, after = weights(start), weights(tmp_path / "tuned")
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("enc."))
@@ -445,7 +450,7 @@ def test_worker_processes_read_what_the_training_process_reads(clip_folder, tiny
 
 def test_decoder_only_fine_tuning_leaves_the_rest_of_the_unet(clip_folder, tmp_path):
     start = tmp_path / "start"
-    tiny_pipeline().save_pretrained(start)
+    tiny_pipeline().save_pretrained(start, model_card=model_card(license="cc-by-nc-sa-4.0"))
     extra = ("--max-steps", "2", "--init-from", str(start), "--ema-decay", "0.9", "--train-layers", "decoder")
     assert run(clip_folder, tmp_path / "tuned", *extra) == 0
     before, after = weights(start), weights(tmp_path / "tuned")
@@ -453,6 +458,8 @@ def test_decoder_only_fine_tuning_leaves_the_rest_of_the_unet(clip_folder, tmp_p
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(k.startswith(decoder) for k in changed)
     assert any(k.startswith("up_blocks.0.") for k in changed)
+    card = ModelCard.load(tmp_path / "tuned" / "README.md")  # a fine-tune keeps its starting model's licence
+    assert card.data.license == "cc-by-nc-sa-4.0" and "fine-tuned" in card.data.tags and str(start) in card.text
 
 
 def test_the_build_script_writes_the_shipped_model_configs(tmp_path):

@@ -39,9 +39,10 @@ from .distillation import (
 )
 from .errors import ArgumentError
 from .hub.pipeline_diffused_heads import DEFAULT_NUM_INFERENCE_STEPS, DiffusedHeadsPipeline
+from .hub.pipeline_diffused_heads import model_card as hub_model_card
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
 from .media import FPS
-from .runtime import no_loading_bar, resolve_model
+from .runtime import model_provenance, no_loading_bar, resolve_model
 from .training import (
     LoopSettings,
     TrainingError,
@@ -175,50 +176,37 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
 
 
 def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dict) -> str:
-    """The student's README.md: the Hub's YAML header, what it is, how to use it, how it was made."""
-    base = teacher_name if not os.path.isdir(teacher_name) else None
-    header = ["---", "library_name: diffusers", "pipeline_tag: image-to-video", "license: apache-2.0", "tags:"]
-    header += ["- talking-face", "- diffused-heads", "- distillation", "- few-step"]
-    if base:
-        header.append(f"base_model: {base}")
-    header.append("---")
+    """The student's README.md: the Hub's YAML header (the teacher's licence, the teacher as `base_model` where it
+    is a Hub id), what it is, how to use it, how it was made."""
+    license, base_model = model_provenance(args.model)
     k = args.student_steps
-    body = f"""
-# Diffused Heads, {k}-step student
-
-A few-step student of `{teacher_name}`: the same UNet, trained by `diffused-heads distill` (method `{args.method}`)
-to make each frame in {k} denoising step{"s" if k > 1 else ""} (`LCMScheduler`) instead of the teacher's
-{teacher_steps}, with its own generated frames as motion frames during training ({args.rollout_frames} frames
-rolled out before each target).
-
-```python
-from diffusers import DiffusionPipeline
-
-pipe = DiffusionPipeline.from_pretrained("path/to/this/folder", trust_remote_code=True)
-video = pipe(face, speech, sampling_rate=16000).frames[0]  # {k} UNet evaluations per frame
-```
-
-or `diffused-heads generate --model path/to/this/folder`.
-
-## Training
-
-| | |
-|---|---|
-| teacher | `{teacher_name}` ({teacher_steps} steps per frame, {type(teacher.scheduler).__name__}) |
-| method | `{args.method}` |
-| steps per frame | {k} |
-| optimisation steps | {record["steps"]} of batch {args.batch_size} per process |
-| learning rate | {args.learning_rate} |
-| rollout frames | {args.rollout_frames} |
-| data | {record["clips"]} clips, {record["minutes"]:.1f} minutes |
-| training time | {record["seconds"] / 60:.1f} minutes on {record["device"]} |
-
-## Figures
-
-Measure it beside its teacher on held-out clips with `diffused-heads evaluate --model {{student,teacher}} ...`
-(lip sync against the speech and the true mouth, identity outside the mouth, with 95% intervals).
-"""
-    return "\n".join(header) + "\n" + body
+    description = (
+        f"A few-step student of `{teacher_name}`: the same UNet, trained by `diffused-heads distill` (method "
+        f"`{args.method}`) to make each frame in {k} denoising step{'s' if k > 1 else ''} (`LCMScheduler`) instead "
+        f"of the teacher's {teacher_steps}, with its own generated frames as motion frames during training "
+        f"({args.rollout_frames} frames rolled out before each target). Measure it beside its teacher on held-out "
+        "clips with `diffused-heads evaluate --model STUDENT --model TEACHER ...` (lip sync and identity, with 95% "
+        "intervals)."
+    )
+    figures = {
+        "teacher": f"`{teacher_name}` ({teacher_steps} steps per frame, {type(teacher.scheduler).__name__})",
+        "method": f"`{args.method}`",
+        "steps per frame": k,
+        "optimisation steps": f"{record['steps']} of batch {args.batch_size} per process",
+        "learning rate": args.learning_rate,
+        "rollout frames": args.rollout_frames,
+        "data": f"{record['clips']} clips, {record['minutes']:.1f} minutes",
+        "training time": f"{record['seconds'] / 60:.1f} minutes on {record['device']}",
+    }
+    return hub_model_card(
+        f"Diffused Heads, {k}-step student",
+        description,
+        license=license,
+        base_model=base_model,
+        tags=("distillation", "few-step"),
+        steps=k,
+        figures=figures,
+    )
 
 
 def distill(args) -> str:

@@ -142,6 +142,23 @@ def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
         return False
 
 
+def model_provenance(model: Optional[str]) -> "tuple[str, Optional[str]]":
+    """The licence and the Hub `base_model` that a model trained or distilled from `model` (as given to
+    `resolve_model`) carries on: the licence its model card states ("other" where it states none; the built-in
+    models are the package's, Apache-2.0), and `model` itself as `base_model` where it is a Hub id."""
+    from .hub.pipeline_diffused_heads import card_license
+
+    if model is None or (model in BUILTIN_MODELS and not os.path.exists(model)):
+        return "apache-2.0", None
+    if os.path.isdir(model):
+        return card_license(model), None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "README.md")
+    folder = os.path.dirname(cached) if isinstance(cached, str) else None
+    return card_license(folder), model
+
+
 def resolve_model(model: Optional[str]) -> str:
     """The model folder or Hub id to load (None: the default built-in demo model; `builtin-fast`, `builtin-ddpm`:
     the built-in models by name), checked first: a folder with a `model_index.json`, or a Hub id that can be had
