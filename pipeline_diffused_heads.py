@@ -578,9 +578,12 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         output_type,
         sampling_rate,
         callback_on_step_end_tensor_inputs,
+        num_videos_per_prompt=1,
     ):
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
+        if not isinstance(num_videos_per_prompt, int) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}")
         if stabilize_every is not None and (not isinstance(stabilize_every, int) or stabilize_every < 0):
             raise ValueError(f"stabilize_every must be None, 0 (off) or a positive integer, got {stabilize_every!r}")
         check_output_type(output_type)
@@ -595,9 +598,10 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 f"encoder makes {self.audio_encoder.config.hidden_size}"
             )
 
-    def prepare_inputs(self, identity_image, audio, sampling_rate):
+    def prepare_inputs(self, identity_image, audio, sampling_rate, num_videos_per_prompt: int = 1):
         """Identity frames `(B, 3, S, S)` in [-1, 1], 16 kHz waveforms `(B, N)` zero-padded to the longest, and
-        each waveform's own length, with batch broadcasting."""
+        each waveform's own length, with batch broadcasting; each pair repeated `num_videos_per_prompt` times (its
+        samples side by side)."""
         size = self.unet.config.sample_size
         identities = [preprocess_identity_image(image, size) for image in _as_list(identity_image)]
         target_rate = self.audio_encoder.config.sampling_rate
@@ -616,8 +620,9 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                     f"got {len(identities)} identity images and {len(waveforms)} audio clips; give equal numbers "
                     f"or one of either ({name} does not fit)"
                 )
-        identities = torch.stack(identities * (batch // len(identities)))
-        waveforms = waveforms * (batch // len(waveforms))
+        repeat = num_videos_per_prompt
+        identities = torch.stack(identities * (batch // len(identities))).repeat_interleave(repeat, dim=0)
+        waveforms = [w for w in waveforms * (batch // len(waveforms)) for _ in range(repeat)]
         lengths = [w.shape[-1] for w in waveforms]
         # Zeros after a clip change none of its windows (the encoder pads with zeros) nor, the GRU being causal,
         # its embeddings; each clip's audio window is clamped at its own end in the loop.
@@ -730,6 +735,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         output_type: str = "np",
         callback_on_step_end: Optional[Callable[["DiffusedHeadsPipeline", int, int, Dict[str, Any]], Dict]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["frame_latents"],
+        num_videos_per_prompt: int = 1,
     ) -> Iterator[DiffusedHeadsFrameOutput]:
         r"""
         Generate talking-face videos frame by frame: yields each frame of every video of the batch as soon as it is
@@ -742,7 +748,12 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         if num_inference_steps is None:
             num_inference_steps = self.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
         self.check_inputs(
-            num_inference_steps, stabilize_every, output_type, sampling_rate, callback_on_step_end_tensor_inputs
+            num_inference_steps,
+            stabilize_every,
+            output_type,
+            sampling_rate,
+            callback_on_step_end_tensor_inputs,
+            num_videos_per_prompt,
         )
         if stabilize_every is None:
             stabilize_every = self.config.get("stabilize_every")
@@ -751,7 +762,9 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
 
         # 1. Inputs: identity frames in [-1, 1] and one audio embedding per video frame.
-        identity_frames, waveforms, lengths = self.prepare_inputs(identity_image, audio, sampling_rate)
+        identity_frames, waveforms, lengths = self.prepare_inputs(
+            identity_image, audio, sampling_rate, num_videos_per_prompt
+        )
         identity_frames = identity_frames.to(device=device, dtype=dtype)
         audio_embeddings = self.encode_audio(waveforms, device, dtype)
         batch_size, num_frames = audio_embeddings.shape[:2]
@@ -845,6 +858,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable[["DiffusedHeadsPipeline", int, int, Dict[str, Any]], Dict]] = None,
         callback_on_step_end_tensor_inputs: List[str] = ["frame_latents"],
+        num_videos_per_prompt: int = 1,
     ) -> Union[DiffusedHeadsPipelineOutput, tuple]:
         r"""
         Generate talking-face videos.
@@ -878,6 +892,10 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs (`List[str]`): The tensors passed in `callback_kwargs`, from
                 `pipe._callback_tensor_inputs`: `frame_latents` (the frame being denoised, `(batch_size, 3, height,
                 width)`), `identity_frames`, `motion_frames` and `audio_context`.
+            num_videos_per_prompt (`int`, defaults to 1): Videos made of each identity and clip: the batch holds
+                them side by side (video `i * num_videos_per_prompt + j` is sample `j` of pair `i`), and a list of
+                generators gives one to each video: sample `j` then has the noise it would have made alone with its
+                generator, and differs from it only as batches do (in the last float bits; the README's Batches).
 
         Examples:
 
@@ -897,6 +915,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             output_type="pt",
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            num_videos_per_prompt=num_videos_per_prompt,
         ):
             frames.append(output.frames)
             frame_counts, audio_out = output.num_frames, output.audio
