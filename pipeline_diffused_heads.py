@@ -398,18 +398,51 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
 
     # --- loading and saving: a folder that loads with this package's classes or, standing alone, as remote code ---
 
+    _index_reads = 0  # model_index.json files read through the hook below, to tell whether diffusers still uses it
+
     @classmethod
-    def _dict_from_json_file(cls, json_file: Union[str, os.PathLike]):
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """[`DiffusionPipeline.from_pretrained`]; through the installed package, the folder's code files are read
+        as the package's modules (see `_dict_from_json_file`), and a diffusers that no longer reads
+        `model_index.json` that way is said in one message instead of a request for remote code."""
+        reads = DiffusedHeadsPipeline._index_reads
+
+        def hook_unused() -> bool:
+            return bool(_package_modules()) and DiffusedHeadsPipeline._index_reads == reads
+
+        def unused_hook_error() -> RuntimeError:
+            import diffusers
+
+            return RuntimeError(
+                f"diffusers {diffusers.__version__} no longer reads model_index.json through "
+                "DiffusionPipeline._dict_from_json_file, which the diffused_heads package uses to load model folders "
+                "with its own classes: install a diffusers release that the package allows (pyproject.toml), or "
+                "load the folder as remote code with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)"
+            )
+
+        try:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ValueError as error:
+            if hook_unused() and "trust_remote_code" in str(error):
+                raise unused_hook_error() from error
+            raise
+        if hook_unused():  # (some releases would then run the folder's code as remote code, unasked)
+            raise unused_hook_error()
+        return pipe
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file: Union[str, os.PathLike], *args, **kwargs):
         """Read `model_index.json`; imported from the `diffused_heads` package, name the package's modules.
 
         A saved folder names its code files (`["unet_diffused_heads", "DiffusedHeadsUNetModel"]`), which
         `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` loads from beside the weights. Loaded
         through the installed package, the same entries are read as the package's modules, so diffusers' own
         `from_pretrained` builds the package's classes with every loading option it has, and no remote code runs."""
-        config = super()._dict_from_json_file(json_file)
+        config = super()._dict_from_json_file(json_file, *args, **kwargs)  # (diffusers 0.35: `dduf_entries`)
         modules = _package_modules()
         if not modules or "_class_name" not in config:
             return config
+        DiffusedHeadsPipeline._index_reads += 1
         pipeline_stem = os.path.splitext(os.path.basename(inspect.getsourcefile(cls)))[0]
         if list(_as_list(config["_class_name"])) == [pipeline_stem, cls.__name__]:
             config["_class_name"] = cls.__name__

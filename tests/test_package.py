@@ -203,3 +203,39 @@ def test_a_command_that_ends_the_program_early_skips_the_teardown_but_runs_exit_
     assert result.stdout.startswith("before") and "never reached" not in result.stdout
     assert (tmp_path / "handler-ran").read_text() == "yes"
     assert not (tmp_path / "torn-down").exists()  # the teardown was skipped
+
+
+@pytest.mark.slow
+def test_saving_and_loading_work_on_the_oldest_diffusers_allowed(tmp_path):
+    """The newest diffusers is what the suite itself runs on (pip installs it); here the save and load tests and
+    the pipeline's run again on the oldest release that pyproject.toml allows, installed beside it."""
+    project = tomllib.loads(open(os.path.join(ROOT, "pyproject.toml"), encoding="utf-8").read())
+    (requirement,) = [r for r in project["project"]["dependencies"] if r.startswith("diffusers")]
+    oldest = re.fullmatch(r"diffusers>=([\d.]+)", requirement).group(1)
+    oldest = oldest + ".0" * (2 - oldest.count("."))
+    target = tmp_path / "oldest"
+    command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target)]
+    install = subprocess.run([*command, f"diffusers=={oldest}"], capture_output=True, text=True, timeout=600)
+    if install.returncode:
+        message = f"cannot install diffusers {oldest}: {install.stderr[-500:]}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    version = subprocess.run(
+        [sys.executable, "-c", "import diffusers; print(diffusers.__version__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert version.stdout.strip() == oldest, version
+    tests = ["tests/test_save_load.py", "tests/test_pipeline.py", "-k", "not oldest"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:]

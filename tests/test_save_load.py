@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline
 
@@ -227,3 +228,11 @@ def test_push_to_hub_uploads_the_card_of_the_folder_it_was_loaded_from(tmp_path,
     tiny_pipeline().push_to_hub("you/new")
     assert uploads[0] == ("you/tuned", True, "the tuned model's card\n")
     assert uploads[1][:2] == ("you/new", True) and "library_name: diffusers" in uploads[1][2]
+
+
+def test_a_diffusers_that_no_longer_reads_the_index_through_the_hook_is_said_in_one_message(tmp_path, monkeypatch):
+    tiny_pipeline().save_pretrained(tmp_path)
+    plain = DiffusionPipeline._dict_from_json_file.__func__
+    monkeypatch.setattr(DiffusedHeadsPipeline, "_dict_from_json_file", classmethod(plain))
+    with pytest.raises(RuntimeError, match=r"no longer reads model_index.json .* trust_remote_code=True"):
+        DiffusedHeadsPipeline.from_pretrained(tmp_path)
