@@ -3,6 +3,7 @@
 import contextlib
 import logging
 import os
+import socket
 
 import numpy as np
 import torch
@@ -99,3 +100,10 @@ def logged():
     finally:
         logger.removeHandler(recorder)
         logger.setLevel(level)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now (for `accelerate launch --main_process_port` and servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -2,7 +2,6 @@
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,19 +15,13 @@ import soundfile
 
 from diffused_heads import builtin_model_path, example_audio_path, example_image_path
 
-from helpers import tiny_pipeline
+from helpers import free_port, tiny_pipeline
 
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
 from gradio_client import Client, handle_file  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.slow  # a server in another process, and a browser
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def frames_in(path) -> int:

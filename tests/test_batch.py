@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 
 import av
@@ -15,7 +14,7 @@ from diffused_heads.batch import clip_jobs, read_jobs
 from diffused_heads.errors import ArgumentError
 from diffused_heads.media import export_to_video_with_audio
 
-from helpers import speech_like, tiny_pipeline
+from helpers import free_port, speech_like, tiny_pipeline
 
 SECONDS = (0.3, 0.5, 0.2, 0.4)
 
@@ -34,12 +33,6 @@ def workspace(tmp_path_factory):
     rows.insert(3, "face0.png,broken.wav,broken.mp4,7")
     (folder / "jobs.csv").write_text("\n".join(rows) + "\n")
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def generate_batch(workspace, output, *extra, processes=1):

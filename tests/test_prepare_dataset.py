@@ -5,7 +5,6 @@ tiny model on the result."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 
 import numpy as np
@@ -16,7 +15,7 @@ from diffused_heads import dataset, prepare_dataset, train, training
 from diffused_heads.faces import MESH_INDICES, FaceModels, face_mesh, fill_missing, landmark_speed
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
 
-from helpers import speech_like, tiny_pipeline
+from helpers import free_port, speech_like, tiny_pipeline
 from talking_videos import busy_background, frame_at, talking_video, write_video
 
 SIZE = 64
@@ -175,12 +174,6 @@ def test_a_run_resumes_where_it_stopped(raw, tmp_path, capsys):
     # Other options in the same folder are refused.
     assert prepare(source, output, "--smoothing", "0") == 1
     assert "prepared with other options (--smoothing)" in capsys.readouterr().err
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ from diffused_heads.training import (
     plan_batch,
 )
 
-from helpers import ROOT, TINY_ENCODER, TINY_UNET, tiny_pipeline
+from helpers import ROOT, TINY_ENCODER, TINY_UNET, free_port, tiny_pipeline
 
 T = 1000
 
@@ -488,3 +489,46 @@ def test_the_build_script_writes_the_shipped_model_configs(tmp_path):
         )
         built.pop("_diffusers_version"), shipped.pop("_diffusers_version")
         assert built == shipped, name
+
+
+LOSS_PER_PROCESS = """
+import sys, types, torch
+from diffused_heads.training import LoopSettings, make_accelerator, training_loop
+
+accelerator = make_accelerator()
+rank = accelerator.process_index
+
+
+class Samples(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        frame = torch.zeros(3, 2, 2, dtype=torch.uint8)
+        return {"clip": 0, "target": 0, "x_start": frame, "identity": frame, "motion": frame[None], "boxes": None,
+                "audio": torch.zeros(1)}
+
+
+def losses(batch, generator, models):  # each process's own known losses: rank + 1 and 10 (rank + 1)
+    zero = models["model"](torch.ones(1, 1)).sum() * 0
+    return {"loss": zero + rank + 1.0, "mse": zero + 10.0 * (rank + 1)}
+
+
+settings = LoopSettings(checkpoint_dir=sys.argv[1], max_steps=2, batch_size=1, ema_decay=0, log_every=1)
+data = types.SimpleNamespace(clips=[types.SimpleNamespace(frames=40)])
+training_loop(settings, accelerator, {"model": torch.nn.Linear(1, 1)}, data, Samples(), losses)
+"""
+
+
+@pytest.mark.slow
+def test_the_logged_losses_are_the_mean_over_the_processes(tmp_path):
+    """Two processes whose losses are known (1 and 2; 10 and 20): the log holds their means, not the main
+    process's own."""
+    script = tmp_path / "loss_per_process.py"
+    script.write_text(LOSS_PER_PROCESS)
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
+    (tmp_path / "run").mkdir()
+    result = subprocess.run([*command, str(script), str(tmp_path / "run")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
+    assert [(r["step"], r["loss"], r["mse"]) for r in log] == [(1, 1.5, 15.0), (2, 1.5, 15.0)]
