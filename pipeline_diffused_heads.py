@@ -74,13 +74,20 @@ class DiffusedHeadsPipelineOutput(BaseOutput):
         frames (`np.ndarray`, `torch.Tensor` or `List[List[PIL.Image.Image]]`):
             The generated videos: for `"np"` a float32 array `(batch_size, num_frames, height, width, 3)` in
             [0, 1]; for `"pt"` a tensor `(batch_size, num_frames, 3, height, width)` in [0, 1]; for `"pil"` one
-            list of images per video. For clips of different lengths, a list with one array (or tensor) per video.
+            list of images per video. For clips of different lengths `num_frames` is the longest video's, a
+            shorter video's frames after its end are black (zeros), and its own length is in `num_frames`
+            (`frames[k][: out.num_frames[k]]`); `"pil"` lists hold each video's own frames only.
         audio (`np.ndarray`): The 16 kHz mono audio the videos were made from, `(batch_size, num_samples)`,
-            25 frames per second of it (a list of 1-D arrays for clips of different lengths).
+            25 frames per second of it; a shorter clip is followed by silence up to the longest (its own length:
+            `num_samples`).
+        num_frames (`List[int]`): How many frames each video has.
+        num_samples (`List[int]`): How many audio samples each video's clip has.
     """
 
-    frames: Union[np.ndarray, torch.Tensor, List[np.ndarray], List[torch.Tensor], List[List[PIL.Image.Image]]]
-    audio: Union[np.ndarray, List[np.ndarray]]
+    frames: Union[np.ndarray, torch.Tensor, List[List[PIL.Image.Image]]]
+    audio: np.ndarray
+    num_frames: Optional[List[int]] = None
+    num_samples: Optional[List[int]] = None
 
 
 def resample_audio(
@@ -903,8 +910,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             audio (`np.ndarray`, `torch.Tensor` or a list of them):
                 Mono speech, 1-D, at `sampling_rate`. A list of clips makes a batch; a single identity or a single
                 clip is shared by the whole batch. Clips of different lengths are run together (the shorter ones
-                padded, each clamped at its own end) and each video keeps its own length: `frames` and `audio` are
-                then lists with one entry per video.
+                padded, each clamped at its own end) and each video keeps its own length: `num_frames` and
+                `num_samples` of the output say it (the arrays are the longest video's length).
             sampling_rate (`int`, defaults to 16000): Sample rate of `audio`; resampled to 16 kHz if different.
             num_inference_steps (`int`, *optional*): Denoising steps per frame; defaults to the model's own
                 (`pipe.config.num_inference_steps`), else 100.
@@ -952,12 +959,19 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         ):
             frames.append(output.frames)
             frame_counts, audio_out = output.num_frames, output.audio
-        # (batch_size, num_frames, 3, height, width) in [0, 1], as the output type asks
-        video = self._as_output_type(torch.stack(frames, dim=1), output_type)
-        if len(set(frame_counts)) > 1:  # each video and its audio at their own length
-            video = [item[: min(count, len(frames))] for item, count in zip(video, frame_counts)]
-        else:
-            audio_out = np.stack(audio_out)
+        # (batch_size, num_frames, 3, height, width) in [0, 1], as the output type asks; one type whatever the
+        # lengths: frames after a shorter video's end are black, audio after a shorter clip's end silent.
+        video = torch.stack(frames, dim=1)
+        frame_counts = [min(count, len(frames)) for count in frame_counts]
+        for k, count in enumerate(frame_counts):
+            video[k, count:] = 0.0
+        video = self._as_output_type(video, output_type)
+        if output_type == "pil":
+            video = [images[:count] for images, count in zip(video, frame_counts)]
+        num_samples = [len(clip) for clip in audio_out]
+        audio_out = np.stack([np.pad(clip, (0, max(num_samples) - len(clip))) for clip in audio_out])
         if not return_dict:
             return (video, audio_out)
-        return DiffusedHeadsPipelineOutput(frames=video, audio=audio_out)
+        return DiffusedHeadsPipelineOutput(
+            frames=video, audio=audio_out, num_frames=frame_counts, num_samples=num_samples
+        )

@@ -410,12 +410,21 @@ def test_clips_of_different_lengths_share_a_batch_and_keep_their_lengths(identit
         num_inference_steps=3,
         generator=[torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)],
     )
-    assert [len(v) for v in batch.frames] == counts and [len(a) for a in batch.audio] == [len(c) for c in clips]
+    # One type whatever the lengths: arrays of the longest, each video's own length beside them.
+    assert isinstance(batch.frames, np.ndarray) and batch.frames.shape[:2] == (2, counts[0])
+    assert batch.num_frames == counts and batch.num_samples == [len(c) for c in clips]
+    assert batch.audio.shape == (2, len(clips[0]))
+    assert not batch.frames[1, counts[1] :].any() and not batch.audio[1, len(clips[1]) :].any()
     for k, seed in enumerate((1, 2)):
         alone = pipe(identity_image, clips[k], num_inference_steps=3, generator=torch.Generator().manual_seed(seed))
-        assert alone.frames.shape[1] == counts[k]
-        assert np.abs(batch.frames[k] - alone.frames[0]).mean() < 1e-3  # see test_batch_and_broadcast
-        np.testing.assert_array_equal(batch.audio[k], alone.audio[0])
+        assert alone.frames.shape[1] == counts[k] and alone.num_frames == [counts[k]]
+        own = batch.frames[k, : batch.num_frames[k]]
+        assert np.abs(own - alone.frames[0]).mean() < 1e-3  # see test_batch_and_broadcast
+        np.testing.assert_array_equal(batch.audio[k, : batch.num_samples[k]], alone.audio[0])
+    images = pipe(identity_image, clips, num_inference_steps=1, output_type="pil").frames
+    assert [len(video) for video in images] == counts  # lists of images: each video's own
+    tensors = pipe(identity_image, clips, num_inference_steps=1, output_type="pt").frames
+    assert isinstance(tensors, torch.Tensor) and tensors.shape[:2] == (2, counts[0])
     # The shorter clip's last frames see its own last audio embedding, not the padding after it.
     recorder = RecordingUNet(tiny_unet())
     recording = tiny_pipeline(unet=recorder)
@@ -545,9 +554,10 @@ def test_a_generator_per_video_gives_each_video_as_a_lone_run_does(identity_imag
     together = run(pipe, [identity_image] * 2, clips, generator=[torch.Generator().manual_seed(k) for k in (3, 4)])
     for k, seed in enumerate((3, 4)):
         alone = run(pipe, identity_image, clips[k], generator=torch.Generator().manual_seed(seed)).frames[0]
-        assert together.frames[k].shape == alone.shape
+        own = together.frames[k, : together.num_frames[k]]
+        assert own.shape == alone.shape
         # Batched arithmetic may differ from a lone run's in the last bits only.
-        np.testing.assert_allclose(together.frames[k], alone, atol=1e-4)
+        np.testing.assert_allclose(own, alone, atol=1e-4)
 
 
 def test_several_videos_per_identity_and_clip_each_follow_their_generator(identity_image):
