@@ -64,16 +64,16 @@ MUTATIONS: List[Mutation] = [
     # Data preparation
     Mutation(
         "prepare-dataset: --smoothing dropped",
-        PACKAGE + "prepare_dataset.py",
-        "matrices = smooth_transforms(raw_matrices, self.args.smoothing, shown)",
+        PACKAGE + "video_preparation.py",
+        "matrices = smooth_transforms(raw_matrices, smoothing, shown)",
         "matrices = raw_matrices",
         ("tests/test_prepare_dataset.py", "-k", "smoothed_transforms"),
     ),
     Mutation(
         "prepare-dataset: a clip's audio cut from the video's start",
-        PACKAGE + "prepare_dataset.py",
-        'writer.close(waveform[start * SAMPLES_PER_FRAME : end * SAMPLES_PER_FRAME], plan["mouth"])',
-        'writer.close(waveform[: (end - start) * SAMPLES_PER_FRAME], plan["mouth"])',
+        PACKAGE + "video_preparation.py",
+        "writer.close(waveform[start * SAMPLES_PER_FRAME : end * SAMPLES_PER_FRAME], plan.mouth)",
+        "writer.close(waveform[: (end - start) * SAMPLES_PER_FRAME], plan.mouth)",
         ("tests/test_prepare_dataset.py", "-k", "own_at_the_clips"),
     ),
     # Measures

@@ -28,6 +28,7 @@ LAYERS = {
     "dataset": 3,
     "runtime": 4,
     "measures": 4,
+    "video_preparation": 4,
     "training": 4,
     "distillation": 5,
     "cli_utils": 5,

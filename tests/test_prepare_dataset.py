@@ -355,3 +355,29 @@ def test_the_alignment_is_the_smoothed_transforms(raw, tmp_path, monkeypatch):
         return float(np.abs(np.diff(matrices[:, :, 2], n=2, axis=0)).mean())
 
     assert roughness(result) < 0.7 * roughness(given)
+
+
+def test_the_first_pass_follows_one_face_splits_at_a_cut_and_says_what_it_leaves_out():
+    """Pass 1 on frames made in memory: a face for 20 frames, a cut to another face for 20, then 2 empty frames:
+    two parts, split at the cut; a minimum of 21 frames leaves both out as too short; no frames, or frames without
+    a face, give no parts and one reason."""
+    from diffused_heads.video_preparation import detect_and_follow
+
+    frames = [np.asarray(frame_at(k / 25, "astronaut")) for k in range(20)]
+    frames += [np.asarray(frame_at(k / 25, "hopper", background=busy_background(320, 240))) for k in range(20)]
+    frames += [np.zeros((240, 320, 3), np.uint8)] * 2
+
+    def reader(video):
+        return lambda limit: ((k, k / 25, frame) for k, frame in enumerate(video[:limit]))
+
+    detection, dropped = detect_and_follow(reader(frames), 100, "a.mp4", max_gap=2, min_frames=5)
+    assert [(s.start, s.end) for s in detection.segments] == [(0, 20), (20, 40)] and dropped == []
+    assert len(detection.boxes) == len(detection.times) == 42 and detection.boxes[-1] == []
+    detection, dropped = detect_and_follow(reader(frames), 100, "a.mp4", max_gap=2, min_frames=21)
+    assert detection is None and [d["reason"].split(":")[0] for d in dropped] == ["too short", "too short"]
+    assert detect_and_follow(reader([]), 100, "a.mp4", 2, 5) == (
+        None,
+        [{"source": "a.mp4", "reason": "unreadable: no video frames"}],
+    )
+    detection, dropped = detect_and_follow(reader(frames[-2:] * 5), 100, "a.mp4", 2, 5)
+    assert detection is None and dropped == [{"source": "a.mp4", "reason": "no face: none found"}]

@@ -21,31 +21,24 @@ the manifest is written from all records at the end.
 """
 
 import argparse
-import contextlib
 import hashlib
 import json
 import logging
 import os
-import re
 import sys
 import time
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 
 from .cli_utils import HelpFormatter, ProgressBoard, add_face_options, parse_colour, run_command
 from .errors import ArgumentError, MediaError
-from .media import FPS
+from .video_preparation import VideoPreparer
 
 logger = logging.getLogger(__name__)
 
 RECORDS = "records"
 OPTIONS_FILE = "preparation.json"
-# A scene cut: a frame whose 64x64 grey thumbnail differs from the previous one's by more than this (mean
-# absolute difference, 0-255) and by more than SCENE_CUT_RATIO times the clip's median change.
-SCENE_CUT, SCENE_CUT_RATIO = 20.0, 4.0
-CROWDED_SHARE = 0.5  # a part where another face of similar size shows in more frames than this is dropped
-SILENT_DBFS = -50.0  # speech quieter than this (RMS, dB below full scale) counts as silence
 
 
 def parse_args(argv=None):
@@ -121,248 +114,9 @@ def find_videos(raw: str) -> List[str]:
     return sorted(found)
 
 
-def speaker_of(relative: str, how: str) -> str:
-    stem = os.path.splitext(os.path.basename(relative))[0]
-    if how == "folder":
-        folder = os.path.dirname(relative)
-        return folder.replace(os.sep, "/") if folder else stem
-    if how == "prefix":
-        return stem.split("_")[0]
-    return os.path.splitext(relative)[0].replace(os.sep, "/")
-
-
-def clip_id(relative: str) -> str:
-    """A file-name-safe id of a video: its path under RAW without the extension."""
-    stem = os.path.splitext(relative)[0].replace(os.sep, "__")
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem)
-
-
 def _record_path(output: str, relative: str) -> str:
     key = hashlib.sha1(relative.encode("utf-8")).hexdigest()[:16]
     return os.path.join(output, RECORDS, key + ".json")
-
-
-# --------------------------------------------------------------------------------------------------
-# One video
-
-
-def _thumbnail(rgb: np.ndarray) -> np.ndarray:
-    import PIL.Image
-
-    return np.asarray(PIL.Image.fromarray(rgb).convert("L").resize((64, 64), PIL.Image.BILINEAR), np.float32)
-
-
-def scene_cuts(changes: List[float]) -> List[int]:
-    """The frames that start a new scene, from each frame's change against the one before."""
-    if len(changes) < 2:
-        return []
-    typical = float(np.median(changes[1:]))
-    return [i for i, change in enumerate(changes) if i and change > max(SCENE_CUT, SCENE_CUT_RATIO * typical)]
-
-
-@contextlib.contextmanager
-def _quiet(name: str):
-    """The warnings of one logger held back meanwhile."""
-    named = logging.getLogger(name)
-    level = named.level
-    named.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        named.setLevel(level)
-
-
-def _loudness_dbfs(waveform: np.ndarray) -> float:
-    rms = float(np.sqrt(np.mean(np.square(waveform, dtype=np.float64))))
-    return 20 * np.log10(max(rms, 1e-10))
-
-
-class VideoPreparer:
-    """Prepares one video at a time with the options of a run."""
-
-    def __init__(self, args, template):
-        self.args = args
-        self.size = args.size
-        centre = np.array([self.size / 2, self.size / 2])
-        self.target = centre + (template.scaled(self.size) - centre) * args.scale
-        self.background = parse_colour(args.background) or tuple(template.background)
-        self.min_frames = max(3, int(round(args.min_seconds * FPS)))
-
-    def __call__(self, raw: str, relative: str) -> Tuple[List[dict], List[dict]]:
-        """The clips made from a video and the parts left out, each `{"source", "reason"}`."""
-        from .media import SAMPLES_PER_FRAME, load_audio, video_frame_count
-
-        path = os.path.join(raw, relative)
-        stem = os.path.splitext(path)[0]
-        try:
-            video_frame_count(path, decode=False)
-        except MediaError as error:
-            return [], [{"source": relative, "reason": f"unreadable: {error}"}]
-        try:
-            with _quiet("diffused_heads.media"):  # silence is said here, as a reason
-                waveform = load_audio(stem + ".wav" if os.path.isfile(stem + ".wav") else path)
-        except MediaError as error:
-            return [], [{"source": relative, "reason": f"no usable audio: {error}"}]
-        loudness = _loudness_dbfs(waveform)
-        if loudness < SILENT_DBFS:
-            return [], [{"source": relative, "reason": f"silent: {loudness:.0f} dBFS"}]
-        try:
-            return self._video(path, relative, waveform, len(waveform) // SAMPLES_PER_FRAME)
-        except MediaError as error:
-            return [], [{"source": relative, "reason": f"unreadable: {error}"}]
-
-    def _frames(self, path: str, limit: int):
-        from .media import iter_video_frames_at
-
-        for index, (shown, frame) in enumerate(iter_video_frames_at(path)):
-            if index >= limit:
-                return
-            yield index, shown, frame
-
-    def _video(self, path, relative, waveform, audio_frames):
-        from . import dataset
-        from .faces import (
-            MESH_INDICES,
-            MESH_POINTS,
-            OUTER_LIPS,
-            FaceModels,
-            FoundFace,
-            align_frame,
-            apply_transform,
-            box_corners,
-            detect_faces,
-            face_mesh,
-            fill_missing,
-            follow_face,
-            landmark_speed,
-            similarity_transform,
-            smooth_transforms,
-        )
-        from .media import SAMPLES_PER_FRAME
-
-        # Pass 1: faces and scene cuts.
-        boxes, changes, times, previous = [], [], [], None
-        for index, shown, frame in self._frames(path, audio_frames):
-            times.append(shown)
-            boxes.append(detect_faces(frame))
-            thumbnail = _thumbnail(frame)
-            changes.append(0.0 if previous is None else float(np.abs(thumbnail - previous).mean()))
-            previous = thumbnail
-        cuts = scene_cuts(changes)
-        if not boxes:
-            return [], [{"source": relative, "reason": "unreadable: no video frames"}]
-        dropped = []
-        segments = []
-        for segment in follow_face(boxes, cuts, max_gap=self.args.max_gap):
-            where = f"frames {segment.start}-{segment.end - 1}"
-            if segment.end - segment.start < self.min_frames:
-                dropped.append({"source": relative, "reason": f"too short: {where} ({segment.end - segment.start})"})
-            elif segment.crowded > CROWDED_SHARE * segment.found:
-                dropped.append({"source": relative, "reason": f"several faces: {where} show faces of similar size"})
-            else:
-                segments.append(segment)
-        with_face = sum(bool(found) for found in boxes)
-        if not segments and with_face < min(self.min_frames, len(boxes) / 2):
-            reason = "none found" if not with_face else f"one in only {with_face} of {len(boxes)} frames"
-            return [], [{"source": relative, "reason": f"no face: {reason}"}]
-        if not segments:
-            return [], dropped
-
-        # Pass 2: the face mesh of the followed face.
-        models = FaceModels.shared()
-        wanted = {}
-        for number, segment in enumerate(segments):
-            for offset, box in enumerate(segment.boxes):
-                if box is not None:
-                    wanted[segment.start + offset] = (number, box)
-        meshes = [np.full((s.end - s.start, MESH_POINTS, 2), np.nan) for s in segments]
-        for index, _, frame in self._frames(path, max(s.end for s in segments)):
-            if index in wanted:
-                number, box = wanted[index]
-                points = face_mesh(models, frame, box)
-                if points is not None:
-                    meshes[number][index - segments[number].start] = points
-
-        plans = []
-        for segment, mesh in zip(segments, meshes):
-            where = f"frames {segment.start}-{segment.end - 1}"
-            seen = int((~np.isnan(mesh).any(axis=(1, 2))).sum())
-            if seen < 0.5 * len(mesh):
-                dropped.append({"source": relative, "reason": f"no face: the face mesh missed most of {where}"})
-                continue
-            mesh = fill_missing(mesh)
-            stable = mesh[:, list(MESH_INDICES)]
-            raw_matrices = np.stack([similarity_transform(p, self.target) for p in stable])
-            shown = np.asarray(times[segment.start : segment.end])
-            matrices = smooth_transforms(raw_matrices, self.args.smoothing, shown)
-            scale = float(np.mean(np.hypot(matrices[:, 0, 0], matrices[:, 1, 0])))
-            lips = np.stack([apply_transform(m, p[list(OUTER_LIPS)]) for m, p in zip(matrices, mesh)])
-            mouth = np.concatenate([lips.min(axis=1), lips.max(axis=1)], axis=1).clip(0, self.size)
-            plans.append(
-                dict(
-                    mesh=mesh,
-                    segment=segment,
-                    matrices=matrices,
-                    mouth=mouth,
-                    jitter_in=landmark_speed(stable) * scale,
-                    found=[],
-                )
-            )
-        if not plans:
-            return [], dropped
-
-        # Pass 3: the aligned frames, written as they are made.
-        base = clip_id(relative)
-        clips = []
-        starts = {plan["segment"].start: plan for plan in plans}
-        writer, plan = None, None
-        try:
-            for index, _, frame in self._frames(path, max(p["segment"].end for p in plans)):
-                if index in starts:
-                    plan = starts[index]
-                    name = base if len(plans) == 1 else f"{base}-{plan['segment'].start:06d}"
-                    writer = dataset.ClipWriter(
-                        self.args.output, name, plan["segment"].end - plan["segment"].start, self.size
-                    )
-                if writer is None:
-                    continue
-                offset = index - plan["segment"].start
-                followed = plan["segment"].boxes[offset]
-                others = [box_corners(b) for b in boxes[index] if b != followed]
-                face = FoundFace(plan["mesh"][offset][list(MESH_INDICES)], plan["mesh"][offset], others)
-                aligned = align_frame(
-                    frame,
-                    plan["matrices"][offset],
-                    self.size,
-                    self.background,
-                    self.args.keep_background,
-                    None if self.args.everyone else face,
-                    self.args.segmenter,
-                )
-                writer.write_frame(aligned)
-                # The landmarks found again in the aligned frame: how still the head is in what was written.
-                points = face_mesh(models, aligned, (0, 0, self.size, self.size))
-                plan["found"].append(np.full((5, 2), np.nan) if points is None else points[list(MESH_INDICES)])
-                if offset == len(plan["matrices"]) - 1:
-                    start, end = plan["segment"].start, plan["segment"].end
-                    writer.close(waveform[start * SAMPLES_PER_FRAME : end * SAMPLES_PER_FRAME], plan["mouth"])
-                    clips.append(
-                        {
-                            "id": name,
-                            "frames": end - start,
-                            "speaker": speaker_of(relative, self.args.speaker_from),
-                            "source": relative.replace(os.sep, "/"),
-                            "start_frame": start,
-                            "jitter_in_px": round(plan["jitter_in"], 3),
-                            "jitter_out_px": round(landmark_speed(np.stack(plan["found"])), 3),
-                        }
-                    )
-                    writer = None
-        except BaseException:
-            if writer is not None:
-                writer.abort()
-            raise
-        return clips, dropped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -452,7 +206,7 @@ def run(args) -> int:
     bar = None
     if state.is_main_process:
         bar = tqdm(total=len(pending), unit="video", desc="prepare-dataset", dynamic_ncols=True)
-    prepare = VideoPreparer(args, template)
+    prepare = VideoPreparer(args, template, parse_colour(args.background))
     done, frames = 0, 0
     started = time.perf_counter()
     with state.split_between_processes(pending) as mine:
