@@ -192,11 +192,12 @@ def model_card(
     tags: tuple = (),
     steps: Optional[int] = None,
     figures: Optional[Dict[str, Any]] = None,
+    samples: Optional[str] = None,
     repo: str = "path/to/this/folder",
 ) -> str:
     """A Hub model card (`README.md`) for a saved pipeline: the YAML header the Hub reads (`library_name:
     diffusers`, `pipeline_tag`, tags, licence, `base_model` for fine-tunes and students), what the model is, how
-    to use it, and `figures` (name -> value) as a table."""
+    to use it, `figures` (name -> value) as a table and `samples` (Markdown: sample frames and what they show)."""
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(
@@ -222,6 +223,8 @@ def model_card(
     if figures:
         lines += ["", "## Figures", "", "| | |", "|---|---|"]
         lines += [f"| {name} | {value} |" for name, value in figures.items()]
+    if samples:
+        lines += ["", "## Sample frames", "", samples]
     return "\n".join(lines) + "\n"
 
 

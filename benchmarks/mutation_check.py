@@ -167,8 +167,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "batch: outputs paired with the planned batch, not the prepared jobs",
         PACKAGE + "batch.py",
-        "for k, (job, _, _) in enumerate(ready):",
-        "for k, job in enumerate(batch):",
+        "for k, (job, _, _, (paste, _)) in enumerate(ready):",
+        "for k, (job, (_, _, _, (paste, _))) in enumerate(zip(batch, ready)):",
         ("tests/test_batch.py", "-k", "beside_it_fails"),
     ),
     Mutation(

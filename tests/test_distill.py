@@ -269,6 +269,7 @@ def test_the_student_is_a_model_folder_every_tool_runs_at_its_own_steps(teacher_
     assert "distillation" in card.data.tags and str(teacher_folder) in card.text
     # A teacher folder's licence is the student's; a folder is no Hub `base_model`.
     assert card.data.license == "cc-by-nc-sa-4.0" and card.data.base_model is None
+    assert "## Sample frames" in card.text and (output / "samples.png").is_file()
     record = json.loads((output / "distillation.json").read_text())
     assert record["method"] == "direct" and record["student_steps"] == 2 and record["teacher_steps"] == 10
     log = [json.loads(line) for line in open(f"{output}-checkpoints/train_log.jsonl")]

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -328,6 +329,13 @@ def test_result_loads_in_the_pipeline(clip_folder, tiny_config, tmp_path):
     card = ModelCard.load(tmp_path / "model" / "README.md")
     assert card.data.library_name == "diffusers" and card.data.license == "other" and card.data.base_model is None
     assert "trained from scratch" in card.text and "| optimisation steps | 2 of batch" in card.text
+    # Its picture: 8 frames made (tiles of 96 px for a 16 px model) above the first clip's own.
+    assert "## Sample frames" in card.text and "(samples.png)" in card.text
+    sheet = np.asarray(PIL.Image.open(tmp_path / "model" / "samples.png"))
+    assert sheet.shape == (2 * 96, 8 * 96, 3)
+    data = dataset.PreparedDataset(str(tmp_path / "model-checkpoints" / "data"))
+    real = np.asarray(PIL.Image.fromarray(data.frame(data.clips[0], 3)).resize((96, 96), PIL.Image.BICUBIC))
+    np.testing.assert_array_equal(sheet[96:, 3 * 96 : 4 * 96], real)
 
 
 def recorded_run(monkeypatch, clip_folder, output, *extra):

@@ -258,6 +258,12 @@ def add_training_options(parser: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate precision")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument(
+        "--sample-frames",
+        type=int,
+        default=8,
+        help="frames the saved model makes for its model card's picture (samples.png; 0: none)",
+    )
     p.set_defaults(**defaults)
 
 
@@ -272,5 +278,7 @@ def check_training_options(parser: argparse.ArgumentParser, args: argparse.Names
         parser.error("--ema-decay must be in [0, 1)")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
+    if args.sample_frames < 0:
+        parser.error("--sample-frames must be 0 or more")
     if args.checkpoint_dir is None:
         args.checkpoint_dir = os.path.normpath(args.output_dir) + "-checkpoints"

@@ -55,6 +55,7 @@ from .training import (
     make_accelerator,
     open_data,
     training_loop,
+    write_sample_sheet,
 )
 
 
@@ -175,7 +176,7 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
     return losses_of_batch
 
 
-def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dict) -> str:
+def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dict, samples=None) -> str:
     """The student's README.md: the Hub's YAML header (the teacher's licence, the teacher as `base_model` where it
     is a Hub id), what it is, how to use it, how it was made."""
     license, base_model = model_provenance(args.model)
@@ -206,6 +207,7 @@ def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dic
         tags=("distillation", "few-step"),
         steps=k,
         figures=figures,
+        samples=samples,
     )
 
 
@@ -266,6 +268,10 @@ def distill(args) -> str:
             stabilize_every=teacher.config.get("stabilize_every"),
             num_inference_steps=args.student_steps,
         )
+        os.makedirs(args.output_dir, exist_ok=True)
+        samples = None
+        if args.sample_frames:
+            samples = write_sample_sheet(pipe.to(accelerator.device), data, args.output_dir, args.sample_frames)
         pipe.save_pretrained(args.output_dir)
         record = {
             "teacher": teacher_name,
@@ -286,7 +292,7 @@ def distill(args) -> str:
             json.dump(record, f, indent=2)
             f.write("\n")
         with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(args, teacher_name, teacher, teacher_steps, record))
+            f.write(model_card(args, teacher_name, teacher, teacher_steps, record, samples))
         accelerator.print(f"saved the {args.student_steps}-step student to {args.output_dir}")
     accelerator.end_training()
     return args.output_dir

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -54,6 +55,7 @@ from .training import (
     new_model,
     open_data,
     training_loop,
+    write_sample_sheet,
 )
 
 
@@ -164,7 +166,7 @@ def pipeline_to_save(args, unet, encoder, noise_scheduler, defaults: dict, longe
     )
 
 
-def model_card(args, pipe, record: dict) -> str:
+def model_card(args, pipe, record: dict, samples: Optional[str] = None) -> str:
     """The trained model's README.md: the Hub's YAML header (a fine-tune keeps its starting model's licence and
     names it as `base_model` where it is a Hub id; a new model's licence is "other" until its owner sets it),
     what it is, how to use it, how it was trained."""
@@ -192,7 +194,14 @@ def model_card(args, pipe, record: dict) -> str:
     }
     tags = ("fine-tuned",) if args.init_from else ()
     return hub_model_card(
-        "Diffused Heads", description, license=license, base_model=base_model, tags=tags, steps=steps, figures=figures
+        "Diffused Heads",
+        description,
+        license=license,
+        base_model=base_model,
+        tags=tags,
+        steps=steps,
+        figures=figures,
+        samples=samples,
     )
 
 
@@ -283,7 +292,11 @@ def train(args) -> str:
             "seconds": progress.seconds,
             "device": f"{accelerator.num_processes} x {accelerator.device.type} ({torch.get_num_threads()} threads)",
         }
-        pipe.save_pretrained(args.output_dir, model_card=model_card(args, pipe, record))
+        os.makedirs(args.output_dir, exist_ok=True)
+        samples = None
+        if args.sample_frames:
+            samples = write_sample_sheet(pipe.to(accelerator.device), data, args.output_dir, args.sample_frames)
+        pipe.save_pretrained(args.output_dir, model_card=model_card(args, pipe, record, samples))
         accelerator.print(f"saved the pipeline to {args.output_dir}")
     accelerator.end_training()
     return args.output_dir

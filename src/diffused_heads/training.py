@@ -449,6 +449,38 @@ def check_components(unet, encoder) -> None:
 # Checkpoints
 
 
+SAMPLES_FILE = "samples.png"
+
+
+def write_sample_sheet(pipe: DiffusedHeadsPipeline, data: PreparedDataset, folder: str, count: int = 8) -> str:
+    """A picture of what a saved model makes, for its model card: the first `count` frames it generates (seed 0,
+    its own steps and sampler) from the first frame and the speech of the first clip of `data`, above the clip's
+    own frames; written as `SAMPLES_FILE` into `folder`. Returns the card's text for it."""
+    import PIL.Image
+
+    from .media import SAMPLES_PER_FRAME
+
+    clip = data.clips[0]
+    count = min(count, clip.frames)
+    size = pipe.unet.config.sample_size
+    waveform = data.audio(clip)[: count * SAMPLES_PER_FRAME]
+    pipe.set_progress_bar_config(disable=True)
+    made = pipe(data.frame(clip, 0), waveform, generator=torch.Generator().manual_seed(0)).frames[0][:count]
+    made = (made * 255.0).round().astype(np.uint8)
+    real = resize_frames(data.frames(clip, 0, count), size)
+    tile = max(size, 96)  # small models' frames shown larger
+    sheet = PIL.Image.new("RGB", (tile * count, tile * 2), "white")
+    for row, frames in enumerate((made, real)):
+        for k, frame in enumerate(frames):
+            sheet.paste(PIL.Image.fromarray(frame).resize((tile, tile), PIL.Image.BICUBIC), (k * tile, row * tile))
+    sheet.save(os.path.join(folder, SAMPLES_FILE))
+    return (
+        f"![the first {count} frames made, above the clip's own]({SAMPLES_FILE})\n\nTop: the first {count} frames "
+        f"the model makes from the first frame and the speech of clip `{clip.id}` of its training data (seed 0, its "
+        "own sampler and steps); bottom: that clip's own frames."
+    )
+
+
 def list_checkpoints(folder: str) -> List[str]:
     """The `checkpoint-STEP` folders of a run, oldest first."""
     found = glob.glob(os.path.join(folder, "checkpoint-*"))
