@@ -16,6 +16,7 @@ import soundfile
 from diffused_heads import builtin_model_path, example_audio_path, example_image_path
 
 from helpers import free_port, tiny_pipeline
+from talking_videos import hopper
 
 pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -89,7 +90,18 @@ def server(tmp_path_factory, offered):
     assert os.listdir(temporary) == [], "the app left files behind"
 
 
-def request(client, face, speech, model="builtin", steps=2, scheduler="the model's own", seed=0, stabilize="0"):
+def request(
+    client,
+    face,
+    speech,
+    model="builtin",
+    steps=2,
+    scheduler="the model's own",
+    seed=0,
+    stabilize="0",
+    prepare=True,
+    paste_back=False,
+):
     return client.predict(
         handle_file(str(face)),
         handle_file(str(speech)),
@@ -98,7 +110,8 @@ def request(client, face, speech, model="builtin", steps=2, scheduler="the model
         scheduler,
         seed,
         stabilize,
-        True,
+        prepare,
+        paste_back,
         api_name="/generate",
     )
 
@@ -164,6 +177,23 @@ def test_switching_models_loads_the_other_model_and_only_the_offered_ones(server
             request(client, example_image_path(), speech / "short.wav", model=typed)
         answers.add(str(error.value).replace(typed, "VALUE"))
     assert len(answers) == 1, answers  # the same answer for a file, a folder and nothing: no probing
+
+
+def test_in_the_original_photo_the_video_is_the_photo_at_its_size(server, speech, tmp_path):
+    """The page's "in the original photo": a portrait gives a video of its own size whose corners are the
+    photo's (up to the video codec's loss); asked without preparing the face, a readable error."""
+    client = Client(server[0], verbose=False)
+    photo = hopper()
+    photo.save(tmp_path / "portrait.jpg", quality=95)
+    video, _, _ = request(client, tmp_path / "portrait.jpg", speech / "short.wav", paste_back=True)
+    with av.open(str(video)) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    original = np.asarray(PIL.Image.open(tmp_path / "portrait.jpg").convert("RGB"), np.float32)
+    assert first.shape == original.shape
+    for corner in (np.s_[:60, :60], np.s_[:60, -60:], np.s_[-60:, :60], np.s_[-60:, -60:]):
+        assert np.abs(first[corner].astype(np.float32) - original[corner]).mean() < 6.0
+    with pytest.raises(Exception, match="only when the face is prepared"):
+        request(client, tmp_path / "portrait.jpg", speech / "short.wav", prepare=False, paste_back=True)
 
 
 def test_limits_turn_away_huge_pictures_large_uploads_and_a_full_queue(server, speech, tmp_path):

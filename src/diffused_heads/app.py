@@ -139,12 +139,21 @@ def check_upload(path: str, limits: Limits) -> None:
         )
 
 
-def identity_for_page(face: str, models: Models, model: Optional[str], prepare: bool, limits: Limits):
-    """The identity frame of an upload, checked against the limits first."""
+def identity_for_page(
+    face: str, models: Models, model: Optional[str], prepare: bool, limits: Limits, with_alignment: bool = False
+):
+    """The identity frame of an upload, checked against the limits first (with `with_alignment`: the frame, its
+    alignment and the photo, as `runtime.identity_frame` gives them)."""
     from . import runtime
 
     check_upload(face, limits)
-    return runtime.identity_frame(face, model=models.folder(model), prepare=prepare, max_pixels=limits.max_pixels)
+    return runtime.identity_frame(
+        face,
+        model=models.folder(model),
+        prepare=prepare,
+        max_pixels=limits.max_pixels,
+        with_alignment=with_alignment,
+    )
 
 
 def thumbnail(image, side: int = 256):
@@ -177,10 +186,12 @@ def run_request(
     limits: Limits,
     output_dir: str,
     progress=None,
+    paste_back: bool = False,
 ):
     """One generation, as the page runs it: yields `(video path or None, identity frame, frame being made,
-    warnings)`, a frame every `PREVIEW_EVERY` frames and the finished video last. Raises ValueError (MediaError
-    among them) with a readable message for bad input."""
+    warnings)`, a frame every `PREVIEW_EVERY` frames and the finished video last; with `paste_back`, the video is
+    the photo with the generated head pasted back (`generate --paste-back`). Raises ValueError (MediaError among
+    them) with a readable message for bad input."""
     import torch
 
     from . import runtime
@@ -196,8 +207,19 @@ def run_request(
             raise ValueError("the steps must be between 1 and 1000")
         if stabilize_every is not None and stabilize_every < 0:
             raise ValueError("the identity frame can be put back every 0 (never) or more frames")
+        if paste_back and not prepare:
+            raise ValueError(
+                "the head goes back into the photo only when the face is prepared: tick 'Prepare the face' too"
+            )
         label, pipe = models.get(model)
-        identity = identity_for_page(face, models, label, prepare, limits)
+        paste, size = None, 256
+        if paste_back:
+            from .paste import paste_back_for
+
+            identity, aligned, photo = identity_for_page(face, models, label, prepare, limits, with_alignment=True)
+            paste, size = paste_back_for(identity, aligned, photo)
+        else:
+            identity = identity_for_page(face, models, label, prepare, limits)
         audio = load_audio(speech)
         seconds = len(audio) / SAMPLING_RATE
         if seconds > limits.max_seconds:
@@ -224,7 +246,7 @@ def run_request(
         remove_old_results(output_dir, limits.keep_minutes)
         path = os.path.join(tempfile.mkdtemp(dir=output_dir), "talking-head.mp4")
         shown = thumbnail(identity)
-        with VideoWriter(path, audio) as writer:
+        with VideoWriter(path, audio, size=size) as writer:
             for output in pipe.stream(
                 identity,
                 audio,
@@ -234,8 +256,8 @@ def run_request(
                 generator=torch.Generator(models.device).manual_seed(seed),
                 callback_on_step_end=on_step,
             ):
-                writer.write(output.frames[0])
                 latest = output.frames[0]
+                writer.write(latest if paste is None else paste(latest))
                 if output.frame_index % PREVIEW_EVERY == 0:
                     yield None, shown, for_display(latest), warnings
         yield path, shown, for_display(latest), warnings
@@ -282,7 +304,9 @@ def build_app(
 
     models = Models(models or [None], dtype)
 
-    def generate(face, speech, model, steps, scheduler, seed, stabilize_every, prepare, progress=gr.Progress()):
+    def generate(
+        face, speech, model, steps, scheduler, seed, stabilize_every, prepare, paste_back=False, progress=gr.Progress()
+    ):
         shown = set()
         try:
             for video, identity, frame, warnings in run_request(
@@ -298,6 +322,7 @@ def build_app(
                 limits,
                 output_dir,
                 progress,
+                bool(paste_back),
             ):
                 for warning in warnings:
                     if warning not in shown:
@@ -326,6 +351,9 @@ def build_app(
                 face = gr.File(label="Face photo or video", file_types=["image", "video"], type="filepath")
                 speech = gr.Audio(label="Speech", sources=["upload", "microphone"], type="filepath")
                 prepare = gr.Checkbox(value=True, label="Prepare the face (align it, green background)")
+                paste_back = gr.Checkbox(
+                    value=False, label="In the original photo (the head pasted back, at the photo's size)"
+                )
                 with gr.Accordion("Settings", open=False):
                     model = gr.Dropdown(list(models.labels), value=models.default, label="Model")
                     steps = gr.Dropdown(
@@ -357,7 +385,7 @@ def build_app(
         prepare.change(preview, inputs=[face, model, prepare], outputs=identity)
         button.click(
             generate,
-            inputs=[face, speech, model, steps, scheduler, seed, stabilize, prepare],
+            inputs=[face, speech, model, steps, scheduler, seed, stabilize, prepare, paste_back],
             outputs=[video, identity, live],
             api_name="generate",
         )
