@@ -54,6 +54,7 @@ from .training import (
     load_model,
     make_accelerator,
     open_data,
+    run_device,
     training_loop,
     write_sample_sheet,
 )
@@ -286,7 +287,7 @@ def distill(args) -> str:
             "clips": len(data.clips),
             "minutes": sum(frame_counts) / FPS / 60,
             "seconds": round(progress.seconds, 1),  # of training steps, over every resumed run
-            "device": f"{accelerator.num_processes} x {accelerator.device.type} ({torch.get_num_threads()} threads)",
+            "device": run_device(accelerator),
         }
         with open(os.path.join(args.output_dir, "distillation.json"), "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)

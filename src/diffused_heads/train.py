@@ -54,6 +54,7 @@ from .training import (
     model_defaults,
     new_model,
     open_data,
+    run_device,
     training_loop,
     write_sample_sheet,
 )
@@ -290,7 +291,7 @@ def train(args) -> str:
             "clips": len(data.clips),
             "minutes": sum(frame_counts) / FPS / 60,
             "seconds": progress.seconds,
-            "device": f"{accelerator.num_processes} x {accelerator.device.type} ({torch.get_num_threads()} threads)",
+            "device": run_device(accelerator),
         }
         os.makedirs(args.output_dir, exist_ok=True)
         samples = None

@@ -449,6 +449,11 @@ def check_components(unet, encoder) -> None:
 # Checkpoints
 
 
+def run_device(accelerator) -> str:
+    """Where a run trained, for its record and model card: processes, device type and CPU threads."""
+    return f"{accelerator.num_processes} x {accelerator.device.type} ({torch.get_num_threads()} threads)"
+
+
 SAMPLES_FILE = "samples.png"
 
 
