@@ -224,6 +224,44 @@ def test_the_rollout_gives_the_student_its_own_frames_and_the_identity_where_it_
     assert torch.allclose(second[:, :channels], older_second)
 
 
+@pytest.mark.parametrize("context", ["rollout", "ground-truth"])
+def test_the_teachers_target_is_made_from_the_context_asked_for(context):
+    """`direct`: the student is always given its own rolled-out frame; the teacher makes its target from that frame
+    (`--target-context rollout`) or from the clip's own frame before the target (`ground-truth`)."""
+    import contextlib
+    import types
+
+    teacher = v_teacher()
+    recorder = MotionRecorder(teacher.unet.eval())
+    teacher.unet = recorder
+    student = MotionRecorder(copy.deepcopy(recorder.unet))
+    g = torch.Generator().manual_seed(0)
+    history = torch.rand(2, 4, 3, 16, 16, generator=g) * 2 - 1
+    batch = {
+        "x_start": torch.rand(2, 3, 16, 16, generator=g) * 2 - 1,
+        "identity": history[:, 0],
+        "motion": history,
+        "audio": torch.randn(2, 3, 5, 8, generator=g),
+        "boxes": None,
+    }
+    args = types.SimpleNamespace(
+        method="direct", student_steps=STUDENT_STEPS, lip_loss_weight=0.0, target_context=context
+    )
+    accelerator = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
+    sampler.set_timesteps(STUDENT_STEPS)
+    losses = distill.distillation_losses(args, accelerator, teacher, TEACHER_STEPS, sampler, stabilize=True)
+    losses(batch, torch.Generator().manual_seed(1), {"unet": student})
+    channels = teacher.unet.config.motion_frame_channels
+    made = student.motions[-1][:, channels:]  # what the student was trained on: its own last frame
+    truth = to_motion_frame(history[:, -1], channels)
+    assert not torch.allclose(made, truth)
+    assert len(recorder.motions) == TEACHER_STEPS
+    expected = made if context == "rollout" else truth
+    assert all(torch.allclose(m[:, channels:], expected) for m in recorder.motions)
+    assert all(torch.allclose(m[:, :channels], to_motion_frame(history[:, 0], channels)) for m in recorder.motions)
+
+
 # --------------------------------------------------------------------------------------------------
 # The command
 

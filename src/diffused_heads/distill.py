@@ -88,6 +88,14 @@ def parse_args(argv=None):
         help="frames the student makes itself before each target, whose motion frames are then its own (0: "
         "ground-truth motion frames only)",
     )
+    p.add_argument(
+        "--target-context",
+        choices=("rollout", "ground-truth"),
+        default="rollout",
+        help="direct: the motion frames the teacher makes its target frame from: the student's rolled-out frames "
+        "(the target continues the student's own motion) or the clip's ground-truth frames (the student, given its "
+        "own frames, learns to return to the clip's path)",
+    )
     p.add_argument("--lip-loss-weight", type=float, default=0.0, help="extra weight of the error inside the mouth box")
     args = p.parse_args(argv)
     check_training_options(p, args)
@@ -162,7 +170,15 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
                     mask,
                     args.lip_loss_weight,
                 )
-            target = sample_frames(teacher_unet, teacher.scheduler, teacher_steps, cond, generator)
+            if args.target_context == "ground-truth":
+                truth = history[:, -NUM_MOTION_FRAMES:]
+                older_truth = identity if stabilize else truth[:, 0]
+                teacher_cond = Conditioning(
+                    identity, motion_input(older_truth, truth[:, 1], motion_channels), cond.audio
+                )
+            else:
+                teacher_cond = cond
+            target = sample_frames(teacher_unet, teacher.scheduler, teacher_steps, teacher_cond, generator)
             return direct_losses(
                 student,
                 student_sampler,
@@ -280,6 +296,7 @@ def distill(args) -> str:
             "method": args.method,
             "student_steps": args.student_steps,
             "rollout_frames": args.rollout_frames,
+            "target_context": args.target_context,
             "steps": args.max_steps,
             "batch_size": args.batch_size,
             "processes": accelerator.num_processes,
