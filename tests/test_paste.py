@@ -107,6 +107,79 @@ def test_a_head_moved_in_the_crop_moves_by_that_over_the_crops_scale_in_the_phot
     np.testing.assert_allclose(shift, expected, atol=1.0)
 
 
+def high_frequency(image):
+    """Each pixel's distance from its own Gaussian blur (sigma 1), averaged over the channels."""
+    from scipy.ndimage import gaussian_filter
+
+    unit = as_unit(image)
+    return np.abs(unit - gaussian_filter(unit, (1, 1, 0))).mean(-1)
+
+
+def seam_sides(weight, pixels=8):
+    """The head's side and the photo's side of its outline, `pixels` wide each."""
+    head, outside = weight > 0.99, weight < 0.01
+    return head & grown(~head, pixels), outside & grown(~outside, pixels)
+
+
+def test_the_seam_is_no_step_from_sharp_to_soft():
+    """A 64-px head in a photo where it is 5 times larger: how much sharper the photo is just outside the outline
+    than the head just inside (measured against the same ratio in the photo itself) is what shows as a seam."""
+    photo = hopper()
+    aligned = align_identity(photo, size=128)
+    paste = PasteBack(photo, aligned.matrix, 128, identity_mask=aligned.mask)
+    frame = as_unit(aligned.image.resize((64, 64), PIL.Image.LANCZOS))
+    assert paste.enlargement(64) > 4
+    out = paste(frame)
+    reference = photo.crop((0, 0, *paste.size))
+    inside, outside = seam_sides(weight_in_photo(paste, frame))
+    step = [high_frequency(image)[inside].mean() / high_frequency(image)[outside].mean() for image in (out, reference)]
+    assert step[0] / step[1] >= 0.6  # 0.28 with the head's own resolution up to its outline
+    # The face itself (away from the outline) keeps its own resolution.
+    deep = (weight_in_photo(paste, frame) > 0.99) & ~grown(weight_in_photo(paste, frame) < 0.99, 40)
+    assert high_frequency(out)[deep].mean() < 0.5 * high_frequency(reference)[deep].mean()
+
+
+def test_the_photos_detail_is_not_added_where_the_head_moved_away(monkeypatch):
+    """Where the generated head differs from the photo (it moved), the photo's detail would draw a ghost of the
+    old outline: there the result is what it is with no detail added at all."""
+    import diffused_heads.paste as paste_module
+
+    photo = hopper()
+    aligned = align_identity(photo, size=128)
+    frame = np.roll(as_unit(aligned.image.resize((64, 64), PIL.Image.LANCZOS)), 4, axis=1)
+    paste = PasteBack(photo, aligned.matrix, 128, identity_mask=aligned.mask)
+    with_detail = as_unit(paste(frame))
+    monkeypatch.setattr(paste_module, "MIN_ENLARGEMENT", float("inf"))
+    without = as_unit(PasteBack(photo, aligned.matrix, 128, identity_mask=aligned.mask)(frame))
+    head, _ = paste.head_and_weight(frame)
+    low, _ = paste.photo_detail(64)
+    x0, y0, x1, y1 = paste.box
+    added = np.abs(with_detail - without)[y0:y1, x0:x1].max(-1)
+    differs = (head - low).abs().mean(0).numpy() > 0.35
+    assert differs.sum() > 500 and added.max() > 0.05  # the band gets detail where the head agrees
+    assert added[differs].max() < 2 / 255
+
+
+def test_in_a_group_photo_the_chosen_face_talks_and_the_others_are_unchanged(tmp_path):
+    """`generate --paste-back --face 1` on a photo of two people animates the second-largest face."""
+    import soundfile
+
+    group = PIL.Image.new("RGB", (1000, 620), (200, 200, 200))
+    group.paste(astronaut().resize((400, 400)), (0, 100))
+    group.paste(hopper(), (470, 10))  # the larger face
+    group.save(tmp_path / "group.png")
+    soundfile.write(tmp_path / "s.wav", speech_like(0.2), 16000)
+    out = tmp_path / "out.mp4"
+    args = ["--image", tmp_path / "group.png", "--audio", tmp_path / "s.wav", "--steps", "1", "--paste-back"]
+    assert generate.main([str(a) for a in [*args, "--face", "1", "--output", out]]) == 0
+    frames = read_video_frames(str(out), 0, None)
+    assert frames[0].size == group.size
+    for frame in frames:
+        changed = np.abs(as_unit(frame) - as_unit(group)).max(-1) > 0.15  # beyond the codec's error
+        assert changed[:, :420].sum() > 500  # the astronaut talks
+        assert changed[:, 470:].mean() < 1e-4  # Grace Hopper does not (a few pixels of codec error at sharp edges)
+
+
 def green_excess(image):
     """How much greener than red and blue each pixel is."""
     unit = as_unit(image)

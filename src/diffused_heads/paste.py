@@ -14,8 +14,12 @@ photo, at the photo's own size:
 - The head's colour is matched to the photo's person along the seam (one offset per channel).
 
 The generated face has the model's resolution (128 px for the released model): pasted into a photo where the head
-is 400 px it is enlarged about three times (bicubic), and looks softer than the photo around it. A model trained at
-a higher resolution, or a face restorer run on the crop before pasting, would raise it.
+is 400 px it is enlarged about three times (bicubic), and is softer than the photo around it. So that the outline
+does not show as a step from sharp to soft, the photo's own fine detail (the photo less its blur at the
+enlargement's scale) is added to the head in a band inside its outline, fading out inwards, and only where the
+head's colours there agree with the photo's at that blur (where the head moved away, nothing is added, so no
+ghost of the old outline). The face inside stays at the model's resolution: a model trained at a higher
+resolution, or a face restorer run on the crop before pasting, would raise it.
 """
 
 import logging
@@ -33,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_SIZE = 1920
 BORDER_FADE = 0.06  # of the crop's size: the blend fades to the photo over this much inside the crop's border
+SHARPNESS_BAND = 0.15  # of the crop's size: the photo's detail fades out over this much inside the head's outline
+DETAIL_TOLERANCE = 0.1  # colour difference (0-1) at which the photo's detail is mostly no longer added
+MIN_ENLARGEMENT = 1.25  # photo pixels per generated pixel below which the head is as sharp as the photo
 
 
 def green_distance_mask(
@@ -148,6 +155,7 @@ class PasteBack:
         self.zoom = float(np.hypot(*matrix[:, 0]))  # crop pixels per photo pixel
         self.plate = None
         self.hole = torch.zeros(y1 - y0, x1 - x0)
+        self._details = {}
         if identity_mask is not None:
             self.set_identity_mask(identity_mask)
 
@@ -176,8 +184,32 @@ class PasteBack:
         grid = torch.from_numpy(grid.astype(np.float32))[None]
         return F.grid_sample(image[None], grid, mode="bicubic", padding_mode="border", align_corners=False)[0]
 
+    def enlargement(self, size: int) -> float:
+        """Photo pixels per pixel of a generated frame of `size` pixels."""
+        return self.crop_size / (size * self.zoom)
+
+    def photo_detail(self, size: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """The box of the photo blurred to the resolution of an enlarged generated frame of `size` pixels, and the
+        detail that blur takes away; None where frames of that size are not enlarged (computed once per size)."""
+        if size not in self._details:
+            enlargement = self.enlargement(size)
+            detail = None
+            if enlargement >= MIN_ENLARGEMENT:
+                x0, y0, x1, y1 = self.box
+                region = self.photo[:, y0:y1, x0:x1]
+                low = _blur(region, 0.5 * enlargement)
+                detail = (low, region - low)
+            self._details[size] = detail
+        return self._details[size]
+
     def head_and_weight(self, frame: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """A generated frame `(s, s, 3)` in [0, 1] resampled into the box, and its blend weight there."""
+        head, weight, _ = self._head_weight_band(frame)
+        return head, weight
+
+    def _head_weight_band(self, frame: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`head_and_weight`, and the band inside the head's outline where the photo's detail is added (1 at the
+        outline, 0 from SHARPNESS_BAND of the crop inwards)."""
         frame = np.asarray(frame, np.float32)
         size = frame.shape[0]
         mask = torch.from_numpy(green_distance_mask(frame, self.background))
@@ -192,8 +224,9 @@ class PasteBack:
         mask = _erode(mask, max(1, round(2 * size / 128)))
         mask = _blur(mask[None], 0.6 * size / 128)[0]
         head = self._to_box(pixels, size).clamp(0.0, 1.0)
-        weight = self._to_box(mask[None], size)[0].clamp(0.0, 1.0) * self.border
-        return head, weight
+        band = mask * (2.0 * (1.0 - _blur(mask[None], 0.5 * SHARPNESS_BAND * size)[0])).clamp(0.0, 1.0)
+        weight, band = self._to_box(torch.stack([mask, band]), size).clamp(0.0, 1.0)
+        return head, weight * self.border, band
 
     def __call__(self, frame) -> np.ndarray:
         """One generated frame (`(s, s, 3)` float in [0, 1] or uint8) pasted into the photo: `(H, W, 3)` uint8."""
@@ -202,7 +235,7 @@ class PasteBack:
             frame = frame.astype(np.float32) / 255.0
         if frame.ndim != 3 or frame.shape[-1] != 3 or frame.shape[0] != frame.shape[1]:
             raise ValueError(f"a generated frame is (size, size, 3), got {frame.shape}")
-        head, weight = self.head_and_weight(frame)
+        head, weight, band = self._head_weight_band(frame)
         x0, y0, x1, y1 = self.box
         photo = self.photo[:, y0:y1, x0:x1]
         base = photo if self.plate is None else photo * (1 - self.hole) + self.plate * self.hole
@@ -211,6 +244,11 @@ class PasteBack:
         if int(seam.sum()) > 20:
             offset = (photo[:, seam] - head[:, seam]).mean(dim=1).clamp(-0.1, 0.1)
             head = (head + offset[:, None, None]).clamp(0.0, 1.0)
+        detail = self.photo_detail(frame.shape[0])
+        if detail is not None:  # the photo's sharpness carried a little way into the head (see the docstring)
+            low, fine = detail
+            agree = torch.exp(-(((head - low).abs().mean(dim=0) / DETAIL_TOLERANCE) ** 2))
+            head = (head + fine * (band * agree)[None]).clamp(0.0, 1.0)
         out = self.photo.clone()
         out[:, y0:y1, x0:x1] = base * (1 - weight) + head * weight
         return (out.permute(1, 2, 0).numpy() * 255.0 + 0.5).clip(0, 255).astype(np.uint8)
