@@ -11,6 +11,11 @@ weights; both modes use the same weights, inputs and noise.
 - fast: the pipeline as shipped (batched encoder, SDPA attention) with --dtype, channels_last and optionally
   torch.compile of the UNet, all clips of --batch in one batch.
 
+With --student K, the fast path is also timed as a K-step student samples (the same UNet with the `LCMScheduler`
+that `diffused-heads distill` gives its students, on the grid of the teacher's --steps): a student's speed does not
+depend on its weights, so the random weights stand in for a trained one. For example `--builtin --student 2`
+(the built-in model and its 2-step student) or `--full --steps 100 --student 2` (the released size).
+
 Prints one table: frames/s, seconds per second of audio, ms per UNet call, achieved TFLOP/s (and the share of
 --peak-tflops if given), peak GPU memory, the speed-up over the baseline, and the PSNR of the fast frames
 against the baseline frames made from the same noise.
@@ -169,6 +174,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, help="the device's peak, for the share column")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--student", type=int, metavar="K", help="also time a K-step student (LCMScheduler) on the fast path"
+    )
     args = parser.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -225,6 +233,18 @@ def main():
     label = f"fast {args.dtype} sdpa channels_last" + (" compile" if args.compile else "") + f" batch {args.batch}"
     rows.append((label, fast_time, memory, fast_frames))
 
+    if args.student:
+        from diffused_heads.distillation import student_scheduler
+
+        if not 1 <= args.student < args.steps:
+            parser.error("--student K needs 1 <= K < --steps")
+        pipe.scheduler = student_scheduler(scheduler.config, args.steps)
+        student_time, student_frames = run_mode(
+            pipe, identities, audios, latents.to(dtype), args.student, True, device, args.repeats
+        )
+        memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+        rows.append((f"student {args.student} steps (LCM), " + label[len("fast ") :], student_time, memory, None))
+
     # The device's practical peak, measured in this run for each precision (a 2048^3 matmul), so that the share
     # is honest on a noisy machine; --peak-tflops replaces it.
     peaks = {torch.float32: matmul_tflops(torch.float32, device), dtype: matmul_tflops(dtype, device)}
@@ -235,23 +255,29 @@ def main():
         f"{flops / 1e12:.3f} TFLOP per call, {args.frames} frames x {args.batch} clips, "
         f"{args.steps} {args.scheduler} steps, median of {args.repeats}"
     )
-    header = f"{'mode':45s} {'frames/s':>9s} {'s per s audio':>14s} {'ms/UNet call':>13s} {'TFLOP/s':>8s}"
+    width = max(45, *(len(row[0]) for row in rows))
+    header = f"{'mode':{width}s} {'frames/s':>9s} {'s per s audio':>14s} {'ms/UNet call':>13s} {'TFLOP/s':>8s}"
     header += f" {'share':>6s} {'peak GiB':>9s} {'speed-up':>9s} {'PSNR dB':>8s}"
     print(header)
     for label, seconds, memory, frames in rows:
         fps = total_frames / seconds
-        calls = total_frames * args.steps
+        calls = total_frames * (args.student if label.startswith("student") else args.steps)
         tflops = flops * calls / seconds / 1e12
         peak = args.peak_tflops or peaks[torch.float32 if label.startswith("baseline") else dtype]
         share = f"{100 * tflops / peak:5.1f}%"
         speedup = f"{baseline_time / seconds:8.2f}x" if baseline_time else "     n/a"
         psnr = "     n/a"
-        if baseline_frames is not None and frames is not baseline_frames:
+        if baseline_frames is not None and frames is not None and frames is not baseline_frames:
             mse = F.mse_loss(frames.cpu(), baseline_frames.cpu()).item()
             psnr = f"{10 * math.log10(1 / max(mse, 1e-20)):8.1f}"
         print(
-            f"{label:45s} {fps:9.3f} {25 / fps:14.2f} {1000 * seconds / calls:13.2f} {tflops:8.3f} {share} "
+            f"{label:{width}s} {fps:9.3f} {25 / fps:14.2f} {1000 * seconds / calls:13.2f} {tflops:8.3f} {share} "
             f"{memory:9.2f} {speedup} {psnr}"
+        )
+    if args.student:
+        print(
+            f"student ({args.student} steps) against the fast teacher ({args.steps} {args.scheduler} steps): "
+            f"{student_time / fast_time:.3f}x the time, {fast_time / student_time:.2f}x the frames per second"
         )
 
 

@@ -1,5 +1,5 @@
-"""Does the built-in model keep the face and the lip sync over minutes of speech? Generates one long clip frame by
-frame (nothing is held but per-minute sums) and prints, per minute:
+"""Does a model (the built-in one, or `--model`: a student, say) keep the face and the lip sync over minutes of
+speech? Generates one long clip frame by frame (nothing is held but per-minute sums) and prints, per minute:
 
 - identity PSNR outside the mouth (dB; the frames against the identity frame, as `diffused-heads evaluate`);
 - r(mouth, loudness): the correlation of the drawn mouth's opening with the speech's loudness envelope.
@@ -52,6 +52,7 @@ def long_speech(seconds: float) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="a model folder, Hub id or built-in name (default: the built-in model)")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--steps", type=int, help="default: the model's own")
     parser.add_argument("--threads", type=int, default=1)
@@ -61,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    pipe = runtime.load_pipeline(None, "cpu", args.dtype)
+    pipe = runtime.load_pipeline(args.model, "cpu", args.dtype)
     size = pipe.unet.config.sample_size
     with open(os.path.join(os.path.dirname(example_image_path()), "identity.json"), encoding="utf-8") as f:
         info = json.load(f)
