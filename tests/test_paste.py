@@ -218,6 +218,26 @@ def test_no_green_shows_the_other_person_is_unchanged_and_the_old_head_is_gone()
     assert np.abs(as_unit(out) - as_unit(group)[y0:y1, x0:x1])[uncovered].mean() > 0.1
 
 
+def test_where_the_head_left_its_place_no_outline_of_it_remains():
+    """A red disc (the person, with a soft 3-px edge) on a flat grey photo, its mask as a segmenter gives it (soft
+    at the edge, and a pixel short of the person's outermost pixels), and a generated frame without the head: the
+    whole photo must come out grey, the disc's edge included."""
+    size, crop = 240, 96
+    ys, xs = np.mgrid[:size, :size] + 0.5
+    radius = np.hypot(xs - 120, ys - 120)
+    person = np.clip((50 - radius) / 3 + 0.5, 0, 1)[..., None]  # 1 inside, 0 beyond 51.5 px
+    grey, red = np.array([0.5, 0.5, 0.5]), np.array([0.85, 0.2, 0.2])
+    photo = PIL.Image.fromarray(((grey * (1 - person) + red * person) * 255 + 0.5).astype(np.uint8))
+    scale = crop / 160  # the crop covers the photo's middle 160 px
+    matrix = np.array([[scale, 0, -40 * scale], [0, scale, -40 * scale]])
+    cys, cxs = (np.mgrid[:crop, :crop] + 0.5) / scale + 40
+    mask = np.clip((49 - np.hypot(cxs - 120, cys - 120)) / 2 + 0.5, 0, 1)
+    paste = PasteBack(photo, matrix, crop, identity_mask=mask)
+    no_head = np.broadcast_to(np.asarray(GREEN_BACKGROUND, np.float32) / 255.0, (crop, crop, 3))
+    out = as_unit(paste(no_head))
+    assert np.abs(out - grey).max() < 0.04
+
+
 def test_an_exif_turned_photo_comes_out_upright_and_at_its_size(tmp_path):
     upright = hopper()
     stored = upright.rotate(90, expand=True)  # stored on its side; the EXIF tag says to turn it back

@@ -10,7 +10,8 @@ photo, at the photo's own size:
   never shows, feathered, and faded out towards the crop's border so no square seam shows where the crop ends.
 - Where the photo's person was but the generated head is not (the head moved or turned), the photo's background
   shows: the person is filled from the surrounding background once (a push-pull fill), so no ghost of the
-  original head remains.
+  original head remains. Away from the generated person the fill covers the old person's soft edge too (a mask
+  is never sure there); next to it the photo's own edge stays, so a head that did not move is the photo.
 - The head's colour is matched to the photo's person along the seam (one offset per channel).
 
 The generated face has the model's resolution (128 px for the released model): pasted into a photo where the head
@@ -169,9 +170,13 @@ class PasteBack:
         x0, y0, x1, y1 = self.box
         region = self.photo[:, y0:y1, x0:x1]
         # The fill takes nothing from the person's soft edge (a little more than the person is left out of it).
-        grown = F.max_pool2d(hole[None, None], 5, stride=1, padding=2)[0, 0]
-        self.plate = fill_from_surroundings(region, grown > 0.02)
+        filled = F.max_pool2d(hole[None, None], 5, stride=1, padding=2)[0, 0] > 0.02
+        self.plate = fill_from_surroundings(region, filled)
         self.hole = hole
+        # Where the plate may stand in for the photo: all of the filled part (the person's soft edge, where a mask
+        # is never sure, included: else a faint outline of the old head stays where the head left), feathered by
+        # a pixel, and faded out towards the crop's border as the rest of the blend is.
+        self.cover = _blur(filled.float()[None], 1.0)[0].clamp(0.0, 1.0) * self.border
 
     # --- pasting ---
 
@@ -204,18 +209,20 @@ class PasteBack:
 
     def head_and_weight(self, frame: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
         """A generated frame `(s, s, 3)` in [0, 1] resampled into the box, and its blend weight there."""
-        head, weight, _ = self._head_weight_band(frame)
+        head, weight, _, _ = self._head_weight_band(frame)
         return head, weight
 
-    def _head_weight_band(self, frame: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`head_and_weight`, and the band inside the head's outline where the photo's detail is added (1 at the
-        outline, 0 from SHARPNESS_BAND of the crop inwards)."""
+    def _head_weight_band(self, frame: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`head_and_weight`; the band inside the head's outline where the photo's detail is added (1 at the
+        outline, 0 from SHARPNESS_BAND of the crop inwards); and how near the generated person is (its mask, not
+        pulled in, grown by a few pixels)."""
         frame = np.asarray(frame, np.float32)
         size = frame.shape[0]
         mask = torch.from_numpy(green_distance_mask(frame, self.background))
+        reach = max(2, round(3 * size / 128))
+        person_near = F.max_pool2d(mask[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0]
         # Near the head's outline the green the model drew behind it tints the head: there green is kept no higher
         # than the larger of red and blue (a despill), and the outline's half-green pixels are left out.
-        reach = max(2, round(3 * size / 128))
         greenish = torch.from_numpy(green_distance_mask(frame, self.background, start=0.3, end=0.6)) < 1.0
         near = F.max_pool2d(greenish.float()[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0] > 0
         pixels = torch.from_numpy(frame).permute(2, 0, 1)
@@ -225,8 +232,8 @@ class PasteBack:
         mask = _blur(mask[None], 0.6 * size / 128)[0]
         head = self._to_box(pixels, size).clamp(0.0, 1.0)
         band = mask * (2.0 * (1.0 - _blur(mask[None], 0.5 * SHARPNESS_BAND * size)[0])).clamp(0.0, 1.0)
-        weight, band = self._to_box(torch.stack([mask, band]), size).clamp(0.0, 1.0)
-        return head, weight * self.border, band
+        weight, band, person_near = self._to_box(torch.stack([mask, band, person_near]), size).clamp(0.0, 1.0)
+        return head, weight * self.border, band, person_near
 
     def __call__(self, frame) -> np.ndarray:
         """One generated frame (`(s, s, 3)` float in [0, 1] or uint8) pasted into the photo: `(H, W, 3)` uint8."""
@@ -235,10 +242,15 @@ class PasteBack:
             frame = frame.astype(np.float32) / 255.0
         if frame.ndim != 3 or frame.shape[-1] != 3 or frame.shape[0] != frame.shape[1]:
             raise ValueError(f"a generated frame is (size, size, 3), got {frame.shape}")
-        head, weight, band = self._head_weight_band(frame)
+        head, weight, band, person_near = self._head_weight_band(frame)
         x0, y0, x1, y1 = self.box
         photo = self.photo[:, y0:y1, x0:x1]
-        base = photo if self.plate is None else photo * (1 - self.hole) + self.plate * self.hole
+        base = photo
+        if self.plate is not None:
+            # The photo's person shows where the generated one is (its edge is the photo's own there); where the
+            # generated person is not near, all of the old one is gone, its soft edge too.
+            cover = torch.maximum(self.hole, self.cover * (1.0 - person_near))
+            base = photo * (1 - cover) + self.plate * cover
         # One colour offset per channel, measured where the head and the photo's person overlap near the seam.
         seam = (weight > 0.2) & (weight < 0.98) & (self.hole > 0.5) if self.plate is not None else weight < 0
         if int(seam.sum()) > 20:
