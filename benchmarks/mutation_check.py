@@ -145,8 +145,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "paste: the generated frame's person mask left out",
         PACKAGE + "paste.py",
-        "weight = self._to_box(mask[None], size)[0].clamp(0.0, 1.0) * self.border",
-        "weight = self.border.clone()",
+        "return head, weight * self.border, band, person_near",
+        "return head, self.border.clone(), band, person_near",
         ("tests/test_paste.py",),
     ),
     Mutation(
@@ -159,9 +159,30 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "paste: the photo's own head left where the new one is not",
         PACKAGE + "paste.py",
-        "base = photo if self.plate is None else photo * (1 - self.hole) + self.plate * self.hole",
+        "base = photo * (1 - cover) + self.plate * cover",
         "base = photo",
         ("tests/test_paste.py",),
+    ),
+    Mutation(
+        "paste: the old head's soft edge left where the new head is not near",
+        PACKAGE + "paste.py",
+        "cover = torch.maximum(self.hole, self.cover * (1.0 - person_near))",
+        "cover = self.hole",
+        ("tests/test_paste.py", "-k", "left_its_place"),
+    ),
+    Mutation(
+        "paste: no sharpness carried across the seam",
+        PACKAGE + "paste.py",
+        "head = (head + fine * (band * agree)[None]).clamp(0.0, 1.0)",
+        "pass",
+        ("tests/test_paste.py", "-k", "sharp"),
+    ),
+    Mutation(
+        "paste: the photo's detail added where the head moved away",
+        PACKAGE + "paste.py",
+        "agree = torch.exp(-(((head - low).abs().mean(dim=0) / DETAIL_TOLERANCE) ** 2))",
+        "agree = torch.ones_like(band)",
+        ("tests/test_paste.py", "-k", "moved_away"),
     ),
     # Batches and the page
     Mutation(
@@ -222,6 +243,13 @@ MUTATIONS: List[Mutation] = [
         ("tests/test_distill.py", "-k", "lip_loss"),
     ),
     # Distillation
+    Mutation(
+        "distill: --target-context ground-truth ignored (the teacher's target from the rollout)",
+        PACKAGE + "distill.py",
+        'if args.target_context == "ground-truth":',
+        "if False:",
+        ("tests/test_distill.py", "-k", "context"),
+    ),
     Mutation(
         "distillation: the direct student learns the noise, not the teacher's frames",
         PACKAGE + "distillation.py",
