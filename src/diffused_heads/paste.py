@@ -216,7 +216,9 @@ class PasteBack:
         """`head_and_weight`; the band inside the head's outline where the photo's detail is added (1 at the
         outline, 0 from SHARPNESS_BAND of the crop inwards); and how near the generated person is (its mask, not
         pulled in, grown by a few pixels)."""
-        frame = np.asarray(frame, np.float32)
+        frame = np.array(frame, np.float32, copy=None)
+        if not frame.flags.writeable:  # torch warns about tensors made from read-only arrays
+            frame = frame.copy()
         size = frame.shape[0]
         mask = torch.from_numpy(green_distance_mask(frame, self.background))
         reach = max(2, round(3 * size / 128))
