@@ -305,6 +305,7 @@ def test_the_student_is_a_model_folder_every_tool_runs_at_its_own_steps(teacher_
     card = ModelCard.load(output / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-video"
     assert "distillation" in card.data.tags and str(teacher_folder) in card.text
+    assert "the student's rolled-out frames" in card.text  # the target context of `direct`
     # A teacher folder's licence is the student's; a folder is no Hub `base_model`.
     assert card.data.license == "cc-by-nc-sa-4.0" and card.data.base_model is None
     assert "## Sample frames" in card.text and (output / "samples.png").is_file()

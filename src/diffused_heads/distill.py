@@ -216,6 +216,9 @@ def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dic
         "data": f"{record['clips']} clips, {record['minutes']:.1f} minutes",
         "training time": f"{record['seconds'] / 60:.1f} minutes on {record['device']}",
     }
+    if args.method == "direct":
+        context = "the clip's frames" if args.target_context == "ground-truth" else "the student's rolled-out frames"
+        figures["teacher's target made from"] = context
     return hub_model_card(
         f"Diffused Heads, {k}-step student",
         description,
