@@ -216,9 +216,7 @@ class PasteBack:
         """`head_and_weight`; the band inside the head's outline where the photo's detail is added (1 at the
         outline, 0 from SHARPNESS_BAND of the crop inwards); and how near the generated person is (its mask, not
         pulled in, grown by a few pixels)."""
-        frame = np.array(frame, np.float32, copy=None)
-        if not frame.flags.writeable:  # torch warns about tensors made from read-only arrays
-            frame = frame.copy()
+        frame = np.asarray(frame, np.float32)
         size = frame.shape[0]
         mask = torch.from_numpy(green_distance_mask(frame, self.background))
         reach = max(2, round(3 * size / 128))
@@ -227,7 +225,7 @@ class PasteBack:
         # than the larger of red and blue (a despill), and the outline's half-green pixels are left out.
         greenish = torch.from_numpy(green_distance_mask(frame, self.background, start=0.3, end=0.6)) < 1.0
         near = F.max_pool2d(greenish.float()[None, None], 2 * reach + 1, stride=1, padding=reach)[0, 0] > 0
-        pixels = torch.from_numpy(frame).permute(2, 0, 1)
+        pixels = torch.tensor(frame).permute(2, 0, 1)  # a copy: the frame may be a read-only array
         spill_free = torch.minimum(pixels[1], torch.maximum(pixels[0], pixels[2]))
         pixels = torch.stack([pixels[0], torch.where(near, spill_free, pixels[1]), pixels[2]])
         mask = _erode(mask, max(1, round(2 * size / 128)))
