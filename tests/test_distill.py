@@ -262,6 +262,14 @@ def test_the_teachers_target_is_made_from_the_context_asked_for(context):
     assert all(torch.allclose(m[:, :channels], to_motion_frame(history[:, 0], channels)) for m in recorder.motions)
 
 
+def test_the_target_context_is_an_option_of_direct_only(capsys):
+    common = ["--model", "m", "--data", "d", "--output-dir", "o", "--target-context", "ground-truth"]
+    assert distill.parse_args([*common, "--method", "direct"]).target_context == "ground-truth"
+    with pytest.raises(SystemExit):
+        distill.parse_args([*common, "--method", "consistency"])
+    assert "--target-context is an option of --method direct" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # The command
 

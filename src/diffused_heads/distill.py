@@ -105,6 +105,8 @@ def parse_args(argv=None):
         p.error("--teacher-steps must be at least 1")
     if args.rollout_frames < 0:
         p.error("--rollout-frames must be 0 or more")
+    if args.target_context != "rollout" and args.method != "direct":
+        p.error("--target-context is an option of --method direct")
     return args
 
 
@@ -153,8 +155,12 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
             )
         else:
             motion = history
-        older = identity if stabilize else motion[:, 0]
-        cond = Conditioning(identity, motion_input(older, motion[:, 1], motion_channels), audio[:, -1])
+
+        def conditioning(pair):  # the target's conditioning, given its two motion frames
+            older = identity if stabilize else pair[:, 0]
+            return Conditioning(identity, motion_input(older, pair[:, 1], motion_channels), audio[:, -1])
+
+        cond = conditioning(motion)
         mask = lip_box_masks(batch["boxes"], config.sample_size).to(device) if batch["boxes"] is not None else None
         with accelerator.autocast():
             if args.method == "consistency":
@@ -170,14 +176,9 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
                     mask,
                     args.lip_loss_weight,
                 )
+            teacher_cond = cond
             if args.target_context == "ground-truth":
-                truth = history[:, -NUM_MOTION_FRAMES:]
-                older_truth = identity if stabilize else truth[:, 0]
-                teacher_cond = Conditioning(
-                    identity, motion_input(older_truth, truth[:, 1], motion_channels), cond.audio
-                )
-            else:
-                teacher_cond = cond
+                teacher_cond = conditioning(history[:, -NUM_MOTION_FRAMES:])
             target = sample_frames(teacher_unet, teacher.scheduler, teacher_steps, teacher_cond, generator)
             return direct_losses(
                 student,
