@@ -212,7 +212,7 @@ def main():
                 pipe, identities, audios, latents, args.steps, False, device, args.repeats
             )
             memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append(("baseline fp32 eager", baseline_time, memory, baseline_frames))
+            rows.append(("baseline fp32 eager", baseline_time, memory, baseline_frames, args.steps))
         finally:
             AttentionBlock.forward = original_forward
 
@@ -231,7 +231,7 @@ def main():
     )
     memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     label = f"fast {args.dtype} sdpa channels_last" + (" compile" if args.compile else "") + f" batch {args.batch}"
-    rows.append((label, fast_time, memory, fast_frames))
+    rows.append((label, fast_time, memory, fast_frames, args.steps))
 
     if args.student:
         from diffused_heads.distillation import student_scheduler
@@ -243,7 +243,8 @@ def main():
             pipe, identities, audios, latents.to(dtype), args.student, True, device, args.repeats
         )
         memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        rows.append((f"student {args.student} steps (LCM), " + label[len("fast ") :], student_time, memory, None))
+        student_label = f"student {args.student} steps (LCM) {args.dtype}" + label[len(f"fast {args.dtype}") :]
+        rows.append((student_label, student_time, memory, None, args.student))
 
     # The device's practical peak, measured in this run for each precision (a 2048^3 matmul), so that the share
     # is honest on a noisy machine; --peak-tflops replaces it.
@@ -259,9 +260,9 @@ def main():
     header = f"{'mode':{width}s} {'frames/s':>9s} {'s per s audio':>14s} {'ms/UNet call':>13s} {'TFLOP/s':>8s}"
     header += f" {'share':>6s} {'peak GiB':>9s} {'speed-up':>9s} {'PSNR dB':>8s}"
     print(header)
-    for label, seconds, memory, frames in rows:
+    for label, seconds, memory, frames, steps in rows:
         fps = total_frames / seconds
-        calls = total_frames * (args.student if label.startswith("student") else args.steps)
+        calls = total_frames * steps
         tflops = flops * calls / seconds / 1e12
         peak = args.peak_tflops or peaks[torch.float32 if label.startswith("baseline") else dtype]
         share = f"{100 * tflops / peak:5.1f}%"
