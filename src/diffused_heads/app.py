@@ -195,7 +195,7 @@ def run_request(
     import torch
 
     from . import runtime
-    from .media import SAMPLING_RATE, VideoWriter, load_audio
+    from .media import SAMPLING_RATE, VIDEO_SIZE, VideoWriter, load_audio
 
     with RequestLog() as warnings:
         if not face:
@@ -212,7 +212,7 @@ def run_request(
                 "the head goes back into the photo only when the face is prepared: tick 'Prepare the face' too"
             )
         label, pipe = models.get(model)
-        paste, size = None, 256
+        paste, size = None, VIDEO_SIZE
         if paste_back:
             from .paste import paste_back_for
 

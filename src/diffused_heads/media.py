@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLING_RATE = 16000
 FPS = 25
+VIDEO_SIZE = 256  # the videos' frame size by default: the original's x2 enlargement of its 128-px frames
 SAMPLES_PER_FRAME = SAMPLING_RATE // FPS
 # The background of the CREMA-D crops the model was trained on; transparent pixels are filled with it.
 GREEN_BACKGROUND = (0, 177, 64)
@@ -502,7 +503,7 @@ class VideoWriter:
         audio: Optional[np.ndarray] = None,
         fps: int = FPS,
         sampling_rate: int = SAMPLING_RATE,
-        size: Optional[int] = 256,
+        size: Optional[int] = VIDEO_SIZE,
         overwrite: bool = False,
         live: bool = False,
     ):
@@ -645,7 +646,7 @@ def export_to_video_with_audio(
     path: str,
     fps: int = FPS,
     sampling_rate: int = SAMPLING_RATE,
-    size: Optional[int] = 256,
+    size: Optional[int] = VIDEO_SIZE,
     overwrite: bool = False,
 ) -> str:
     """Write frames and their audio as an MP4 (H.264 yuv420p + AAC) that plays in browsers.
