@@ -131,11 +131,12 @@ def test_the_seam_is_no_step_from_sharp_to_soft():
     assert paste.enlargement(64) > 4
     out = paste(frame)
     reference = photo.crop((0, 0, *paste.size))
-    inside, outside = seam_sides(weight_in_photo(paste, frame))
+    weight = weight_in_photo(paste, frame)
+    inside, outside = seam_sides(weight)
     step = [high_frequency(image)[inside].mean() / high_frequency(image)[outside].mean() for image in (out, reference)]
     assert step[0] / step[1] >= 0.6  # 0.28 with the head's own resolution up to its outline
     # The face itself (away from the outline) keeps its own resolution.
-    deep = (weight_in_photo(paste, frame) > 0.99) & ~grown(weight_in_photo(paste, frame) < 0.99, 40)
+    deep = (weight > 0.99) & ~grown(weight < 0.99, 40)
     assert high_frequency(out)[deep].mean() < 0.5 * high_frequency(reference)[deep].mean()
 
 
