@@ -175,6 +175,21 @@ def scheduler_uses_variance(scheduler: SchedulerMixin) -> bool:
     return is_ddpm and scheduler.config.get("variance_type") in ("learned", "learned_range")
 
 
+def accepts_timesteps(scheduler: SchedulerMixin) -> bool:
+    """Whether a scheduler's `set_timesteps` takes a list of custom timesteps (DDPM, LCM, TCD, ... do; DDIM does
+    not)."""
+    return "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
+
+
+def set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, timesteps=None, device=None) -> None:
+    """`scheduler.set_timesteps` at the given `timesteps` (descending training timesteps) where there are some, at
+    `num_inference_steps` of its own choosing otherwise."""
+    if timesteps is None:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    else:
+        scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=device)
+
+
 def _unwrapped(module):
     """A module compiled with `torch.compile` as the module it wraps."""
     return getattr(module, "_orig_mod", module)
@@ -384,6 +399,9 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             identity frame is not put back).
         num_inference_steps (`int`, *optional*): The model's own default for the call's `num_inference_steps`
             (None: 100, the released sampler's).
+        timesteps (`List[int]`, *optional*): The model's own timesteps (descending), used whenever a call makes
+            that many steps with a scheduler that takes custom timesteps; a distilled student keeps the timesteps
+            it was trained at here.
     """
 
     model_cpu_offload_seq = "audio_encoder->unet"
@@ -397,6 +415,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         trained_clip_seconds: Optional[float] = None,
         stabilize_every: Optional[int] = None,
         num_inference_steps: Optional[int] = None,
+        timesteps: Optional[List[int]] = None,
     ):
         super().__init__()
         self.register_modules(unet=unet, audio_encoder=audio_encoder, scheduler=scheduler)
@@ -404,6 +423,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             trained_clip_seconds=trained_clip_seconds,
             stabilize_every=stabilize_every,
             num_inference_steps=num_inference_steps,
+            timesteps=None if timesteps is None else [int(t) for t in timesteps],
         )
 
     # --- loading and saving: a folder that loads with this package's classes or, standing alone, as remote code ---
@@ -614,6 +634,35 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
 
     # --- inputs ---
 
+    def resolve_timesteps(self, num_inference_steps=None, timesteps=None):
+        """The steps a call makes and its custom timesteps (None: the scheduler's own choice): the call's, else the
+        model's own (`config.timesteps`) where they are as many as the steps and the scheduler takes them."""
+        if timesteps is not None:
+            try:
+                timesteps = [int(t) for t in timesteps]
+            except (TypeError, ValueError):
+                raise ValueError(f"timesteps must be a list of integers, got {timesteps!r}") from None
+            train = self.scheduler.config.get("num_train_timesteps", 1000)
+            if not timesteps or any(not 0 <= t < train for t in timesteps):
+                raise ValueError(
+                    f"timesteps must be a non-empty list of training timesteps in [0, {train}), got {timesteps}"
+                )
+            if any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+                raise ValueError(f"timesteps must be in descending order, got {timesteps}")
+            if num_inference_steps is not None and num_inference_steps != len(timesteps):
+                raise ValueError(
+                    f"num_inference_steps {num_inference_steps} differs from the {len(timesteps)} timesteps"
+                )
+            if not accepts_timesteps(self.scheduler):
+                raise ValueError(f"{type(self.scheduler).__name__} does not take custom timesteps")
+            return len(timesteps), timesteps
+        if num_inference_steps is None:
+            num_inference_steps = self.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
+        own = self.config.get("timesteps")
+        if own and len(own) == num_inference_steps and accepts_timesteps(self.scheduler):
+            return num_inference_steps, list(own)
+        return num_inference_steps, None
+
     def check_inputs(
         self,
         num_inference_steps,
@@ -773,6 +822,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         sampling_rate: int = 16000,
         num_inference_steps: Optional[int] = None,
         stabilize_every: Optional[int] = None,
+        timesteps: Optional[List[int]] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         output_type: str = "np",
@@ -788,8 +838,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         and the two before it are held, so memory does not grow with the length of the speech: write each frame
         away as it comes. Leaving the loop stops the generation.
         """
-        if num_inference_steps is None:
-            num_inference_steps = self.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
+        num_inference_steps, timesteps = self.resolve_timesteps(num_inference_steps, timesteps)
         self.check_inputs(
             num_inference_steps,
             stabilize_every,
@@ -841,7 +890,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         motion_channels = self.unet.config.motion_frame_channels
         identity_motion = to_motion_frame(identity_frames, motion_channels)
         previous = [identity_motion, identity_motion]
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        set_timesteps(self.scheduler, num_inference_steps, timesteps, device)
         self._num_timesteps = len(self.scheduler.timesteps)
         counts = torch.tensor(frame_counts)
         # The hooks are freed however the loop ends: also when a consumer stops early (closes the generator).
@@ -854,7 +903,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                     audio_context = audio_window(audio_embeddings, frame_index, context, counts)
 
                     # Multistep schedulers keep state: start every frame afresh.
-                    self.scheduler.set_timesteps(num_inference_steps, device=device)
+                    set_timesteps(self.scheduler, num_inference_steps, timesteps, device)
                     frame_latents = frame_noise(frame_index) * self.scheduler.init_noise_sigma
                     for step_index, t in enumerate(self.scheduler.timesteps):
                         model_input = self.scheduler.scale_model_input(frame_latents, t).to(dtype)
@@ -895,6 +944,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         sampling_rate: int = 16000,
         num_inference_steps: Optional[int] = None,
         stabilize_every: Optional[int] = None,
+        timesteps: Optional[List[int]] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         latents: Optional[torch.Tensor] = None,
         output_type: str = "np",
@@ -918,6 +968,9 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             sampling_rate (`int`, defaults to 16000): Sample rate of `audio`; resampled to 16 kHz if different.
             num_inference_steps (`int`, *optional*): Denoising steps per frame; defaults to the model's own
                 (`pipe.config.num_inference_steps`), else 100.
+            timesteps (`List[int]`, *optional*): Custom timesteps, descending (e.g. `[999, 199]`), for a scheduler
+                whose `set_timesteps` takes them; `num_inference_steps` is then their number. Defaults to the
+                model's own (`pipe.config.timesteps`) where the call makes as many steps as those.
             stabilize_every (`int`, *optional*): Every this many frames, replace the older motion frame with the
                 identity frame, which limits drift on long clips (15 in the authors' training configuration); 0
                 turns it off. Defaults to the model's own setting (`pipe.config.stabilize_every`), if any.
@@ -953,6 +1006,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             sampling_rate=sampling_rate,
             num_inference_steps=num_inference_steps,
             stabilize_every=stabilize_every,
+            timesteps=timesteps,
             generator=generator,
             latents=latents,
             output_type="pt",

@@ -364,10 +364,17 @@ def test_other_sample_rates_are_resampled(identity_image):
         (dict(identity=torch.full((3, 8, 8), 200.0)), r"\[-1, 1\]"),
         (dict(identity="face.png"), "identity_image"),
         (dict(latents=torch.zeros(1, 1, 3, 16, 16)), "latents"),
+        (dict(timesteps=[999, 199]), "num_inference_steps 3 differs from the 2 timesteps"),
+        (dict(timesteps=[199, 999], num_inference_steps=2), "descending"),
+        (dict(timesteps=[1000], num_inference_steps=1), "training timesteps"),
+        (dict(timesteps=["a"], num_inference_steps=1), "list of integers"),
+        (dict(timesteps=[999], num_inference_steps=1, ddim=True), "DDIMScheduler does not take custom timesteps"),
     ],
 )
 def test_bad_input_is_named(kwargs, message, identity_image):
     pipe = tiny_pipeline()
+    if kwargs.pop("ddim", False):
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     identity = kwargs.pop("identity", identity_image)
     audio = kwargs.pop("audio", None)
     with pytest.raises((ValueError, TypeError), match=message):
