@@ -18,6 +18,7 @@ from diffused_heads.distillation import (
     Conditioning,
     NoiseSchedule,
     consistency_losses,
+    default_student_timesteps,
     direct_losses,
     lip_weighted_mse,
     roll_out,
@@ -262,6 +263,16 @@ def test_the_teachers_target_is_made_from_the_context_asked_for(context):
     assert all(torch.allclose(m[:, :channels], to_motion_frame(history[:, 0], channels)) for m in recorder.motions)
 
 
+@pytest.mark.parametrize(
+    "value,message",
+    [("999,x", "not a comma-separated list"), ("999", "gives 1 timesteps for 2 steps"), ("199,999", "descending")],
+)
+def test_wrong_student_timesteps_are_refused(value, message, capsys):
+    with pytest.raises(SystemExit):
+        distill.parse_args(["--data", "d", "--output-dir", "o", "--student-timesteps", value])
+    assert message in capsys.readouterr().err
+
+
 def test_the_target_context_is_an_option_of_direct_only(capsys):
     common = ["--model", "m", "--data", "d", "--output-dir", "o", "--target-context", "ground-truth"]
     assert distill.parse_args([*common, "--method", "direct"]).target_context == "ground-truth"
@@ -309,7 +320,7 @@ def test_the_student_is_a_model_folder_every_tool_runs_at_its_own_steps(teacher_
     pipe.set_progress_bar_config(disable=True)
     frames = pipe(np.zeros((16, 16, 3), np.uint8), np.zeros(3200, np.float32)).frames
     assert frames.shape == (1, 5, 16, 16, 3) and len(calls) == 5 * STUDENT_STEPS
-    assert [int(t) for t in calls[:2]] == [999, 499]
+    assert [int(t) for t in calls[:2]] == [999, 199]  # the default student timesteps
     card = ModelCard.load(output / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-video"
     assert "distillation" in card.data.tags and str(teacher_folder) in card.text
@@ -364,6 +375,58 @@ def test_distill_runs_from_a_converted_folder_of_the_released_files(clips, tmp_p
 
 
 @pytest.mark.parametrize(
+    "teacher_steps,student_steps,expected",
+    [(10, 2, [999, 199]), (10, 3, [999, 599, 199]), (10, 1, [999]), (100, 2, [999, 199]), (4, 3, [999, 749, 249])],
+)
+def test_the_default_student_timesteps_end_near_a_fifth_of_the_schedule(teacher_steps, student_steps, expected):
+    assert default_student_timesteps(1000, teacher_steps, student_steps) == expected
+
+
+def test_the_direct_loss_trains_the_student_at_its_own_timesteps():
+    teacher = v_teacher()
+    cond = conditioning()
+    sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
+    sampler.set_timesteps(timesteps=[999, 199])
+    student = student_of(teacher)
+    seen = []
+    student.register_forward_hook(lambda module, args, output: seen.extend(int(t) for t in args[1]))
+    target = teacher_draws(teacher, cond, count=1)[0]
+    for seed in range(3):
+        direct_losses(
+            student,
+            sampler,
+            NoiseSchedule(teacher.scheduler),
+            target,
+            cond,
+            torch.Generator().manual_seed(seed),
+            student_timesteps=[999, 199],
+        )
+    assert set(seen) == {999, 199}
+
+
+def test_a_student_trained_at_its_own_timesteps_keeps_and_samples_at_them(teacher_folder, clips, tmp_path):
+    output = tmp_path / "student"
+    extra = ("--max-steps", "2", "--rollout-frames", "1", "--student-timesteps", "999,199", "--sample-frames", "0")
+    assert run_distill(teacher_folder, clips, output, *extra) == 0
+    pipe = DiffusedHeadsPipeline.from_pretrained(output)
+    assert pipe.config.timesteps == [999, 199] and pipe.config.num_inference_steps == 2
+    assert json.loads((output / "distillation.json").read_text())["student_timesteps"] == [999, 199]
+    calls = []
+    pipe.unet.register_forward_hook(lambda module, args, output: calls.append(int(args[1])))
+    pipe.set_progress_bar_config(disable=True)
+    face, speech = np.zeros((16, 16, 3), np.uint8), np.zeros(1280, np.float32)
+    pipe(face, speech)
+    assert calls == [999, 199] * 2
+    # Another number of steps is the scheduler's own choice; the call's own timesteps win.
+    calls.clear()
+    pipe(face, speech, num_inference_steps=3)
+    assert calls[:3] == [999, 699, 399]
+    calls.clear()
+    pipe(face, speech, timesteps=[999, 599])
+    assert calls == [999, 599] * 2
+
+
+@pytest.mark.parametrize(
     "case,message",
     [
         ("student teacher", "already a distilled student"),
@@ -371,6 +434,7 @@ def test_distill_runs_from_a_converted_folder_of_the_released_files(clips, tmp_p
         ("short clips", "is long enough"),
         ("output exists", "exists already"),
         ("no teacher", "no such folder"),
+        ("off the grid", "are not on the teacher's grid"),
     ],
 )
 def test_bad_input_is_one_error_line_and_writes_nothing(case, message, teacher_folder, clips, tmp_path, capsys):
@@ -384,6 +448,8 @@ def test_bad_input_is_one_error_line_and_writes_nothing(case, message, teacher_f
         extra += ["--student-steps", "10"]
     elif case == "short clips":
         extra += ["--rollout-frames", "40"]  # the clips are at most 25 frames long
+    elif case == "off the grid":
+        extra += ["--student-timesteps", "999,150"]
     elif case == "output exists":
         output.mkdir()
         (output / "keep.txt").write_text("mine")

@@ -29,6 +29,7 @@ from .distillation import (
     Conditioning,
     NoiseSchedule,
     consistency_losses,
+    default_student_timesteps,
     direct_losses,
     is_student,
     motion_input,
@@ -36,9 +37,10 @@ from .distillation import (
     sample_frames,
     student_scheduler,
     teacher_grid,
+    teacher_grid_of,
 )
 from .errors import ArgumentError
-from .hub.pipeline_diffused_heads import DEFAULT_NUM_INFERENCE_STEPS, DiffusedHeadsPipeline
+from .hub.pipeline_diffused_heads import DEFAULT_NUM_INFERENCE_STEPS, DiffusedHeadsPipeline, set_timesteps
 from .hub.pipeline_diffused_heads import model_card as hub_model_card
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
 from .media import FPS
@@ -81,6 +83,14 @@ def parse_args(argv=None):
         help="the teacher's steps per frame, whose grid the student's timesteps lie on (default: the teacher's own)",
     )
     p.add_argument(
+        "--student-timesteps",
+        metavar="T1,T2,...",
+        help="the student's K timesteps, descending, on the teacher's grid, which it is trained and samples at "
+        "(saved as the model's own `timesteps`); 'even': LCMScheduler's evenly spaced ones (999,499 for K = 2 on a "
+        "10-step grid). Default: the grid's top, its second point from the bottom and any others evenly between "
+        "(999,199 for K = 2)",
+    )
+    p.add_argument(
         "--rollout-frames",
         type=int,
         default=2,
@@ -107,11 +117,23 @@ def parse_args(argv=None):
         p.error("--rollout-frames must be 0 or more")
     if args.target_context != "rollout" and args.method != "direct":
         p.error("--target-context is an option of --method direct")
+    if args.student_timesteps not in (None, "even"):
+        try:
+            args.student_timesteps = [int(t) for t in args.student_timesteps.split(",")]
+        except ValueError:
+            p.error(f"--student-timesteps {args.student_timesteps!r} is not a comma-separated list of integers")
+        if len(args.student_timesteps) != args.student_steps:
+            p.error(
+                f"--student-timesteps gives {len(args.student_timesteps)} timesteps for {args.student_steps} steps"
+            )
+        if any(a <= b for a, b in zip(args.student_timesteps, args.student_timesteps[1:])):
+            p.error("--student-timesteps must be in descending order")
     return args
 
 
 def load_teacher(args):
-    """The teacher pipeline, checked: not a student itself, with more steps than the student."""
+    """The teacher pipeline, checked: not a student itself, with more steps than the student; the student's
+    timesteps are checked against its grid and resolved in `args.student_timesteps` (None: the sampler's own)."""
     try:
         path = resolve_model(args.model)
     except ArgumentError as error:
@@ -131,6 +153,18 @@ def load_teacher(args):
     timesteps = teacher.scheduler.config.num_train_timesteps
     if timesteps % teacher_steps:
         raise TrainingError(f"--teacher-steps {teacher_steps} must divide the {timesteps} training timesteps")
+    if args.student_timesteps is None:
+        args.student_timesteps = default_student_timesteps(timesteps, teacher_steps, args.student_steps)
+    elif args.student_timesteps == "even":
+        args.student_timesteps = None  # the student sampler's own
+    else:
+        grid = [int(t) for t in teacher_grid_of(timesteps, teacher_steps)]
+        off = [t for t in args.student_timesteps if t not in grid]
+        if off:
+            raise TrainingError(
+                f"--student-timesteps {off} are not on the teacher's grid of {teacher_steps} steps "
+                f"({', '.join(str(t) for t in reversed(grid))})"
+            )
     return path, teacher, teacher_steps
 
 
@@ -151,7 +185,15 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
         audio = batch["audio"].to(device)
         if history.shape[1] > NUM_MOTION_FRAMES:
             motion = roll_out(
-                student, student_sampler, args.student_steps, identity, history, audio, generator, stabilize
+                student,
+                student_sampler,
+                args.student_steps,
+                identity,
+                history,
+                audio,
+                generator,
+                stabilize,
+                args.student_timesteps,
             )
         else:
             motion = history
@@ -189,6 +231,7 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
                 generator,
                 mask,
                 args.lip_loss_weight,
+                args.student_timesteps,
             )
 
     return losses_of_batch
@@ -211,6 +254,7 @@ def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dic
         "teacher": f"`{teacher_name}` ({teacher_steps} steps per frame, {type(teacher.scheduler).__name__})",
         "method": f"`{args.method}`",
         "steps per frame": k,
+        "timesteps": ", ".join(str(t) for t in record["student_timesteps"]),
         "optimisation steps": f"{record['steps']} of batch {args.batch_size} per process",
         "learning rate": args.learning_rate,
         "rollout frames": args.rollout_frames,
@@ -258,7 +302,7 @@ def distill(args) -> str:
     )
     stabilize = teacher.config.get("stabilize_every") == 1
     student_sampler = student_scheduler(teacher.scheduler.config, teacher_steps)
-    student_sampler.set_timesteps(args.student_steps)
+    set_timesteps(student_sampler, args.student_steps, args.student_timesteps)
 
     teacher_unet = unet.to(accelerator.device).eval().requires_grad_(False)
     student = type(unet).from_config(config)
@@ -288,6 +332,7 @@ def distill(args) -> str:
             trained_clip_seconds=teacher.config.get("trained_clip_seconds"),
             stabilize_every=teacher.config.get("stabilize_every"),
             num_inference_steps=args.student_steps,
+            timesteps=args.student_timesteps,
         )
         os.makedirs(args.output_dir, exist_ok=True)
         samples = None
@@ -299,6 +344,7 @@ def distill(args) -> str:
             "teacher_steps": teacher_steps,
             "method": args.method,
             "student_steps": args.student_steps,
+            "student_timesteps": [int(t) for t in student_sampler.timesteps],
             "rollout_frames": args.rollout_frames,
             "target_context": args.target_context,
             "steps": args.max_steps,

@@ -30,11 +30,11 @@ Self Forcing and CausVid) instead of only ever seeing ground-truth motion.
 """
 
 import inspect
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 
-from .hub.pipeline_diffused_heads import scheduler_uses_variance, to_motion_frame
+from .hub.pipeline_diffused_heads import scheduler_uses_variance, set_timesteps, to_motion_frame
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
 
 METHODS = ("consistency", "direct")
@@ -67,10 +67,32 @@ def is_student(scheduler) -> bool:
     return type(scheduler).__name__ in ("LCMScheduler", "TCDScheduler", "CMStochasticIterativeScheduler")
 
 
+def teacher_grid_of(num_train_timesteps: int, teacher_steps: int) -> torch.Tensor:
+    """The timesteps of a grid of `teacher_steps`, ascending (`k - 1, 2k - 1, ..., T - 1` with `k` = T / N)."""
+    k = num_train_timesteps // teacher_steps
+    return torch.arange(1, teacher_steps + 1) * k - 1
+
+
+def default_student_timesteps(num_train_timesteps: int, teacher_steps: int, student_steps: int) -> List[int]:
+    """The student's K timesteps on the teacher's grid of N, descending: the first at the top (T - 1), the last at
+    the grid point nearest T / 5, any others evenly between; 999 and 199 for K = 2 on a grid of 10 (or of 100).
+    The last step then takes a lightly noised copy of the frame the first step made and has fine detail to
+    restore; LCMScheduler's evenly spaced timesteps (999 and 499) noise it halfway and leave more to the last step.
+    On the built-in model, 150 steps of `direct` distillation reached an identity PSNR of 33.9 dB at 999 and 199
+    against 31.4 dB at 999 and 499 (5 held-out clips; README)."""
+    grid = teacher_grid_of(num_train_timesteps, teacher_steps).tolist()
+    if student_steps == 1:
+        return [grid[-1]]
+    below_top = grid[:-1]
+    last = min(range(len(below_top)), key=lambda i: abs(below_top[i] - num_train_timesteps / 5))
+    last = min(last, teacher_steps - student_steps)  # room for K distinct points
+    picks = torch.linspace(teacher_steps - 1, last, student_steps).round().long().tolist()
+    return [int(grid[i]) for i in picks]
+
+
 def teacher_grid(scheduler) -> torch.Tensor:
-    """The timesteps of the teacher's grid, ascending (`k - 1, 2k - 1, ..., T - 1` with `k` = T / N)."""
-    k = scheduler.config.num_train_timesteps // scheduler.config.original_inference_steps
-    return torch.arange(1, scheduler.config.original_inference_steps + 1) * k - 1
+    """The timesteps of the student sampler's grid (the teacher's), ascending."""
+    return teacher_grid_of(scheduler.config.num_train_timesteps, scheduler.config.original_inference_steps)
 
 
 class NoiseSchedule:
@@ -143,16 +165,19 @@ def run_unet(unet, x, timesteps, cond: Conditioning) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_frames(unet, scheduler, steps: int, cond: Conditioning, generator: torch.Generator) -> torch.Tensor:
+def sample_frames(
+    unet, scheduler, steps: int, cond: Conditioning, generator: torch.Generator, timesteps=None
+) -> torch.Tensor:
     """Frames `(B, 3, S, S)` made as the pipeline makes them: noise drawn from `generator`, then `scheduler` (its
-    own copy: its state is this call's) at `steps` steps, given the variance channels only where it uses them."""
+    own copy: its state is this call's) at `steps` steps (at `timesteps`, where given), given the variance channels
+    only where it uses them."""
     scheduler = type(scheduler).from_config(scheduler.config)
     config = unet.config if hasattr(unet, "config") else unet.module.config
     channels = config.in_channels
     shape = (len(cond.identity), channels, config.sample_size, config.sample_size)
     device = cond.identity.device
     x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-    scheduler.set_timesteps(steps, device=device)
+    set_timesteps(scheduler, steps, timesteps, device)
     uses_variance = scheduler_uses_variance(scheduler)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in scheduler.timesteps:
@@ -173,19 +198,21 @@ def roll_out(
     audio: torch.Tensor,
     generator: torch.Generator,
     stabilize: bool,
+    timesteps=None,
 ) -> torch.Tensor:
     """The two motion frames of the target `(B, 2, 3, S, S)` after the student has made the frames before it
     itself: `history` `(B, H, 3, S, S)` holds the H ground-truth frames before the target (oldest first) and
     `audio` `(B, H - 1, context, dim)` the audio windows of the last H - 2 of them and of the target; the first two
     frames start the rollout and the student makes the other H - 2, each from the two before it (the older one
-    the identity frame where `stabilize`, as the model samples with `stabilize_every` = 1)."""
+    the identity frame where `stabilize`, as the model samples with `stabilize_every` = 1), at the student's
+    `timesteps` where given."""
     config = student.config if hasattr(student, "config") else student.module.config
     channels = config.motion_frame_channels
     frames = [history[:, 0], history[:, 1]]
     for index in range(history.shape[1] - NUM_MOTION_FRAMES):
         older = identity if stabilize else frames[-2]
         cond = Conditioning(identity, motion_input(older, frames[-1], channels), audio[:, index])
-        frames.append(sample_frames(student, scheduler, steps, cond, generator).clamp(-1.0, 1.0))
+        frames.append(sample_frames(student, scheduler, steps, cond, generator, timesteps).clamp(-1.0, 1.0))
     return torch.stack(frames[-2:], dim=1)
 
 
@@ -254,12 +281,14 @@ def direct_losses(
     generator: torch.Generator,
     mouth_mask: Optional[torch.Tensor] = None,
     lip_weight: float = 0.0,
+    student_timesteps=None,
 ) -> Dict[str, torch.Tensor]:
-    """Direct distillation on one batch: at a random one of its K timesteps, from the input its own sampler gives
-    it there, the student's clean-frame estimate against the teacher's frames `teacher_frames`."""
+    """Direct distillation on one batch: at a random one of its K timesteps (`student_timesteps`, else its
+    sampler's own), from the input its own sampler gives it there, the student's clean-frame estimate against the
+    teacher's frames `teacher_frames`."""
     channels = teacher_frames.shape[1]
     scheduler = type(student_sampler).from_config(student_sampler.config)
-    scheduler.set_timesteps(student_sampler.num_inference_steps, device=teacher_frames.device)
+    set_timesteps(scheduler, student_sampler.num_inference_steps, student_timesteps, teacher_frames.device)
     timesteps = scheduler.timesteps
     picks = torch.randint(len(timesteps), (len(teacher_frames),), generator=generator)
     x = torch.randn(teacher_frames.shape, generator=generator).to(teacher_frames.device)
