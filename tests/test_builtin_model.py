@@ -1,4 +1,5 @@
-"""Behaviour of the shipped demo model (builtin/, trained by make_builtin_model.sh on synthetic faces)."""
+"""Behaviour of the shipped demo models (builtin/, trained by make_builtin_model.sh on synthetic faces, and
+builtin_fast/, its 2-step student and the default)."""
 
 import json
 import os
@@ -16,7 +17,8 @@ from diffused_heads.measures import drawn_mouth_opening, drawn_mouth_region, out
 from diffused_heads.media import SAMPLES_PER_FRAME, load_identity_frame
 from diffused_heads.synthetic_data import FaceStyle, draw_face
 
-BUILTIN = builtin_model_path()
+BUILTIN = builtin_model_path("builtin-ddpm")
+FAST = builtin_model_path("builtin-fast")
 EXAMPLES = os.path.dirname(example_image_path())
 
 pytestmark = pytest.mark.slow  # the real model, or the app's server and a browser
@@ -25,6 +27,13 @@ pytestmark = pytest.mark.slow  # the real model, or the app's server and a brows
 @pytest.fixture(scope="module")
 def pipe():
     pipe = DiffusedHeadsPipeline.from_pretrained(BUILTIN)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def student():
+    pipe = DiffusedHeadsPipeline.from_pretrained(FAST)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -53,10 +62,12 @@ def test_weights_are_small_safetensors():
     assert total <= 20 * 1024 * 1024
 
 
-def test_loud_syllable_opens_the_mouth_more_than_silence(pipe, identity):
+def mouth_on_silence_and_a_syllable(pipe, identity, steps):
+    """The mouth opening of the example face on 1.2 s of silence and on the loudest 0.4 s of the example sentence
+    in the middle of 1.2 s of silence, during the syllable; the scale (the example face drawn with its mouth wide
+    open: 0.068 at 48x48, half open 0.023); and the frames made on the syllable."""
     speech, rate = soundfile.read(os.path.join(EXAMPLES, "speech.wav"), dtype="float32")
     assert rate == 16000
-    # The loudest 0.4 s of the example sentence, placed in the middle of 1.2 s of silence.
     length = int(0.4 * rate)
     energy = np.convolve(speech**2, np.ones(length), mode="valid")
     start = int(energy.argmax())
@@ -67,20 +78,42 @@ def test_loud_syllable_opens_the_mouth_more_than_silence(pipe, identity):
     size = pipe.unet.config.sample_size
     region = example_mouth_region(size)
     frames = pipe(
-        [identity, identity], [silence, syllable], num_inference_steps=10, generator=torch.Generator().manual_seed(0)
+        [identity, identity],
+        [silence, syllable],
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(0),
     ).frames
     during = slice(int(0.4 * rate) // SAMPLES_PER_FRAME + 1, int(0.8 * rate) // SAMPLES_PER_FRAME)
     quiet = drawn_mouth_opening(frames[0], region)[during]
     loud = drawn_mouth_opening(frames[1], region)[during]
-    # Scale: the measure on the example face drawn with its mouth wide open (0.068 at 48x48; half open: 0.023).
     style = FaceStyle(**{k: tuple(v) if isinstance(v, list) else v for k, v in example_info()["style"].items()})
     wide_open = drawn_mouth_opening(np.asarray(draw_face(style, 1.0, 1.0, (0, 0), size)[0])[None] / 255.0, region)[0]
+    return quiet, loud, wide_open, frames[1]
+
+
+def test_loud_syllable_opens_the_mouth_more_than_silence(pipe, identity):
+    quiet, loud, wide_open, frames = mouth_on_silence_and_a_syllable(pipe, identity, 10)
     # Measured with seed 0: silence 0.000 (closed throughout), syllable 0.014 on average (up to 0.026).
     assert quiet.max() < 0.1 * wide_open, quiet.round(3)
     assert loud.mean() > quiet.mean() + 0.15 * wide_open, (loud.round(3), quiet.round(3), wide_open)
     # The face is kept: outside the mouth the frames stay close to the identity frame (measured: 26.3 dB).
+    size = pipe.unet.config.sample_size
     reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
-    assert psnr(frames[1], reference, outside_region(size, region)) > 23
+    assert psnr(frames, reference, outside_region(size, example_mouth_region(size))) > 23
+
+
+def test_the_default_model_is_the_two_step_student(student, identity):
+    assert builtin_model_path() == FAST
+    assert student.config.num_inference_steps == 2 and student.config.timesteps == [999, 199]
+    assert type(student.scheduler).__name__ == "LCMScheduler" and student.config.stabilize_every == 1
+    quiet, loud, wide_open, frames = mouth_on_silence_and_a_syllable(student, identity, None)
+    # Measured with seed 0: silence 0.000 throughout, syllable 0.018 on average (up to 0.032).
+    assert quiet.max() < 0.1 * wide_open, quiet.round(3)
+    assert loud.mean() > quiet.mean() + 0.15 * wide_open, (loud.round(3), quiet.round(3), wide_open)
+    size = student.unet.config.sample_size
+    reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
+    # Measured: 30.4 dB.
+    assert psnr(frames, reference, outside_region(size, example_mouth_region(size))) > 23
 
 
 def test_installed_command_uses_the_builtin_model_and_examples_from_any_folder(tmp_path):
@@ -136,3 +169,17 @@ def test_the_same_seed_gives_the_pinned_frames(pipe, identity):
     assert pipe.config.num_inference_steps == 10 and pipe.config.stabilize_every == 1
     again = pipe(identity, speech, generator=torch.Generator().manual_seed(0)).frames[0]
     np.testing.assert_array_equal(again, frames)
+
+
+def test_the_student_holds_the_face_over_the_clip(student, identity):
+    """The default 2-step student keeps the face as its teacher does (its own steps and timesteps)."""
+    speech, _ = soundfile.read(os.path.join(EXAMPLES, "speech.wav"), dtype="float32")
+    speech = speech[: int(2.4 * 16000)]  # 60 frames
+    size = student.unet.config.sample_size
+    region = example_mouth_region(size)
+    reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
+    frames = student(identity, speech, generator=torch.Generator().manual_seed(0)).frames[0]
+    held = np.array([psnr(frame[None], reference, outside_region(size, region)) for frame in frames])
+    # Measured: 30.5 dB over frames 10-20, 30.5 dB from frame 40 on, 30.2 dB at the lowest.
+    assert held[40:].mean() > held[10:20].mean() - 1.0, (held[10:20].mean(), held[40:].mean())
+    assert held.min() > 28, held.min()

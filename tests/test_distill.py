@@ -246,7 +246,11 @@ def test_the_teachers_target_is_made_from_the_context_asked_for(context):
         "boxes": None,
     }
     args = types.SimpleNamespace(
-        method="direct", student_steps=STUDENT_STEPS, lip_loss_weight=0.0, target_context=context
+        method="direct",
+        student_steps=STUDENT_STEPS,
+        lip_loss_weight=0.0,
+        target_context=context,
+        student_timesteps=None,
     )
     accelerator = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
     sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)

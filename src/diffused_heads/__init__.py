@@ -42,7 +42,7 @@ __all__ = sorted(_EXPORTS) + [
 # The built-in demo models by name (their folders in the package): the model trained on drawn faces, sampled with
 # DDPM at 10 steps a frame, and its 2-step student.
 BUILTIN_MODELS = {"builtin-fast": "builtin_fast", "builtin-ddpm": "builtin"}
-DEFAULT_BUILTIN_MODEL = "builtin-ddpm"
+DEFAULT_BUILTIN_MODEL = "builtin-fast"
 
 
 def builtin_model_path(name: str = DEFAULT_BUILTIN_MODEL) -> str:

@@ -135,7 +135,7 @@ def load_teacher(args):
     """The teacher pipeline, checked: not a student itself, with more steps than the student; the student's
     timesteps are checked against its grid and resolved in `args.student_timesteps` (None: the sampler's own)."""
     try:
-        path = resolve_model(args.model)
+        path = resolve_model(args.model or "builtin-ddpm")  # the default model is itself a student
     except ArgumentError as error:
         raise TrainingError(f"--model {error.detail}") from None
     with no_loading_bar():

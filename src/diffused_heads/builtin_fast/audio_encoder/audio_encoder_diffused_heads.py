@@ -1,0 +1,1 @@
+../../../../audio_encoder/audio_encoder_diffused_heads.py

@@ -1,0 +1,1 @@
+../../../pipeline_diffused_heads.py

@@ -1,0 +1,1 @@
+../../../../unet/unet_diffused_heads.py
