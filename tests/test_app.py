@@ -13,7 +13,7 @@ import PIL.Image
 import pytest
 import soundfile
 
-from diffused_heads import builtin_model_path, example_audio_path, example_image_path
+from diffused_heads import example_audio_path, example_image_path
 
 from helpers import free_port, tiny_pipeline
 from talking_videos import hopper
@@ -44,10 +44,10 @@ def speech(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def offered(tmp_path_factory):
-    """The models the test page offers: the built-in one and an untrained tiny one."""
+    """The models the test page offers: the built-in student by its name and an untrained tiny one."""
     folder = tmp_path_factory.mktemp("models") / "tiny"
     tiny_pipeline().save_pretrained(folder)
-    return [builtin_model_path(), str(folder)]
+    return ["builtin-fast", str(folder)]
 
 
 def rss_mb(pid: int) -> float:
@@ -94,7 +94,7 @@ def request(
     client,
     face,
     speech,
-    model="builtin",
+    model="builtin-fast",
     steps=2,
     scheduler="the model's own",
     seed=0,
@@ -142,7 +142,7 @@ def test_generation_errors_and_the_queue_through_the_api(server, speech, tmp_pat
         client.submit(
             handle_file(example_image_path()),
             handle_file(str(speech / "short.wav")),
-            "builtin",
+            "builtin-fast",
             2,
             "ddim",
             seed,
@@ -164,7 +164,7 @@ def test_generation_errors_and_the_queue_through_the_api(server, speech, tmp_pat
 
 def test_switching_models_loads_the_other_model_and_only_the_offered_ones(server, speech, offered):
     client = Client(server[0], verbose=False)
-    builtin_video, _, _ = request(client, example_image_path(), speech / "short.wav", model="builtin")
+    builtin_video, _, _ = request(client, example_image_path(), speech / "short.wav", model="builtin-fast")
     tiny_video, _, _ = request(client, example_image_path(), speech / "short.wav", model="tiny")
     with av.open(builtin_video) as a, av.open(tiny_video) as b:
         first_a = next(a.decode(video=0)).to_ndarray(format="rgb24").astype(float)
@@ -216,7 +216,7 @@ def test_limits_turn_away_huge_pictures_large_uploads_and_a_full_queue(server, s
         client.submit(
             handle_file(example_image_path()),
             handle_file(str(speech / "short.wav")),
-            "builtin",
+            "builtin-fast",
             2,
             "the model's own",
             seed,
@@ -247,10 +247,11 @@ def test_the_page_keeps_the_models_defaults_unless_told_otherwise(tmp_path, stre
     soundfile.write(tmp_path / "s.wav", waveform[: int(0.12 * rate)], rate)
     models = Models([None])
     args = (models, example_image_path(), str(tmp_path / "s.wav"), "")
-    for steps, stabilize in ((OWN, OWN), ("3", "0 (off)"), (2, 5)):
+    for steps, stabilize in ((OWN, OWN), ("3", "0 (off)"), (4, 5)):
         list(run_request(*args, steps, OWN, 0, stabilize, True, Limits(), str(tmp_path)))
-    assert [(c["num_inference_steps"], c["stabilize_every"]) for c in calls] == [(10, None), (3, 0), (2, 5)]
-    assert runtime.default_steps(models.get(None)[1]) == 10
+    # The default built-in model is the 2-step student.
+    assert [(c["num_inference_steps"], c["stabilize_every"]) for c in calls] == [(2, None), (3, 0), (4, 5)]
+    assert runtime.default_steps(models.get(None)[1]) == 2
 
 
 def test_the_page_in_a_real_browser(server, speech, tmp_path):

@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import soundfile
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
 from diffused_heads import app, batch, example_image_path, generate, media, runtime
 
@@ -31,7 +31,9 @@ def test_generate_uses_the_models_steps_and_else_the_released_100(tiny_model, tm
     soundfile.write(tmp_path / "s.wav", speech_like(0.04), 16000)  # one frame
     assert cli("--model", tiny_model, "--audio", tmp_path / "s.wav", "--output", tmp_path / "a.mp4") == 0
     assert stream_calls[-1]["num_inference_steps"] == 100
-    assert cli("--audio", tmp_path / "s.wav", "--output", tmp_path / "b.mp4") == 0  # the built-in model: its own 10
+    assert cli("--audio", tmp_path / "s.wav", "--output", tmp_path / "b.mp4") == 0  # the built-in student: its own 2
+    assert stream_calls[-1]["num_inference_steps"] == 2
+    assert cli("--model", "builtin-ddpm", "--audio", tmp_path / "s.wav", "--output", tmp_path / "c.mp4") == 0
     assert stream_calls[-1]["num_inference_steps"] == 10
 
 
@@ -147,7 +149,9 @@ def test_the_page_honours_each_request(tiny_model, tmp_path, stream_calls):
     builtin, tiny, again = stream_calls
     assert builtin["unet"] is again["unet"] and tiny["unet"] is not builtin["unet"]  # the request's model
     assert isinstance(builtin["scheduler"], DDIMScheduler)
-    assert type(again["scheduler"]) is DDPMScheduler  # a request's sampler does not stick to the model
+    # A request's sampler does not stick to the model: the next one gets the model's own (the default built-in
+    # model is the 2-step student, sampled by LCMScheduler).
+    assert type(again["scheduler"]) is LCMScheduler
     assert [c["generator"].initial_seed() for c in stream_calls] == [1, 2, 3]
     assert [c["stabilize_every"] for c in stream_calls] == [None, 5, None]
     assert decoded(first).shape[0] == 3

@@ -474,7 +474,8 @@ def test_decoder_only_fine_tuning_leaves_the_rest_of_the_unet(clip_folder, tmp_p
 
 def test_the_build_script_writes_the_shipped_model_configs(tmp_path):
     """make_builtin_model.sh's training command, run up to the saving (no training), writes the configurations
-    of the shipped built-in model: its defaults (steps, stabilisation, sampling variance) included."""
+    of the shipped built-in teacher (builtin-ddpm): its defaults (steps, stabilisation, sampling variance)
+    included."""
     import shlex
 
     from diffused_heads import builtin_model_path
@@ -494,7 +495,8 @@ def test_the_build_script_writes_the_shipped_model_configs(tmp_path):
         "audio_encoder/config.json",
     ):
         built, shipped = (
-            json.loads(open(os.path.join(folder, name)).read()) for folder in (tmp_path, builtin_model_path())
+            json.loads(open(os.path.join(folder, name)).read())
+            for folder in (tmp_path, builtin_model_path("builtin-ddpm"))
         )
         built.pop("_diffusers_version"), shipped.pop("_diffusers_version")
         assert built == shipped, name
