@@ -209,7 +209,8 @@ def test_the_rollout_gives_the_student_its_own_frames_and_the_identity_where_it_
     history = torch.rand(2, 4, 3, 16, 16, generator=g) * 2 - 1
     audio = torch.randn(2, 3, 5, 8, generator=g)
     sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
-    pair = roll_out(student, sampler, STUDENT_STEPS, cond.identity, history, audio, g, stabilize)
+    sampler.set_timesteps(STUDENT_STEPS)
+    pair = roll_out(student, sampler, cond.identity, history, audio, g, stabilize)
     channels = teacher.unet.config.motion_frame_channels
     motion = lambda frame: to_motion_frame(frame, channels)  # noqa: E731
     assert len(student.motions) == 2 * STUDENT_STEPS
@@ -246,11 +247,7 @@ def test_the_teachers_target_is_made_from_the_context_asked_for(context):
         "boxes": None,
     }
     args = types.SimpleNamespace(
-        method="direct",
-        student_steps=STUDENT_STEPS,
-        lip_loss_weight=0.0,
-        target_context=context,
-        student_timesteps=None,
+        method="direct", student_steps=STUDENT_STEPS, lip_loss_weight=0.0, target_context=context
     )
     accelerator = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
     sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
@@ -403,9 +400,21 @@ def test_the_direct_loss_trains_the_student_at_its_own_timesteps():
             target,
             cond,
             torch.Generator().manual_seed(seed),
-            student_timesteps=[999, 199],
         )
     assert set(seen) == {999, 199}
+
+
+def test_the_rollout_samples_at_the_timesteps_its_sampler_is_set_to():
+    teacher, cond = v_teacher(), conditioning(batch=2)
+    sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
+    sampler.set_timesteps(timesteps=[999, 199])
+    student = student_of(teacher)
+    seen = []
+    student.register_forward_hook(lambda module, args, output: seen.extend(int(t) for t in args[1]))
+    g = torch.Generator().manual_seed(0)
+    history = torch.rand(2, 3, 3, 16, 16, generator=g) * 2 - 1
+    roll_out(student, sampler, cond.identity, history, torch.randn(2, 2, 5, 8, generator=g), g, stabilize=True)
+    assert seen == [999, 999, 199, 199]  # one frame of a batch of 2, at each of the two timesteps
 
 
 def test_a_student_trained_at_its_own_timesteps_keeps_and_samples_at_them(teacher_folder, clips, tmp_path):

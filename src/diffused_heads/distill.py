@@ -87,8 +87,8 @@ def parse_args(argv=None):
         metavar="T1,T2,...",
         help="the student's K timesteps, descending, on the teacher's grid, which it is trained and samples at "
         "(saved as the model's own `timesteps`); 'even': LCMScheduler's evenly spaced ones (999,499 for K = 2 on a "
-        "10-step grid). Default: the grid's top, its second point from the bottom and any others evenly between "
-        "(999,199 for K = 2)",
+        "10-step grid). Default: the grid's top, the grid point nearest a fifth of the training timesteps and any "
+        "others evenly between (999,199 for K = 2)",
     )
     p.add_argument(
         "--rollout-frames",
@@ -184,17 +184,7 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
         history = batch["motion"].to(device)
         audio = batch["audio"].to(device)
         if history.shape[1] > NUM_MOTION_FRAMES:
-            motion = roll_out(
-                student,
-                student_sampler,
-                args.student_steps,
-                identity,
-                history,
-                audio,
-                generator,
-                stabilize,
-                args.student_timesteps,
-            )
+            motion = roll_out(student, student_sampler, identity, history, audio, generator, stabilize)
         else:
             motion = history
 
@@ -231,7 +221,6 @@ def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampl
                 generator,
                 mask,
                 args.lip_loss_weight,
-                args.student_timesteps,
             )
 
     return losses_of_batch

@@ -191,28 +191,28 @@ def sample_frames(
 @torch.no_grad()
 def roll_out(
     student,
-    scheduler,
-    steps: int,
+    sampler,
     identity: torch.Tensor,
     history: torch.Tensor,
     audio: torch.Tensor,
     generator: torch.Generator,
     stabilize: bool,
-    timesteps=None,
 ) -> torch.Tensor:
     """The two motion frames of the target `(B, 2, 3, S, S)` after the student has made the frames before it
     itself: `history` `(B, H, 3, S, S)` holds the H ground-truth frames before the target (oldest first) and
     `audio` `(B, H - 1, context, dim)` the audio windows of the last H - 2 of them and of the target; the first two
     frames start the rollout and the student makes the other H - 2, each from the two before it (the older one
-    the identity frame where `stabilize`, as the model samples with `stabilize_every` = 1), at the student's
-    `timesteps` where given."""
+    the identity frame where `stabilize`, as the model samples with `stabilize_every` = 1), at the timesteps its
+    `sampler` is set to."""
     config = student.config if hasattr(student, "config") else student.module.config
     channels = config.motion_frame_channels
+    timesteps = [int(t) for t in sampler.timesteps]
     frames = [history[:, 0], history[:, 1]]
     for index in range(history.shape[1] - NUM_MOTION_FRAMES):
         older = identity if stabilize else frames[-2]
         cond = Conditioning(identity, motion_input(older, frames[-1], channels), audio[:, index])
-        frames.append(sample_frames(student, scheduler, steps, cond, generator, timesteps).clamp(-1.0, 1.0))
+        frame = sample_frames(student, sampler, len(timesteps), cond, generator, timesteps)
+        frames.append(frame.clamp(-1.0, 1.0))
     return torch.stack(frames[-2:], dim=1)
 
 
@@ -281,15 +281,12 @@ def direct_losses(
     generator: torch.Generator,
     mouth_mask: Optional[torch.Tensor] = None,
     lip_weight: float = 0.0,
-    student_timesteps=None,
 ) -> Dict[str, torch.Tensor]:
-    """Direct distillation on one batch: at a random one of its K timesteps (`student_timesteps`, else its
-    sampler's own), from the input its own sampler gives it there, the student's clean-frame estimate against the
-    teacher's frames `teacher_frames`."""
+    """Direct distillation on one batch: at a random one of the K timesteps its sampler `student_sampler` is set
+    to, from the input that sampler gives it there, the student's clean-frame estimate against the teacher's frames
+    `teacher_frames`."""
     channels = teacher_frames.shape[1]
-    scheduler = type(student_sampler).from_config(student_sampler.config)
-    set_timesteps(scheduler, student_sampler.num_inference_steps, student_timesteps, teacher_frames.device)
-    timesteps = scheduler.timesteps
+    timesteps = student_sampler.timesteps.to(teacher_frames.device)
     picks = torch.randint(len(timesteps), (len(teacher_frames),), generator=generator)
     x = torch.randn(teacher_frames.shape, generator=generator).to(teacher_frames.device)
     t = timesteps[0].expand(len(x)).clone()
