@@ -62,6 +62,14 @@ def test_weights_are_small_safetensors():
     assert total <= 20 * 1024 * 1024
 
 
+def face_reference(identity, size):
+    """What a frame's identity PSNR is measured against: the identity frame at `size` in [0, 1], and the region
+    outside the example face's mouth."""
+    return np.asarray(identity.resize((size, size)), np.float32) / 255.0, outside_region(
+        size, example_mouth_region(size)
+    )
+
+
 def mouth_on_silence_and_a_syllable(pipe, identity, steps):
     """The mouth opening of the example face on 1.2 s of silence and on the loudest 0.4 s of the example sentence
     in the middle of 1.2 s of silence, during the syllable; the scale (the example face drawn with its mouth wide
@@ -97,9 +105,7 @@ def test_loud_syllable_opens_the_mouth_more_than_silence(pipe, identity):
     assert quiet.max() < 0.1 * wide_open, quiet.round(3)
     assert loud.mean() > quiet.mean() + 0.15 * wide_open, (loud.round(3), quiet.round(3), wide_open)
     # The face is kept: outside the mouth the frames stay close to the identity frame (measured: 26.3 dB).
-    size = pipe.unet.config.sample_size
-    reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
-    assert psnr(frames, reference, outside_region(size, example_mouth_region(size))) > 23
+    assert psnr(frames, *face_reference(identity, pipe.unet.config.sample_size)) > 23
 
 
 def test_the_default_model_is_the_two_step_student(student, identity):
@@ -110,10 +116,8 @@ def test_the_default_model_is_the_two_step_student(student, identity):
     # Measured with seed 0: silence 0.000 throughout, syllable 0.018 on average (up to 0.032).
     assert quiet.max() < 0.1 * wide_open, quiet.round(3)
     assert loud.mean() > quiet.mean() + 0.15 * wide_open, (loud.round(3), quiet.round(3), wide_open)
-    size = student.unet.config.sample_size
-    reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
     # Measured: 30.4 dB.
-    assert psnr(frames, reference, outside_region(size, example_mouth_region(size))) > 23
+    assert psnr(frames, *face_reference(identity, student.unet.config.sample_size)) > 23
 
 
 def test_installed_command_uses_the_builtin_model_and_examples_from_any_folder(tmp_path):
@@ -135,15 +139,13 @@ def test_the_face_holds_over_the_clip(pipe, identity):
     frame at every frame) the built-in model keeps the face, where chaining its own frames lets it decay."""
     speech, _ = soundfile.read(os.path.join(EXAMPLES, "speech.wav"), dtype="float32")
     speech = speech[: int(2.4 * 16000)]  # 60 frames
-    size = pipe.unet.config.sample_size
-    region = example_mouth_region(size)
-    reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
+    reference, outside = face_reference(identity, pipe.unet.config.sample_size)
 
     def per_frame_psnr(**kwargs):
         frames = pipe(
             identity, speech, num_inference_steps=10, generator=torch.Generator().manual_seed(0), **kwargs
         ).frames[0]
-        return np.array([psnr(frame[None], reference, outside_region(size, region)) for frame in frames])
+        return np.array([psnr(frame[None], reference, outside) for frame in frames])
 
     assert pipe.config.stabilize_every == 1
     held = per_frame_psnr()  # the model's default
@@ -175,11 +177,9 @@ def test_the_student_holds_the_face_over_the_clip(student, identity):
     """The default 2-step student keeps the face as its teacher does (its own steps and timesteps)."""
     speech, _ = soundfile.read(os.path.join(EXAMPLES, "speech.wav"), dtype="float32")
     speech = speech[: int(2.4 * 16000)]  # 60 frames
-    size = student.unet.config.sample_size
-    region = example_mouth_region(size)
-    reference = np.asarray(identity.resize((size, size)), np.float32) / 255.0
+    reference, outside = face_reference(identity, student.unet.config.sample_size)
     frames = student(identity, speech, generator=torch.Generator().manual_seed(0)).frames[0]
-    held = np.array([psnr(frame[None], reference, outside_region(size, region)) for frame in frames])
+    held = np.array([psnr(frame[None], reference, outside) for frame in frames])
     # Measured: 30.5 dB over frames 10-20, 30.5 dB from frame 40 on, 30.2 dB at the lowest.
     assert held[40:].mean() > held[10:20].mean() - 1.0, (held[10:20].mean(), held[40:].mean())
     assert held.min() > 28, held.min()
