@@ -8,7 +8,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -90,41 +90,95 @@ class DiffusedHeadsPipelineOutput(BaseOutput):
     num_samples: Optional[List[int]] = None
 
 
+class _SincKernel:
+    """The band-limited interpolation between two sample rates that `resample_audio` and `StreamingResampler` share:
+    each output sample is a Hann-windowed sinc interpolation of the input at its exact position, with the cut-off at
+    `rolloff` times the lower of the two Nyquist frequencies and `lowpass_width` zero crossings on each side."""
+
+    def __init__(self, orig_freq: float, new_freq: float, lowpass_width: int = 6, rolloff: float = 0.99):
+        if orig_freq <= 0 or new_freq <= 0:
+            raise ValueError(f"sample rates must be positive, got {orig_freq} and {new_freq}")
+        self.ratio = new_freq / orig_freq
+        self.cutoff = min(1.0, self.ratio) * rolloff  # in units of the input Nyquist band
+        self.half_width = lowpass_width / self.cutoff  # window half width, in input samples
+        self.reach = math.ceil(self.half_width)  # input samples after an output's position that it reads
+        self.taps = torch.arange(-self.reach + 1, self.reach + 1)
+
+    def num_outputs(self, num_inputs: int) -> int:
+        return math.ceil(num_inputs * self.ratio)
+
+    def last_input(self, output_index: int) -> int:
+        """The last input sample that output `output_index` reads."""
+        return math.floor(output_index / self.ratio) + self.reach
+
+    def __call__(self, signal: torch.Tensor, first: int, start: int, stop: int) -> torch.Tensor:
+        """Outputs `start:stop` of `signal` `(rows, length)` in float64, which holds the input samples `first,
+        first + 1, ...` (zeros outside it)."""
+        pad = self.reach + 1
+        padded = F.pad(signal, (pad, pad))
+        chunk = max(1, (1 << 22) // len(self.taps))
+        outputs = []
+        for begin in range(start, stop, chunk):
+            positions = torch.arange(begin, min(begin + chunk, stop), dtype=torch.float64) / self.ratio
+            index = positions.floor().long()[:, None] + self.taps[None]
+            distance = positions[:, None] - index
+            window = torch.where(
+                distance.abs() < self.half_width, torch.cos(distance * (math.pi / (2 * self.half_width))) ** 2, 0.0
+            )
+            kernel = self.cutoff * torch.sinc(self.cutoff * distance) * window
+            outputs.append((padded[:, (index - first + pad).clamp(0, padded.shape[-1] - 1)] * kernel).sum(-1))
+        return torch.cat(outputs, dim=-1) if outputs else signal[:, :0]
+
+
 def resample_audio(
     waveform: torch.Tensor, orig_freq: float, new_freq: float, lowpass_width: int = 6, rolloff: float = 0.99
 ) -> torch.Tensor:
-    """Band-limited resampling of `(..., num_samples)` audio between any two sample rates.
-
-    Each output sample is a Hann-windowed sinc interpolation of the input at its exact position, with the
-    cut-off at `rolloff` times the lower of the two Nyquist frequencies and `lowpass_width` zero crossings
-    on each side. Works for any ratio, including non-integer rates.
-    """
-    if orig_freq <= 0 or new_freq <= 0:
-        raise ValueError(f"sample rates must be positive, got {orig_freq} and {new_freq}")
+    """Band-limited resampling of `(..., num_samples)` audio between any two sample rates (any ratio, non-integer
+    rates included; see `_SincKernel`)."""
+    kernel = _SincKernel(orig_freq, new_freq, lowpass_width, rolloff)
     if orig_freq == new_freq:
         return waveform
     shape, num_samples = waveform.shape[:-1], waveform.shape[-1]
-    signal = waveform.reshape(-1, num_samples).to(torch.float64)
-    ratio = new_freq / orig_freq
-    cutoff = min(1.0, ratio) * rolloff  # in units of the input Nyquist band
-    half_width = lowpass_width / cutoff  # window half width, in input samples
-    taps = torch.arange(-math.ceil(half_width) + 1, math.ceil(half_width) + 1, device=waveform.device)
-    pad = math.ceil(half_width) + 1
-    signal = F.pad(signal, (pad, pad))
+    signal = waveform.reshape(-1, num_samples).to(torch.float64).cpu()
+    num_out = kernel.num_outputs(num_samples)
+    return kernel(signal, 0, 0, num_out).to(device=waveform.device, dtype=waveform.dtype).reshape(*shape, num_out)
 
-    num_out = math.ceil(num_samples * ratio)
-    chunk = max(1, (1 << 22) // len(taps))
-    outputs = []
-    for start in range(0, num_out, chunk):
-        positions = torch.arange(start, min(start + chunk, num_out), dtype=torch.float64, device=waveform.device)
-        positions = positions / ratio
-        index = positions.floor().long()[:, None] + taps[None]
-        distance = positions[:, None] - index
-        window = torch.where(distance.abs() < half_width, torch.cos(distance * (math.pi / (2 * half_width))) ** 2, 0.0)
-        kernel = cutoff * torch.sinc(cutoff * distance) * window
-        outputs.append((signal[:, index + pad] * kernel).sum(-1))
-    resampled = torch.cat(outputs, dim=-1) if outputs else signal[:, :0]
-    return resampled.to(waveform.dtype).reshape(*shape, num_out)
+
+class StreamingResampler:
+    """`resample_audio` for audio that arrives in chunks: `push` gives the output samples whose inputs are all in,
+    `end` the rest; together they are the samples `resample_audio` gives for the whole signal."""
+
+    def __init__(self, orig_freq: float, new_freq: float):
+        self.kernel = _SincKernel(orig_freq, new_freq)
+        self.same = orig_freq == new_freq
+        self.buffer = torch.zeros(1, 0, dtype=torch.float64)
+        self.first = 0  # the input index of buffer[0]
+        self.received = 0
+        self.emitted = 0
+
+    def _emit(self, stop: int) -> torch.Tensor:
+        out = self.kernel(self.buffer, self.first, self.emitted, stop)[0] if stop > self.emitted else None
+        self.emitted = max(self.emitted, stop)
+        # Keep only the inputs that later outputs still read.
+        keep_from = max(self.first, math.floor(self.emitted / self.kernel.ratio) - self.kernel.reach)
+        self.buffer, self.first = self.buffer[:, keep_from - self.first :], keep_from
+        return out.float() if out is not None else torch.zeros(0)
+
+    def push(self, samples: torch.Tensor) -> torch.Tensor:
+        if self.same:
+            return samples.float()
+        self.buffer = torch.cat([self.buffer, samples.to(torch.float64)[None]], dim=1)
+        self.received += samples.shape[-1]
+        # The outputs whose last input is in: last_input(j) < received.
+        ready = max(0, math.ceil((self.received - self.kernel.reach) * self.kernel.ratio))
+        while ready > 0 and self.kernel.last_input(ready - 1) >= self.received:
+            ready -= 1
+        return self._emit(min(ready, self.kernel.num_outputs(self.received)))
+
+    def end(self) -> torch.Tensor:
+        if self.same:
+            return torch.zeros(0)
+        return self._emit(self.kernel.num_outputs(self.received))
 
 
 def _package_modules() -> Dict[str, str]:
@@ -148,19 +202,6 @@ def _package_modules() -> Dict[str, str]:
 def check_output_type(output_type: str) -> None:
     if output_type not in ("np", "pt", "pil"):
         raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
-
-
-def _copy_generator(generator: torch.Generator) -> torch.Generator:
-    copy = torch.Generator(device=generator.device)
-    copy.set_state(generator.get_state())
-    return copy
-
-
-def _skip_normals(generator: torch.Generator, count: int, frame_size: int, device) -> None:
-    """Move `generator` past `count` normal values, drawing them in parts of whole frames."""
-    part = frame_size * max(1, (1 << 22) // frame_size)
-    for start in range(0, count, part):
-        randn_tensor((min(part, count - start),), generator=generator, device=device)
 
 
 def scheduler_uses_variance(scheduler: SchedulerMixin) -> bool:
@@ -188,6 +229,49 @@ def set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, timesteps
         scheduler.set_timesteps(num_inference_steps, device=device)
     else:
         scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=device)
+
+
+def denoise_frame(
+    unet,
+    scheduler: SchedulerMixin,
+    noise: torch.Tensor,
+    identity_frames: torch.Tensor,
+    motion_frames: torch.Tensor,
+    audio_context: torch.Tensor,
+    num_inference_steps: int,
+    timesteps: Optional[List[int]] = None,
+    generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+    on_step: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+) -> torch.Tensor:
+    """One frame of every video of a batch, `(batch_size, channels, height, width)` in float32: `noise` (float32, on
+    the device) denoised by `scheduler` at `num_inference_steps` steps (at `timesteps`, where given), `unet`
+    conditioned on the identity frames, the motion frames and the audio window. The one denoising loop of the
+    project: the pipeline, the live session and the distillation's samplers all make their frames here.
+
+    `scheduler` is set to its timesteps afresh (multistep schedulers keep state between steps, so a scheduler is
+    one caller's), the noise scaled by its `init_noise_sigma` after that (the scale can follow the timesteps), and
+    it is given the model's variance channels only where it uses them (`scheduler_uses_variance`). The sample and
+    the scheduler's update stay in float32 whatever the UNet's dtype: in half precision the update's small
+    differences of large terms would lose most of their digits. `on_step(step_index, timestep, latents)` is called
+    after every step and returns the latents to go on with."""
+    parameter = next(unet.parameters())
+    dtype, channels = parameter.dtype, noise.shape[1]
+    set_timesteps(scheduler, num_inference_steps, timesteps, noise.device)
+    uses_variance = scheduler_uses_variance(scheduler)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    identity_frames, motion_frames, audio_context = (
+        x.to(dtype) for x in (identity_frames, motion_frames, audio_context)
+    )
+    latents = noise * scheduler.init_noise_sigma
+    for step_index, t in enumerate(scheduler.timesteps):
+        model_input = scheduler.scale_model_input(latents, t).to(dtype)
+        model_output = unet(model_input, t, identity_frames, motion_frames, audio_context).sample.float()
+        if not uses_variance:
+            model_output = model_output[:, :channels]
+        latents = scheduler.step(model_output, t, latents, **step_kwargs).prev_sample
+        if on_step is not None:
+            latents = on_step(step_index, t, latents)
+    return latents
 
 
 def _unwrapped(module):
@@ -369,14 +453,222 @@ class DiffusedHeadsFrameOutput(BaseOutput):
             `"np"` an array `(batch_size, height, width, 3)`, for `"pt"` a tensor `(batch_size, 3, height, width)`,
             for `"pil"` a list of images. A video whose clip is shorter than `frame_index + 1` frames has a frame
             here that belongs to no video: see `num_frames`.
-        num_frames (`List[int]`): How many frames each video has.
-        audio (`List[np.ndarray]`): The 16 kHz mono audio of each video (25 frames per second of it).
+        num_frames (`List[int]`, *optional*): How many frames each video has; None while streamed speech is still
+            arriving.
+        audio (`List[np.ndarray]`, *optional*): The 16 kHz mono audio of each video (25 frames per second of it);
+            None for streamed speech.
+        frame_audio (`List[np.ndarray]`): This frame's own 40 ms of 16 kHz speech in each video (640 samples for
+            the released encoder), to play with the frame.
     """
 
     frame_index: int
     frames: Union[np.ndarray, torch.Tensor, List[PIL.Image.Image]]
-    num_frames: List[int]
-    audio: List[np.ndarray]
+    num_frames: Optional[List[int]]
+    audio: Optional[List[np.ndarray]]
+    frame_audio: Optional[List[np.ndarray]] = None
+
+
+def is_chunk_stream(audio) -> bool:
+    """Whether `audio` is speech that arrives in chunks (an iterator or other iterable of chunks, sync or async)
+    rather than whole clips (an array, a tensor, or a list or tuple of them: a batch)."""
+    if isinstance(audio, (np.ndarray, torch.Tensor, list, tuple, str, bytes)):
+        return False
+    return hasattr(audio, "__iter__") or hasattr(audio, "__aiter__")
+
+
+def chunk_samples(chunk, sampling_rate: float) -> "tuple[torch.Tensor, float]":
+    """One chunk of streamed speech as a mono float32 tensor and its sample rate: an array or tensor of samples
+    (1-D, or 2-D `(samples, channels)` as soundfile and sounddevice give them, mixed down), or a pair `(samples,
+    sampling_rate)` for a chunk that carries its own rate; integer samples are scaled to [-1, 1]."""
+    rate = sampling_rate
+    if isinstance(chunk, tuple) and len(chunk) == 2 and not isinstance(chunk[1], (np.ndarray, torch.Tensor)):
+        chunk, rate = chunk
+        if not isinstance(rate, (int, float)) or not rate > 0:
+            raise ValueError(f"a chunk's sampling rate must be a positive number, got {rate!r}")
+    if isinstance(chunk, np.ndarray):
+        if np.issubdtype(chunk.dtype, np.integer):
+            chunk = chunk.astype(np.float32) / float(np.iinfo(chunk.dtype).max)
+        elif not np.issubdtype(chunk.dtype, np.floating):
+            raise ValueError(f"an audio chunk must be numeric, got dtype {chunk.dtype}")
+        samples = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32))
+    elif torch.is_tensor(chunk):
+        samples = chunk.detach().float().cpu()
+    else:
+        raise TypeError(f"an audio chunk must be a numpy array or a torch tensor, got {type(chunk).__name__}")
+    if samples.ndim == 2:
+        samples = samples.mean(dim=1)
+    if samples.ndim != 1:
+        raise ValueError(f"an audio chunk must be 1-D or (samples, channels), got shape {tuple(samples.shape)}")
+    if not torch.isfinite(samples).all():
+        raise ValueError("an audio chunk holds NaN or infinite values")
+    return samples, rate
+
+
+class _FrameLoop:
+    """The state of one call's frame loop: the identity, the two motion frames before the next frame, the sampler
+    and its settings. `make` makes the next frame from its audio window."""
+
+    def __init__(
+        self,
+        pipe,
+        identity_frames,
+        scheduler,
+        num_inference_steps,
+        timesteps,
+        stabilize_every,
+        generator,
+        frame_noise,
+        callback=None,
+        callback_inputs=(),
+        progress_bar=None,
+    ):
+        self.pipe, self.scheduler = pipe, scheduler
+        self.identity_frames = identity_frames
+        self.motion_channels = pipe.unet.config.motion_frame_channels
+        self.identity_motion = to_motion_frame(identity_frames, self.motion_channels)
+        self.previous = [self.identity_motion, self.identity_motion]
+        self.num_inference_steps, self.timesteps = num_inference_steps, timesteps
+        self.stabilize_every, self.generator, self.frame_noise = stabilize_every, generator, frame_noise
+        self.callback, self.callback_inputs, self.progress_bar = callback, list(callback_inputs), progress_bar
+
+    def make(self, frame_index: int, audio_context: torch.Tensor) -> torch.Tensor:
+        """Frame `frame_index` `(batch_size, 3, S, S)` in [-1, 1] (float32); its motion frames become the next's."""
+        if self.stabilize_every and frame_index > 0 and frame_index % self.stabilize_every == 0:
+            self.previous[0] = self.identity_motion
+        identity_frames, motion_frames = self.identity_frames, torch.cat(self.previous, dim=1)
+        pipe = self.pipe
+
+        def on_step(step_index, t, frame_latents):
+            if self.callback is not None:
+                tensors = dict(
+                    frame_latents=frame_latents,
+                    identity_frames=identity_frames,
+                    motion_frames=motion_frames,
+                    audio_context=audio_context,
+                )
+                global_step = frame_index * pipe._num_timesteps + step_index
+                outputs = self.callback(pipe, global_step, t, {k: tensors[k] for k in self.callback_inputs}) or {}
+                frame_latents = outputs.pop("frame_latents", frame_latents)
+            if self.progress_bar is not None:
+                self.progress_bar.update()
+            return frame_latents
+
+        frame_latents = denoise_frame(
+            pipe.unet,
+            self.scheduler,
+            self.frame_noise(frame_index),
+            identity_frames,
+            motion_frames,
+            audio_context,
+            self.num_inference_steps,
+            self.timesteps,
+            self.generator,
+            on_step,
+        )
+        self.previous = [
+            self.previous[1],
+            to_motion_frame(frame_latents.to(identity_frames.dtype), self.motion_channels),
+        ]
+        return frame_latents
+
+
+class SpeechToFrames:
+    """Frames of one video made as its speech arrives: `push` a chunk and get the frames whose audio window it
+    completes, `end` the speech and get the rest. What `DiffusedHeadsPipeline.stream` runs for speech in chunks,
+    and the live session under it.
+
+    A frame needs the speech up to the end of the last window in its audio context: with the released encoder
+    (0.2-s windows, hop 40 ms) and the UNet's 5-frame context, 200 ms after the frame's start (`lookahead_samples`),
+    and nothing later; everything before is known. The encoder's state is carried between chunks, and only the
+    embeddings of the frames still to be made are kept, so time and memory per frame do not grow with the length.
+    The frames equal those of the whole-speech call with the same noise."""
+
+    def __init__(self, pipe, loop: _FrameLoop, sampling_rate: float, output_type: str = "np"):
+        from importlib import import_module
+
+        encoder_module = import_module(type(pipe.audio_encoder).__module__)
+        self.pipe, self.loop, self.output_type = pipe, loop, output_type
+        self.default_rate, self.sampling_rate = sampling_rate, None  # the first chunk's rate is the stream's
+        self.target_rate = pipe.audio_encoder.config.sampling_rate
+        self.resampler = None
+        self.speech = encoder_module.AudioEmbeddingStream(pipe.audio_encoder, device=loop.identity_frames.device)
+        self.embeddings: Dict[int, torch.Tensor] = {}  # window index -> embedding, while a frame needs it
+        self.samples = torch.zeros(0)  # the 16 kHz speech from frame `frame_index`'s start on
+        self.frame_index = 0
+        self.context = pipe.unet.config.audio_context
+        self.hop = pipe.audio_encoder.config.hop_length
+
+    @property
+    def lookahead_samples(self) -> int:
+        """How much speech after a frame's start it needs, in samples of the encoder's rate."""
+        encoder = self.pipe.audio_encoder
+        window_end = encoder.config.window_length - encoder.padding
+        return window_end + (self.context // 2) * self.hop
+
+    def push(self, chunk) -> Iterator[DiffusedHeadsFrameOutput]:
+        """Take one chunk of speech (see `chunk_samples`); yield the frames it completes, each as it is made."""
+        samples, rate = chunk_samples(chunk, self.default_rate)
+        if self.sampling_rate is None:
+            self.sampling_rate, self.resampler = rate, StreamingResampler(rate, self.target_rate)
+        if rate != self.sampling_rate:
+            raise ValueError(
+                f"the audio stream's sampling rate changed from {self.sampling_rate:g} to {rate:g} Hz; a stream "
+                "keeps one rate (start a new stream for the other)"
+            )
+        return self.push_samples(self.resampler.push(samples))
+
+    def push_samples(self, samples: torch.Tensor) -> Iterator[DiffusedHeadsFrameOutput]:
+        """`push` for speech already at the encoder's rate (16 kHz)."""
+        self.samples = torch.cat([self.samples, samples])
+        self._add_embeddings(self.speech.push(samples))
+        return self._frames()
+
+    def end(self) -> Iterator[DiffusedHeadsFrameOutput]:
+        """The end of the speech: yield the last frames (their audio windows clamped at the end, as in the whole
+        call)."""
+        tail = self.resampler.end() if self.resampler is not None else torch.zeros(0)
+        self.samples = torch.cat([self.samples, tail])
+        self._add_embeddings(self.speech.push(tail))
+        self._add_embeddings(self.speech.end())
+        if self.speech.num_frames < 1:
+            seconds = self.speech.received / self.target_rate
+            raise ValueError(f"audio is too short ({seconds * 1000:.1f} ms) to make one video frame")
+        return self._frames()
+
+    def _add_embeddings(self, new: torch.Tensor) -> None:
+        first = self.speech.windows - len(new)
+        for k in range(len(new)):
+            self.embeddings[first + k] = new[k]
+
+    def ready(self) -> bool:
+        """Whether the next frame's audio window is complete."""
+        total = self.speech.num_frames
+        if total is not None:
+            return self.frame_index < total
+        return self.frame_index + self.context // 2 < self.speech.windows
+
+    def _frames(self) -> Iterator[DiffusedHeadsFrameOutput]:
+        while self.ready():
+            yield self.make_next()
+
+    def make_next(self) -> DiffusedHeadsFrameOutput:
+        index, total = self.frame_index, self.speech.num_frames
+        last = (total if total is not None else self.speech.windows) - 1
+        offsets = range(index - self.context // 2, index + self.context // 2 + 1)
+        audio_context = torch.stack([self.embeddings[min(max(k, 0), last)] for k in offsets])[None]
+        latents = self.loop.make(index, audio_context.to(self.loop.identity_frames.dtype))
+        frame_audio = F.pad(self.samples[: self.hop], (0, max(0, self.hop - len(self.samples))))
+        self.samples = self.samples[self.hop :]
+        self.frame_index += 1
+        for k in [k for k in self.embeddings if k < self.frame_index - self.context // 2]:
+            del self.embeddings[k]
+        return DiffusedHeadsFrameOutput(
+            frame_index=index,
+            frames=self.pipe.postprocess(latents, self.output_type),
+            num_frames=None if total is None else [total],
+            audio=None,
+            frame_audio=[frame_audio.numpy()],
+        )
 
 
 class DiffusedHeadsPipeline(DiffusionPipeline):
@@ -732,48 +1024,26 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
     def prepare_latents(
         self,
         shape: tuple,
-        frame_counts: List[int],
         device: torch.device,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]],
         latents: Optional[torch.Tensor] = None,
     ) -> Callable[[int], torch.Tensor]:
-        """The initial noise of the videos `shape = (batch_size, num_frames, channels, height, width)`, as a
-        function of the frame index that gives `(batch_size, channels, height, width)` in float32.
+        """The initial noise of each frame, as a function of the frame index that gives `shape = (batch_size,
+        channels, height, width)` in float32.
 
-        Taken from `latents` when given. Else each frame's noise is drawn when the frame is made, so no more than
-        one frame of it is held, but with the values one draw of the whole tensor would give (with a list of
-        generators: of each video's own frames, so that batching does not change a video): the draws come from
-        copies of the generators set where those values begin, and the generators themselves are moved past
-        them for the scheduler's own noise. (On the CPU a draw in parts equals one draw whenever each part holds
-        a multiple of 16 values.)"""
-        # The samples and the scheduler's update stay in float32 whatever the UNet's dtype: in half precision the
-        # update's small differences of large terms would lose most of their digits.
+        Taken from `latents` `(batch_size, num_frames, channels, height, width)` when given. Else drawn when the
+        frame is made, from `generator` (a list: each video's from its own), right before the scheduler's own noise
+        of that frame: so no more than one frame of noise is held, a video's noise does not depend on how long it
+        is, and speech that is still arriving gets the frames the whole speech gets with the same generator."""
         if latents is not None:
-            return lambda frame_index: latents[:, frame_index].to(device=device, dtype=torch.float32)
-        batch_size, num_frames, *frame_shape = shape
-        if generator is None:
-            return lambda frame_index: randn_tensor((batch_size, *frame_shape), device=device, dtype=torch.float32)
-        frame_size = math.prod(frame_shape)
-        if isinstance(generator, list):
-            sources = [_copy_generator(g) for g in generator]
-            for g, count in zip(generator, frame_counts):
-                _skip_normals(g, count * frame_size, frame_size, device)
-            counts = frame_counts
-        else:
-            sources = []
-            for _ in range(batch_size):  # video b's values start after b videos' worth
-                sources.append(_copy_generator(generator))
-                _skip_normals(generator, num_frames * frame_size, frame_size, device)
-            counts = [num_frames] * batch_size
 
-        def frame_noise(frame_index: int) -> torch.Tensor:
-            noise = torch.zeros((batch_size, *frame_shape), device=device)
-            for k, source in enumerate(sources):
-                if frame_index < counts[k]:
-                    noise[k] = randn_tensor((1, *frame_shape), generator=source, device=device)[0]
-            return noise
+            def given(frame_index: int) -> torch.Tensor:
+                if frame_index >= latents.shape[1]:
+                    raise ValueError(f"latents hold {latents.shape[1]} frames; frame {frame_index} needs noise too")
+                return latents[:, frame_index].to(device=device, dtype=torch.float32)
 
-        return frame_noise
+            return given
+        return lambda frame_index: randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
 
     def postprocess(self, frames: torch.Tensor, output_type: str):
         """Frames `(..., 3, H, W)` in [-1, 1] (one frame of a batch, or whole videos) in [0, 1] as `output_type`:
@@ -818,7 +1088,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
     def stream(
         self,
         identity_image: Union[ImageInput, List[ImageInput]],
-        audio: Union[AudioInput, List[AudioInput]],
+        audio: Union[AudioInput, List[AudioInput], Iterable],
         sampling_rate: int = 16000,
         num_inference_steps: Optional[int] = None,
         stabilize_every: Optional[int] = None,
@@ -837,7 +1107,16 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         Takes the arguments of `__call__` (less `return_dict`) and makes the same frames. Only the frame being made
         and the two before it are held, so memory does not grow with the length of the speech: write each frame
         away as it comes. Leaving the loop stops the generation.
+
+        `audio` may also be speech that has not all arrived: an iterator (or other iterable that is not a list) of
+        chunks of any size, each an array or tensor of samples at `sampling_rate` (1-D, or `(samples, channels)`,
+        mixed down) or a pair `(samples, rate)`. Each frame is yielded as soon as the speech it needs is in (200 ms
+        after its start for the released model; see [`SpeechToFrames`]), the last ones when the iterator ends; with
+        the same generator the frames are those of the whole speech. One video at a time. For an async iterable
+        use [`~DiffusedHeadsPipeline.astream`].
         """
+        if hasattr(audio, "__aiter__") and not hasattr(audio, "__iter__"):
+            raise TypeError("audio is an async iterable: use `pipe.astream(...)` (an async generator) for it")
         num_inference_steps, timesteps = self.resolve_timesteps(num_inference_steps, timesteps)
         self.check_inputs(
             num_inference_steps,
@@ -852,88 +1131,145 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         self._interrupt = False
         device = self._execution_device
         dtype = self.unet.dtype
-
-        # 1. Inputs: identity frames in [-1, 1] and one audio embedding per video frame.
-        identity_frames, waveforms, lengths = self.prepare_inputs(
-            identity_image, audio, sampling_rate, num_videos_per_prompt
-        )
-        identity_frames = identity_frames.to(device=device, dtype=dtype)
-        audio_embeddings = self.encode_audio(waveforms, device, dtype)
-        batch_size, num_frames = audio_embeddings.shape[:2]
-        frame_counts = [self.audio_encoder.num_frames(n) for n in lengths]
-        audio_out = [waveform[:length].numpy() for waveform, length in zip(waveforms, lengths)]
-        longest = self.config.get("trained_clip_seconds")
-        seconds = waveforms.shape[-1] / self.audio_encoder.config.sampling_rate
-        if longest and seconds > longest and not stabilize_every:
-            logger.warning(
-                f"the audio is {seconds:.1f} s long; this model was trained on clips up to about {longest:g} s and "
-                "may drift on longer ones: pass stabilize_every (e.g. 15) to put the identity frame back regularly"
-            )
-
-        # 2. The noise, drawn frame by frame (see `prepare_latents`).
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
-        shape = (batch_size, num_frames, channels, size, size)
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size} videos; give one per video")
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}, got {tuple(latents.shape)}")
-        frame_noise = self.prepare_latents(shape, frame_counts, device, generator, latents)
-
-        # 3. Frame by frame: each denoised from fresh noise, conditioned on the identity frame, the two frames
-        # before it and the audio around it.
-        uses_variance = scheduler_uses_variance(self.scheduler)
         self._warn_on_mismatched_spacing()
-        step_kwargs = {}
-        if "generator" in inspect.signature(self.scheduler.step).parameters:
-            step_kwargs["generator"] = generator
-        context = self.unet.config.audio_context
-        motion_channels = self.unet.config.motion_frame_channels
-        identity_motion = to_motion_frame(identity_frames, motion_channels)
-        previous = [identity_motion, identity_motion]
         set_timesteps(self.scheduler, num_inference_steps, timesteps, device)
         self._num_timesteps = len(self.scheduler.timesteps)
-        counts = torch.tensor(frame_counts)
+
+        def frame_loop(identity_frames, progress_bar):
+            batch_size = len(identity_frames)
+            if isinstance(generator, list) and len(generator) != batch_size:
+                raise ValueError(
+                    f"got {len(generator)} generators for a batch of {batch_size} videos; give one per video"
+                )
+            if latents is not None and (latents.ndim != 5 or tuple(latents.shape[2:]) != (channels, size, size)):
+                raise ValueError(
+                    f"latents must have shape (batch_size, num_frames, {channels}, {size}, {size}), got "
+                    f"{tuple(latents.shape)}"
+                )
+            frame_noise = self.prepare_latents((batch_size, channels, size, size), device, generator, latents)
+            return _FrameLoop(
+                self,
+                identity_frames,
+                self.scheduler,
+                num_inference_steps,
+                timesteps,
+                stabilize_every,
+                generator,
+                frame_noise,
+                callback_on_step_end,
+                callback_on_step_end_tensor_inputs,
+                progress_bar,
+            )
+
         # The hooks are freed however the loop ends: also when a consumer stops early (closes the generator).
         try:
+            if is_chunk_stream(audio):
+                if num_videos_per_prompt != 1 or len(_as_list(identity_image)) != 1:
+                    raise ValueError("speech in chunks makes one video: give one identity image")
+                identity_frames = preprocess_identity_image(_as_list(identity_image)[0], size)[None]
+                with self.progress_bar(iterable=iter(())) as progress_bar:  # (no total: the length is not known)
+                    loop = frame_loop(identity_frames.to(device=device, dtype=dtype), progress_bar)
+                    frames = SpeechToFrames(self, loop, sampling_rate, output_type)
+                    for chunk in audio:
+                        for output in frames.push(chunk):
+                            yield output
+                            if self.interrupt:
+                                return
+                    yield from frames.end()
+                return
+
+            # 1. Inputs: identity frames in [-1, 1] and one audio embedding per video frame.
+            identity_frames, waveforms, lengths = self.prepare_inputs(
+                identity_image, audio, sampling_rate, num_videos_per_prompt
+            )
+            identity_frames = identity_frames.to(device=device, dtype=dtype)
+            audio_embeddings = self.encode_audio(waveforms, device, dtype)
+            num_frames = audio_embeddings.shape[1]
+            frame_counts = [self.audio_encoder.num_frames(n) for n in lengths]
+            audio_out = [waveform[:length].numpy() for waveform, length in zip(waveforms, lengths)]
+            longest = self.config.get("trained_clip_seconds")
+            seconds = waveforms.shape[-1] / self.audio_encoder.config.sampling_rate
+            if longest and seconds > longest and not stabilize_every:
+                logger.warning(
+                    f"the audio is {seconds:.1f} s long; this model was trained on clips up to about {longest:g} s "
+                    "and may drift on longer ones: pass stabilize_every (e.g. 15) to put the identity frame back "
+                    "regularly"
+                )
+            hop = self.audio_encoder.config.hop_length
+            counts = torch.tensor(frame_counts)
+            context = self.unet.config.audio_context
+
+            # 2. Frame by frame: each denoised from fresh noise, conditioned on the identity frame, the two frames
+            # before it and the audio around it.
             with self.progress_bar(total=num_frames * self._num_timesteps) as progress_bar:
+                loop = frame_loop(identity_frames, progress_bar)
                 for frame_index in range(num_frames):
-                    if stabilize_every and frame_index > 0 and frame_index % stabilize_every == 0:
-                        previous[0] = identity_motion
-                    motion_frames = torch.cat(previous, dim=1)
                     audio_context = audio_window(audio_embeddings, frame_index, context, counts)
-
-                    # Multistep schedulers keep state: start every frame afresh.
-                    set_timesteps(self.scheduler, num_inference_steps, timesteps, device)
-                    frame_latents = frame_noise(frame_index) * self.scheduler.init_noise_sigma
-                    for step_index, t in enumerate(self.scheduler.timesteps):
-                        model_input = self.scheduler.scale_model_input(frame_latents, t).to(dtype)
-                        model_output = self.unet(
-                            model_input, t, identity_frames, motion_frames, audio_context
-                        ).sample.float()
-                        if not uses_variance:
-                            model_output = model_output[:, :channels]
-                        frame_latents = self.scheduler.step(model_output, t, frame_latents, **step_kwargs).prev_sample
-
-                        if callback_on_step_end is not None:
-                            callback_kwargs = {}
-                            for k in callback_on_step_end_tensor_inputs:
-                                callback_kwargs[k] = locals()[k]
-                            global_step = frame_index * self._num_timesteps + step_index
-                            callback_outputs = callback_on_step_end(self, global_step, t, callback_kwargs) or {}
-                            frame_latents = callback_outputs.pop("frame_latents", frame_latents)
-                        progress_bar.update()
-
-                    previous = [previous[1], to_motion_frame(frame_latents.to(dtype), motion_channels)]
+                    frame_latents = loop.make(frame_index, audio_context)
+                    own_audio = [
+                        np.pad(clip[frame_index * hop : (frame_index + 1) * hop], (0, hop))[:hop] for clip in audio_out
+                    ]
                     yield DiffusedHeadsFrameOutput(
                         frame_index=frame_index,
                         frames=self.postprocess(frame_latents, output_type),
                         num_frames=frame_counts,
                         audio=audio_out,
+                        frame_audio=own_audio,
                     )
                     if self.interrupt:
                         break
         finally:
             self.maybe_free_model_hooks()
+
+    async def astream(self, identity_image: ImageInput, audio, **kwargs):
+        r"""
+        [`~DiffusedHeadsPipeline.stream`] for speech from an async iterable of chunks (a voice agent's text to
+        speech, a socket): an async generator of the frames. The chunks are read in the caller's event loop and the
+        frames made in a worker thread, so the loop is never blocked by the UNet. Takes `stream`'s arguments.
+        """
+        import asyncio
+        import queue
+
+        chunks: "queue.Queue" = queue.Queue()
+        end = object()
+
+        def received():
+            while True:
+                item = chunks.get()
+                if item is end:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        async def feed():
+            try:
+                if hasattr(audio, "__aiter__"):
+                    async for chunk in audio:
+                        chunks.put(chunk)
+                else:
+                    for chunk in audio:
+                        chunks.put(chunk)
+                chunks.put(end)
+            except BaseException as error:  # handed to the frame loop, which raises it
+                chunks.put(error)
+                if isinstance(error, asyncio.CancelledError):
+                    raise
+
+        frames = self.stream(identity_image, received(), **kwargs)
+        feeder = asyncio.ensure_future(feed())
+        finished = object()
+        try:
+            while True:
+                output = await asyncio.to_thread(next, frames, finished)
+                if output is finished:
+                    break
+                yield output
+        finally:
+            feeder.cancel()
+            chunks.put(end)
+            frames.close()
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)

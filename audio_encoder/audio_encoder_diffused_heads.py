@@ -8,7 +8,7 @@ audio embedding per frame.
 """
 
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -164,3 +164,73 @@ class DiffusedHeadsAudioEncoder(ModelMixin, ConfigMixin):
         if not return_dict:
             return (embeddings,)
         return DiffusedHeadsAudioEncoderOutput(audio_embeddings=embeddings)
+
+
+class AudioEmbeddingStream:
+    """The encoder's embeddings of speech that arrives in parts: `push` 16 kHz samples and get the embeddings of the
+    windows they complete, `end` to pad the end as the whole-clip call does and get the rest.
+
+    The windows are cut from the same padded signal as in `DiffusedHeadsAudioEncoder.forward` and the GRU's state is
+    carried from one part to the next, so the embeddings are those of the whole clip (to float rounding), each part
+    costs only its own windows, and what is kept does not grow with the length of the speech. Window `k` is complete
+    once `k * hop_length + window_length - padding` samples are in (1,920 samples, 120 ms, after the start of frame
+    `k` for the released encoder). `snapshot` and `restore` go back to an earlier point (the live session's
+    barge-in)."""
+
+    def __init__(self, encoder: DiffusedHeadsAudioEncoder, device: Union[str, torch.device, None] = None):
+        self.encoder = encoder
+        self.device = torch.device(device) if device is not None else encoder.device
+        self.samples = torch.zeros(encoder.padding)  # the padded signal from the next window's start on
+        self.windows = 0  # windows encoded so far
+        self.received = 0  # samples pushed so far
+        self.hidden = None  # the GRU's state after the last window
+        self.ended = False
+
+    def push(self, samples: torch.Tensor) -> torch.Tensor:
+        """The embeddings `(num_new_windows, hidden_size)` of the windows that `samples` (1-D, 16 kHz) complete."""
+        if self.ended:
+            raise RuntimeError("this speech stream has ended")
+        samples = samples.detach().float().cpu().reshape(-1)
+        self.samples = torch.cat([self.samples, samples])
+        self.received += samples.numel()
+        return self._encode()
+
+    def end(self) -> torch.Tensor:
+        """The embeddings of the last windows, the end padded with zeros as in the whole-clip call."""
+        if self.ended:
+            raise RuntimeError("this speech stream has ended")
+        self.ended = True
+        self.samples = torch.cat([self.samples, torch.zeros(self.encoder.padding)])
+        return self._encode()
+
+    @property
+    def num_frames(self) -> Optional[int]:
+        """The number of windows (video frames) of the whole speech, once it has ended; else None."""
+        return self.encoder.num_frames(self.received) if self.ended else None
+
+    def _encode(self) -> torch.Tensor:
+        config = self.encoder.config
+        count = max(0, (self.samples.numel() - config.window_length) // config.hop_length + 1)
+        if count == 0:
+            return torch.zeros(0, config.hidden_size, device=self.device)
+        windows = self.samples.unfold(0, config.window_length, config.hop_length)[:count]
+        dtype = self.encoder.convs[0].weight.dtype
+        codes = torch.cat(
+            [
+                self.encoder.encode_windows(windows[start : start + _CONV_CHUNK].to(self.device, dtype))
+                for start in range(0, count, _CONV_CHUNK)
+            ]
+        )
+        embeddings, self.hidden = self.encoder.gru(codes[None], self.hidden)
+        self.samples = self.samples[count * config.hop_length :]
+        self.windows += count
+        return embeddings[0]
+
+    def snapshot(self) -> dict:
+        """The stream's state now, for `restore` (small: the samples of one window and the GRU's state)."""
+        return dict(samples=self.samples, windows=self.windows, received=self.received, hidden=self.hidden)
+
+    def restore(self, state: dict) -> None:
+        """Go back to a `snapshot`: what was pushed after it is forgotten."""
+        self.samples, self.windows = state["samples"], state["windows"]
+        self.received, self.hidden, self.ended = state["received"], state["hidden"], False

@@ -541,18 +541,31 @@ def test_stream_yields_each_frame_as_it_is_made_and_the_call_collects_them(ident
     assert pipe.num_timesteps == 3
 
 
-def test_one_generator_draws_the_noise_of_the_whole_batch_at_once(identity_image):
-    """The noise is drawn frame by frame, but with the values one draw of `(batch, frames, 3, H, W)` gives, and the
-    scheduler's own noise comes after them: the reference draws them up front and passes them as `latents`."""
+def test_one_generator_draws_each_frames_noise_when_the_frame_is_made(identity_image):
+    """Frame f's noise is the generator's next `(batch, 3, H, W)` draw when frame f is made, after the sampler's own
+    noise of the frames before: with DDIM, which draws none, frame f's noise is draw f (the reference draws them
+    one after another and passes them as `latents`); with DDPM, the sampler's noise of frame 0 (2 of its 3 steps
+    draw) comes between draw 0 and frame 1's noise."""
     pipe = tiny_pipeline()
     clips = [speech_like(0.2, seed=1), speech_like(0.3, seed=2)]
-    drawn = run(pipe, [identity_image, identity_image], clips, generator=torch.Generator().manual_seed(5)).frames
-    generator = torch.Generator().manual_seed(5)
     num_frames = (int(0.3 * 16000) + 2560 - 3200) // 640 + 1
-    latents = torch.randn((2, num_frames, 3, 16, 16), generator=generator)
-    given = run(pipe, [identity_image, identity_image], clips, latents=latents, generator=generator).frames
-    for a, b in zip(drawn, given):
-        np.testing.assert_array_equal(a, b)
+    ddim = DiffusedHeadsPipeline.from_pipe(
+        pipe, scheduler=DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    )
+    drawn = run(ddim, [identity_image] * 2, clips, generator=torch.Generator().manual_seed(5)).frames
+    generator = torch.Generator().manual_seed(5)
+    latents = torch.stack([torch.randn((2, 3, 16, 16), generator=generator) for _ in range(num_frames)], dim=1)
+    given = run(ddim, [identity_image] * 2, clips, latents=latents).frames
+    np.testing.assert_array_equal(drawn, given)
+
+    drawn = run(pipe, identity_image, clips[1], generator=torch.Generator().manual_seed(5)).frames
+    generator = torch.Generator().manual_seed(5)
+    first = torch.randn((1, 1, 3, 16, 16), generator=generator)
+    after_first = torch.Generator().set_state(generator.get_state())  # DDPM's own noise of frame 0 comes next
+    latents = torch.cat([first, torch.zeros((1, num_frames - 1, 3, 16, 16))], dim=1)
+    given = run(pipe, identity_image, clips[1], latents=latents, generator=after_first).frames
+    np.testing.assert_array_equal(drawn[:, 0], given[:, 0])
+    assert np.abs(drawn[:, 1] - given[:, 1]).max() > 1e-2
 
 
 def test_a_generator_per_video_gives_each_video_as_a_lone_run_does(identity_image):
