@@ -532,9 +532,10 @@ training_loop(settings, accelerator, {"model": torch.nn.Linear(1, 1)}, data, Sam
 
 
 @pytest.mark.slow
-def test_the_logged_losses_are_the_mean_over_the_processes(tmp_path):
+def test_the_logged_losses_are_the_mean_over_the_processes_and_each_saves_its_random_state(tmp_path):
     """Two processes whose losses are known (1 and 2; 10 and 20): the log holds their means, not the main
-    process's own."""
+    process's own; and every process saves its checkpoint (accelerate writes each process's random states, which
+    a resumed run's dropout needs)."""
     script = tmp_path / "loss_per_process.py"
     script.write_text(LOSS_PER_PROCESS)
     command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port())]
@@ -543,3 +544,5 @@ def test_the_logged_losses_are_the_mean_over_the_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     log = [json.loads(line) for line in open(tmp_path / "run" / "train_log.jsonl")]
     assert [(r["step"], r["loss"], r["mse"]) for r in log] == [(1, 1.5, 15.0), (2, 1.5, 15.0)]
+    saved = os.listdir(tmp_path / "run" / "checkpoint-2")
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(saved), saved

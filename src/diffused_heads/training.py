@@ -565,6 +565,107 @@ def learning_rate_schedule(optimizer, warmup_steps: int, max_steps: int, num_pro
     )
 
 
+@dataclass
+class PreparedRun:
+    """A training run after its set-up (`prepare_run`): the prepared models (`models`, with the frozen ones moved to
+    the run's device), the names of the trained ones, their EMAs and target networks, the optimiser and the
+    learning-rate schedule, the state the checkpoints carry and the checkpoint to resume from."""
+
+    models: Dict[str, torch.nn.Module]
+    trained: List[str]
+    parameters: List[torch.nn.Parameter]
+    emas: Dict[str, object]
+    targets: Dict[str, torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    state: "TrainingState"
+    resume_from: Optional[str]
+
+
+def prepare_run(
+    settings: "LoopSettings",
+    accelerator,
+    models: Dict[str, torch.nn.Module],
+    ema_targets: bool = False,
+    state: Optional["TrainingState"] = None,
+) -> PreparedRun:
+    """Set up a run of `training_loop`: the optimiser over the parameters that require gradients, the learning-rate
+    schedule, `accelerator.prepare`, then (on the prepared models, so on the run's device) the EMA of each trained
+    model, the checkpoint resumed from, if any, and with `ema_targets` each model's target network. Everything the
+    run holds is then on `accelerator.device`: `tensors_off_device` finds what is not, and a run with any refuses to
+    start."""
+    from diffusers.training_utils import EMAModel
+
+    parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
+    if not parameters:
+        raise TrainingError("nothing to train: no parameter requires gradients")
+    if ema_targets and not settings.ema_decay:
+        raise TrainingError("this method needs an EMA of the weights as its target: --ema-decay above 0")
+    resume_from = checkpoint_to_resume(settings.resume, settings.checkpoint_dir)
+    # Dropout draws from the global generator: seeded per process here, restored from a checkpoint on resuming.
+    torch.manual_seed(settings.seed * 1000 + accelerator.process_index)
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+    lr_scheduler = learning_rate_schedule(
+        optimizer, settings.lr_warmup_steps, settings.max_steps, accelerator.num_processes
+    )
+    trained = [name for name, model in models.items() if any(p.requires_grad for p in model.parameters())]
+    prepared = accelerator.prepare(*[models[n] for n in trained], optimizer, lr_scheduler)
+    models = {**models, **dict(zip(trained, prepared[: len(trained)]))}
+    optimizer, lr_scheduler = prepared[len(trained) :]
+    device = accelerator.device
+    for name, model in models.items():
+        if name not in trained:
+            model.to(device).eval()
+    # The EMAs are made from the prepared models, so their weights are on the run's device from the start.
+    emas = {}
+    if settings.ema_decay:
+        for name in trained:
+            emas[name] = EMAModel(models[name].parameters(), decay=settings.ema_decay, use_ema_warmup=True)
+            emas[name].to(device)
+            accelerator.register_for_checkpointing(emas[name])
+    state = state if state is not None else TrainingState()
+    accelerator.register_for_checkpointing(state)
+    if resume_from:
+        accelerator.load_state(resume_from)
+        accelerator.print(f"resumed from {resume_from} at step {state.step}")
+        for ema in emas.values():  # (accelerate loads them onto the CPU)
+            ema.to(device)
+    targets = {}
+    if ema_targets:
+        for name in trained:
+            target = copy.deepcopy(accelerator.unwrap_model(models[name])).requires_grad_(False).eval()
+            emas[name].copy_to(target.parameters())
+            targets[name + "_target"] = target
+    run = PreparedRun(models, trained, parameters, emas, targets, optimizer, lr_scheduler, state, resume_from)
+    misplaced = tensors_off_device(run, device)
+    if misplaced:
+        raise RuntimeError(f"the run's tensors are not all on {device}: {', '.join(misplaced[:5])}")
+    return run
+
+
+def tensors_off_device(run: PreparedRun, device) -> List[str]:
+    """What of a run is not on `device`: the models' parameters and buffers, the EMA weights, the target networks
+    and the optimiser's state, by name."""
+    device = torch.device(device)
+
+    def same(tensor) -> bool:
+        if tensor.device.type != device.type:
+            return False
+        return device.type != "cuda" or device.index is None or tensor.device.index == device.index
+
+    found = []
+    for name, model in {**run.models, **run.targets}.items():
+        for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+            found += [f"{name} {kind} {key} ({t.device})" for key, t in tensors if not same(t)]
+    for name, ema in run.emas.items():
+        found += [f"{name} EMA weight {k} ({t.device})" for k, t in enumerate(ema.shadow_params) if not same(t)]
+    for k, values in enumerate(run.optimizer.state.values()):
+        found += [
+            f"optimizer state {k} {key}" for key, t in values.items() if torch.is_tensor(t) and t.ndim and not same(t)
+        ]
+    return found
+
+
 LossesOfBatch = Callable[[dict, torch.Generator, Dict[str, torch.nn.Module]], Dict[str, torch.Tensor]]
 
 
@@ -590,48 +691,11 @@ def training_loop(
     model holding its EMA weights as of the step before (a target network, as consistency distillation uses).
     A `state` given is the one used: afterwards it says the steps made and the seconds they took, over every
     resumed run."""
-    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
-    parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
-    if not parameters:
-        raise TrainingError("nothing to train: no parameter requires gradients")
-    resume_from = checkpoint_to_resume(settings.resume, settings.checkpoint_dir)
-    # Dropout draws from the global generator: seeded per process here, restored from a checkpoint on resuming.
-    torch.manual_seed(settings.seed * 1000 + accelerator.process_index)
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
-    lr_scheduler = learning_rate_schedule(
-        optimizer, settings.lr_warmup_steps, settings.max_steps, accelerator.num_processes
-    )
-    state = state if state is not None else TrainingState()
-    trained = [name for name, model in models.items() if any(p.requires_grad for p in model.parameters())]
-    emas = {}
-    if settings.ema_decay:
-        for name in trained:
-            emas[name] = EMAModel(models[name].parameters(), decay=settings.ema_decay, use_ema_warmup=True)
-            accelerator.register_for_checkpointing(emas[name])
-    accelerator.register_for_checkpointing(state)
-    names = list(trained)
-    prepared = accelerator.prepare(*[models[n] for n in names], optimizer, lr_scheduler)
-    models = {**models, **dict(zip(names, prepared[: len(names)]))}
-    optimizer, lr_scheduler = prepared[len(names) :]
-    device = accelerator.device
-    for name, model in models.items():
-        if name not in trained:
-            model.to(device).eval()
-    if resume_from:
-        accelerator.load_state(resume_from)
-        accelerator.print(f"resumed from {resume_from} at step {state.step}")
-        for ema in emas.values():
-            ema.to(device)
-    targets = {}
-    if ema_targets:
-        if not emas:
-            raise TrainingError("this method needs an EMA of the weights as its target: --ema-decay above 0")
-        for name in trained:
-            targets[name + "_target"] = copy.deepcopy(accelerator.unwrap_model(models[name])).requires_grad_(False)
-            emas[name].copy_to(targets[name + "_target"].parameters())
-            targets[name + "_target"].eval()
+    run = prepare_run(settings, accelerator, models, ema_targets, state)
+    models, emas, targets, optimizer, lr_scheduler = run.models, run.emas, run.targets, run.optimizer, run.lr_scheduler
+    trained, parameters, state, device = run.trained, run.parameters, run.state, accelerator.device
 
     frame_counts = [c.frames for c in data.clips]
     batches = StepBatches(
@@ -693,8 +757,10 @@ def training_loop(
                     f.write(json.dumps(record) + "\n")
         if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
             accelerator.wait_for_everyone()
+            # Every process saves: the models once (by the main process), each process its own random states.
+            accelerator.save_state(os.path.join(settings.checkpoint_dir, f"checkpoint-{state.step}"))
+            accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                accelerator.save_state(os.path.join(settings.checkpoint_dir, f"checkpoint-{state.step}"))
                 for old in list_checkpoints(settings.checkpoint_dir)[: -settings.keep_checkpoints]:
                     shutil.rmtree(old, ignore_errors=True)
     progress.close()
