@@ -2,6 +2,7 @@
 `distill` command makes a model folder that every tool runs at its own steps, or says what is wrong and writes
 nothing."""
 
+import contextlib
 import copy
 import json
 import os
@@ -16,8 +17,10 @@ from test_convert import TINY_ORIGINAL_ENCODER, TINY_ORIGINAL_UNET
 from diffused_heads import distill, make_dataset, runtime
 from diffused_heads.distillation import (
     Conditioning,
-    NoiseSchedule,
+    DistillationSettings,
+    batch_losses,
     consistency_losses,
+    ddim_step,
     default_student_timesteps,
     direct_losses,
     lip_weighted_mse,
@@ -28,6 +31,7 @@ from diffused_heads.distillation import (
 )
 from diffused_heads.hub.convert_checkpoint import convert
 from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, model_card, to_motion_frame
+from diffused_heads.training import NoiseSchedule
 
 from helpers import tiny_pipeline
 from original_model import scripted_audio_encoder, traced_unet
@@ -97,8 +101,7 @@ def distil(teacher, method, draws, steps, fixed=False, wrong_target=False):
                 target = torch.randn(target.shape, generator=g)
             losses = direct_losses(student, sampler, schedule, target, cond, g)
         else:
-            grid = teacher_grid(sampler)
-            losses = consistency_losses(student, target_network, teacher.unet, schedule, grid, target, cond, g)
+            losses = consistency_losses(student, target_network, teacher.unet, sampler, schedule, target, cond, g)
         optimizer.zero_grad()
         losses["loss"].backward()
         optimizer.step()
@@ -171,7 +174,6 @@ def test_the_consistency_loss_of_a_denoiser_that_knows_the_clean_frame_is_zero(p
     frames has the squared distance between them as its loss."""
     schedule = NoiseSchedule(DDPMScheduler(prediction_type=prediction_type))
     sampler = student_scheduler(DDPMScheduler(prediction_type=prediction_type).config, TEACHER_STEPS)
-    grid = teacher_grid(sampler)
     g = torch.Generator().manual_seed(0)
     x_start = torch.rand(8, 3, 8, 8, generator=g) * 1.6 - 0.8
     other = torch.rand(8, 3, 8, 8, generator=g) * 1.6 - 0.8
@@ -179,10 +181,10 @@ def test_the_consistency_loss_of_a_denoiser_that_knows_the_clean_frame_is_zero(p
     cond = conditioning(batch=8)
     for seed in range(3):
         losses = consistency_losses(
-            oracle, oracle, oracle, schedule, grid, x_start, cond, torch.Generator().manual_seed(seed)
+            oracle, oracle, oracle, sampler, schedule, x_start, cond, torch.Generator().manual_seed(seed)
         )
         assert losses["loss"].item() < 1e-4, losses
-    wrong = consistency_losses(Oracle(other, schedule), oracle, oracle, schedule, grid, x_start, cond, g)
+    wrong = consistency_losses(Oracle(other, schedule), oracle, oracle, sampler, schedule, x_start, cond, g)
     assert wrong["loss"].item() == pytest.approx((other - x_start).pow(2).mean().item(), rel=0.05)
 
 
@@ -390,7 +392,7 @@ def test_the_direct_loss_trains_the_student_at_its_own_timesteps():
     sampler.set_timesteps(timesteps=[999, 199])
     student = student_of(teacher)
     seen = []
-    student.register_forward_hook(lambda module, args, output: seen.extend(int(t) for t in args[1]))
+    student.register_forward_hook(lambda module, args, out: seen.extend(int(t) for t in args[1].expand(len(args[0]))))
     target = teacher_draws(teacher, cond, count=1)[0]
     for seed in range(3):
         direct_losses(
@@ -410,7 +412,7 @@ def test_the_rollout_samples_at_the_timesteps_its_sampler_is_set_to():
     sampler.set_timesteps(timesteps=[999, 199])
     student = student_of(teacher)
     seen = []
-    student.register_forward_hook(lambda module, args, output: seen.extend(int(t) for t in args[1]))
+    student.register_forward_hook(lambda module, args, out: seen.extend(int(t) for t in args[1].expand(len(args[0]))))
     g = torch.Generator().manual_seed(0)
     history = torch.rand(2, 3, 3, 16, 16, generator=g) * 2 - 1
     roll_out(student, sampler, cond.identity, history, torch.randn(2, 2, 5, 8, generator=g), g, stabilize=True)
@@ -491,3 +493,127 @@ def test_the_lip_loss_is_the_error_inside_the_mouth_box_added_with_its_weight():
     assert losses["loss"].item() == pytest.approx(0.25 + 0.5 * 1.0)
     without = lip_weighted_mse(prediction, target, mask, lip_weight=0.0)
     assert "lip" not in without and without["loss"].item() == pytest.approx(0.25)
+
+
+# --------------------------------------------------------------------------------------------------
+# Known answers, worked out by hand on a schedule of three points
+
+
+def three_point_schedule(prediction_type="epsilon"):
+    """betas 0.36, 0.4375, 0.75: alpha-bar 0.64, 0.36, 0.09 (square roots 0.8, 0.6, 0.3; of 1 - alpha-bar 0.6, 0.8,
+    0.954...)."""
+    return DDPMScheduler(num_train_timesteps=3, trained_betas=[0.36, 0.4375, 0.75], prediction_type=prediction_type)
+
+
+def test_the_noise_schedule_of_three_points():
+    schedule = NoiseSchedule(three_point_schedule())
+    like = torch.zeros(4, 1)
+    alpha_bar = schedule.alpha_bar(torch.tensor([0, 1, 2, -1]), like).flatten()
+    torch.testing.assert_close(alpha_bar, torch.tensor([0.64, 0.36, 0.09, 1.0]))
+    x0, eps = torch.tensor([[0.5]]), torch.tensor([[-1.0]])
+    # x_1 = 0.6 * 0.5 + 0.8 * (-1) = -0.5; v = 0.6 * (-1) - 0.8 * 0.5 = -1.0
+    x1 = schedule.add_noise(x0, eps, torch.tensor([1]))
+    torch.testing.assert_close(x1, torch.tensor([[-0.5]]))
+    v = NoiseSchedule(three_point_schedule("v_prediction"))
+    torch.testing.assert_close(v.target(x0, eps, torch.tensor([1])), torch.tensor([[-1.0]]))
+    torch.testing.assert_close(v.predicted_clean(torch.tensor([[-1.0]]), x1, torch.tensor([1])), x0)
+    torch.testing.assert_close(v.predicted_noise(torch.tensor([[-1.0]]), x1, torch.tensor([1])), eps)
+    torch.testing.assert_close(schedule.noise_of(x0, x1, torch.tensor([1])), eps)
+
+
+def test_the_teachers_ddim_step_clips_the_clean_frame_and_recomputes_its_noise():
+    """From x_1 = 1 with predicted noise -0.5: the clean frame (1 + 0.8 * 0.5) / 0.6 = 2.33 is clipped to 1, the
+    noise recomputed from it, (1 - 0.6) / 0.8 = 0.5, and x_0 = 0.8 * 1 + 0.6 * 0.5 = 1.1 (with the unclipped noise
+    it would be 0.5); to the clean end (-1) the step gives the clipped frame."""
+    schedule = NoiseSchedule(three_point_schedule())
+    x_t, output = torch.ones(2, 1), torch.full((2, 1), -0.5)
+    x_s, x0 = ddim_step(schedule, output, x_t, torch.tensor([1, 1]), torch.tensor([0, -1]))
+    torch.testing.assert_close(x0, torch.ones(2, 1))
+    torch.testing.assert_close(x_s, torch.tensor([[1.1], [1.0]]))
+
+
+class TimestepRecorder(torch.nn.Module):
+    """A UNet stand-in that predicts zero noise and keeps the timesteps and audio windows of every call."""
+
+    def __init__(self, name, calls, sample_size=4, motion_frame_channels=3):
+        super().__init__()
+        self.name, self.calls = name, calls
+        self.config = type(
+            "Config",
+            (),
+            dict(in_channels=3, sample_size=sample_size, audio_context=5, motion_frame_channels=motion_frame_channels),
+        )
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, timesteps, identity, motion, audio):
+        timesteps = torch.as_tensor(timesteps).expand(len(x))
+        self.calls.append((self.name, timesteps.tolist(), audio[:, 0, 0].tolist()))
+        return type("Output", (), {"sample": x * 0 + self.weight})
+
+
+def test_the_consistency_targets_lie_one_grid_step_below_on_a_grid_of_three():
+    """Teacher grid of 3 on 30 timesteps: 9, 19, 29. The teacher and the student are called at a grid point t,
+    the target network at the point below (t - 10), at 0 for the clean end (where the target is the teacher's
+    clean frame)."""
+    scheduler = DDPMScheduler(num_train_timesteps=30)
+    sampler = student_scheduler(scheduler.config, 3)
+    assert teacher_grid(sampler).tolist() == [9, 19, 29]
+    calls = []
+    models = [TimestepRecorder(name, calls) for name in ("student", "target", "teacher")]
+    cond = Conditioning(torch.zeros(64, 3, 4, 4), torch.zeros(64, 6, 4, 4), torch.zeros(64, 5, 8))
+    x_start = torch.rand(64, 3, 4, 4) * 2 - 1
+    consistency_losses(*models, sampler, NoiseSchedule(scheduler), x_start, cond, torch.Generator().manual_seed(0))
+    seen = {name: steps for name, steps, _ in calls}
+    assert set(seen["teacher"]) == {9, 19, 29}
+    assert seen["student"] == seen["teacher"]
+    assert seen["target"] == [max(t - 10, 0) for t in seen["teacher"]]
+
+
+def test_each_rolled_out_frame_and_the_target_get_their_own_audio_window():
+    """History of 4 frames (2 start the rollout), audio windows 0, 1, 2 (the last the target's): the student makes
+    frame 2 with window 0 and frame 3 with window 1; the teacher's target and the student's loss use window 2."""
+    calls = []
+    student, teacher_unet = TimestepRecorder("student", calls), TimestepRecorder("teacher", calls)
+    scheduler = DDPMScheduler(num_train_timesteps=30, variance_type="fixed_small")
+    teacher = type("Teacher", (), dict(unet=teacher_unet, scheduler=scheduler))
+    sampler = student_scheduler(scheduler.config, 3)
+    sampler.set_timesteps(2)
+    accelerator = type(
+        "Accelerator", (), dict(device=torch.device("cpu"), autocast=lambda self: contextlib.nullcontext())
+    )()
+    losses_of_batch = batch_losses(DistillationSettings("direct"), accelerator, teacher, 3, sampler, stabilize=True)
+    audio = torch.arange(3.0).view(1, 3, 1, 1).expand(2, 3, 5, 8)  # window k holds k
+    batch = dict(
+        x_start=torch.zeros(2, 3, 4, 4),
+        identity=torch.zeros(2, 3, 4, 4),
+        motion=torch.zeros(2, 4, 3, 4, 4),
+        audio=audio,
+        boxes=None,
+    )
+    losses_of_batch(batch, torch.Generator().manual_seed(0), {"unet": student})
+    windows = [(name, window[0]) for name, _, window in calls]
+    assert windows[:4] == [("student", 0.0)] * 2 + [("student", 1.0)] * 2  # two sampler steps a frame
+    assert set(windows[4:]) == {("teacher", 2.0), ("student", 2.0)}
+
+
+def test_the_consistency_target_is_made_by_the_target_network_not_the_online_student():
+    calls = []
+    scheduler = DDPMScheduler(num_train_timesteps=30)
+    teacher = type("Teacher", (), dict(unet=TimestepRecorder("teacher", calls), scheduler=scheduler))
+    sampler = student_scheduler(scheduler.config, 3)
+    accelerator = type(
+        "Accelerator", (), dict(device=torch.device("cpu"), autocast=lambda s: contextlib.nullcontext())
+    )
+    losses_of_batch = batch_losses(DistillationSettings("consistency"), accelerator(), teacher, 3, sampler, True)
+    batch = dict(
+        x_start=torch.zeros(8, 3, 4, 4),
+        identity=torch.zeros(8, 3, 4, 4),
+        motion=torch.zeros(8, 2, 3, 4, 4),
+        audio=torch.zeros(8, 1, 5, 8),
+        boxes=None,
+    )
+    models = {"unet": TimestepRecorder("student", calls), "unet_target": TimestepRecorder("target", calls)}
+    losses_of_batch(batch, torch.Generator().manual_seed(0), models)
+    seen = {name: steps for name, steps, _ in calls}
+    assert [name for name, _, _ in calls] == ["teacher", "target", "student"]
+    assert seen["target"] == [max(t - 10, 0) for t in seen["teacher"]] and seen["student"] == seen["teacher"]

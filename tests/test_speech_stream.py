@@ -2,7 +2,6 @@
 as soon as the speech its audio window needs is in, with the encoder's state carried from chunk to chunk."""
 
 import asyncio
-import os
 
 import numpy as np
 import pytest

@@ -26,17 +26,11 @@ import torch
 from .cli_utils import HelpFormatter, add_training_options, check_training_options, run_command
 from .distillation import (
     METHODS,
-    Conditioning,
-    NoiseSchedule,
-    consistency_losses,
+    DistillationSettings,
+    batch_losses,
     default_student_timesteps,
-    direct_losses,
     is_student,
-    motion_input,
-    roll_out,
-    sample_frames,
     student_scheduler,
-    teacher_grid,
     teacher_grid_of,
 )
 from .errors import ArgumentError
@@ -52,7 +46,6 @@ from .training import (
     TrainingState,
     checkpoint_to_resume,
     frozen_embeddings,
-    lip_box_masks,
     load_model,
     make_accelerator,
     open_data,
@@ -168,64 +161,6 @@ def load_teacher(args):
     return path, teacher, teacher_steps
 
 
-def distillation_losses(args, accelerator, teacher, teacher_steps, student_sampler, stabilize: bool):
-    """The losses of a batch for the chosen method, after the student's rollout of the motion frames."""
-    schedule = NoiseSchedule(teacher.scheduler)
-    grid = teacher_grid(student_sampler)
-    teacher_unet = teacher.unet
-    config = teacher_unet.config
-    motion_channels = config.motion_frame_channels
-
-    def losses_of_batch(batch, generator, models):
-        student = models["unet"]
-        device = accelerator.device
-        x_start = batch["x_start"].to(device)
-        identity = batch["identity"].to(device)
-        history = batch["motion"].to(device)
-        audio = batch["audio"].to(device)
-        if history.shape[1] > NUM_MOTION_FRAMES:
-            motion = roll_out(student, student_sampler, identity, history, audio, generator, stabilize)
-        else:
-            motion = history
-
-        def conditioning(pair):  # the target's conditioning, given its two motion frames
-            older = identity if stabilize else pair[:, 0]
-            return Conditioning(identity, motion_input(older, pair[:, 1], motion_channels), audio[:, -1])
-
-        cond = conditioning(motion)
-        mask = lip_box_masks(batch["boxes"], config.sample_size).to(device) if batch["boxes"] is not None else None
-        with accelerator.autocast():
-            if args.method == "consistency":
-                return consistency_losses(
-                    student,
-                    models["unet_target"],
-                    teacher_unet,
-                    schedule,
-                    grid,
-                    x_start,
-                    cond,
-                    generator,
-                    mask,
-                    args.lip_loss_weight,
-                )
-            teacher_cond = cond
-            if args.target_context == "ground-truth":
-                teacher_cond = conditioning(history[:, -NUM_MOTION_FRAMES:])
-            target = sample_frames(teacher_unet, teacher.scheduler, teacher_steps, teacher_cond, generator)
-            return direct_losses(
-                student,
-                student_sampler,
-                schedule,
-                target.clamp(-1.0, 1.0),
-                cond,
-                generator,
-                mask,
-                args.lip_loss_weight,
-            )
-
-    return losses_of_batch
-
-
 def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dict, samples=None) -> str:
     """The student's README.md: the Hub's YAML header (the teacher's licence, the teacher as `base_model` where it
     is a Hub id), what it is, how to use it, how it was made."""
@@ -293,11 +228,10 @@ def distill(args) -> str:
     student_sampler = student_scheduler(teacher.scheduler.config, teacher_steps)
     set_timesteps(student_sampler, args.student_steps, args.student_timesteps)
 
-    teacher_unet = unet.to(accelerator.device).eval().requires_grad_(False)
+    unet.to(accelerator.device).eval().requires_grad_(False)  # the teacher's UNet (teacher.unet)
     student = type(unet).from_config(config)
     student.load_state_dict(unet.state_dict())
     student.requires_grad_(True)
-    teacher.unet = teacher_unet
     encoder.to(accelerator.device).eval().requires_grad_(False)
     embeddings = frozen_embeddings(encoder, data, args.checkpoint_dir, accelerator)
     samples = TrainingFrames(data, config.sample_size, config.audio_context, embeddings, history=history)
@@ -308,7 +242,14 @@ def distill(args) -> str:
         {"unet": student},
         data,
         samples,
-        distillation_losses(args, accelerator, teacher, teacher_steps, student_sampler, stabilize),
+        batch_losses(
+            DistillationSettings(args.method, args.lip_loss_weight, args.target_context),
+            accelerator,
+            teacher,
+            teacher_steps,
+            student_sampler,
+            stabilize,
+        ),
         description="distilling",
         ema_targets=args.method == "consistency",
         state=progress,

@@ -29,15 +29,20 @@ target frame from the same rolled-out context, so the student learns to recover 
 Self Forcing and CausVid) instead of only ever seeing ground-truth motion.
 """
 
-import inspect
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
-from .hub.pipeline_diffused_heads import scheduler_uses_variance, set_timesteps, to_motion_frame
+from .hub.pipeline_diffused_heads import denoise_frame, to_motion_frame
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
+from .training import NoiseSchedule, add_lip_loss, lip_box_masks
 
 METHODS = ("consistency", "direct")
+
+# LCM's scaling of the timestep in the boundary condition (c_skip is about 0 from t = 1 on).
+TIMESTEP_SCALING = 10.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -58,7 +63,7 @@ def student_scheduler(teacher_config, teacher_steps: int):
         original_inference_steps=teacher_steps,
         clip_sample=True,
         clip_sample_range=config.get("clip_sample_range", 1.0),
-        timestep_scaling=10.0,
+        timestep_scaling=TIMESTEP_SCALING,
     )
 
 
@@ -95,48 +100,20 @@ def teacher_grid(scheduler) -> torch.Tensor:
     return teacher_grid_of(scheduler.config.num_train_timesteps, scheduler.config.original_inference_steps)
 
 
-class NoiseSchedule:
-    """The teacher's alpha-bar table and its parameterisation, for the arithmetic of the losses (float64 tables,
-    cast to the tensors they meet)."""
-
-    def __init__(self, scheduler):
-        self.alphas_cumprod = scheduler.alphas_cumprod.double()
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ValueError(f"prediction_type {self.prediction_type!r} is not supported")
-
-    def alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """alpha-bar at `timesteps` (1 where a timestep is negative: the clean end of the grid), shaped to `like`."""
-        table = torch.cat([self.alphas_cumprod, torch.ones(1, dtype=torch.float64)])
-        values = table[timesteps.cpu().long()]  # -1 picks the appended 1
-        return values.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
-
-    def add_noise(self, x_start, noise, timesteps):
-        alpha_bar = self.alpha_bar(timesteps, x_start)
-        return alpha_bar.sqrt() * x_start + (1.0 - alpha_bar).sqrt() * noise
-
-    def split(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor):
-        """The clean frame and the noise that a prediction (the first channels of the UNet's output) implies."""
-        alpha_bar = self.alpha_bar(timesteps, x_t)
-        a, b = alpha_bar.sqrt(), (1.0 - alpha_bar).sqrt()
-        if self.prediction_type == "epsilon":
-            x0 = (x_t - b * output) / a
-        elif self.prediction_type == "v_prediction":
-            x0 = a * x_t - b * output
-        else:
-            x0 = output
-        eps = (x_t - a * x0) / b.clamp(min=1e-8)
-        return x0, eps
-
-
-def boundary_scalings(timesteps: torch.Tensor, like: torch.Tensor, scaling: float = 10.0, sigma_data: float = 0.5):
-    """LCM's `c_skip` and `c_out` at `timesteps` (the consistency function is `c_skip * x + c_out * x0`), shaped to
-    `like`: 1 and 0 at t = 0, about 0 and 1 from t = 1 on."""
-    scaled = timesteps.to(device=like.device, dtype=like.dtype).clamp(min=0) * scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2).sqrt()
+def boundary_scalings(sampler, timesteps: torch.Tensor, like: torch.Tensor):
+    """The consistency function's `c_skip` and `c_out` (f(x, t) = c_skip * x + c_out * x0) at `timesteps`, by the
+    student sampler's own `get_scalings_for_boundary_condition_discrete` (its `timestep_scaling`), shaped to
+    `like`: 1 and 0 at t = 0 (and at -1, the clean end), about 0 and 1 from t = 1 on."""
+    scaled = timesteps.to(device=like.device, dtype=like.dtype).clamp(min=0)
+    c_skip, c_out = sampler.get_scalings_for_boundary_condition_discrete(scaled)
     shape = (-1, *([1] * (like.ndim - 1)))
     return c_skip.view(shape), c_out.view(shape)
+
+
+def consistency_function(sampler, schedule: NoiseSchedule, output, x_t, timesteps):
+    """f(x_t, t) = c_skip * x_t + c_out * x0, x0 the clean frame a prediction (the first output channels) implies."""
+    c_skip, c_out = boundary_scalings(sampler, timesteps, x_t)
+    return c_skip * x_t + c_out * schedule.predicted_clean(output, x_t, timesteps)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -168,24 +145,13 @@ def run_unet(unet, x, timesteps, cond: Conditioning) -> torch.Tensor:
 def sample_frames(
     unet, scheduler, steps: int, cond: Conditioning, generator: torch.Generator, timesteps=None
 ) -> torch.Tensor:
-    """Frames `(B, 3, S, S)` made as the pipeline makes them: noise drawn from `generator`, then `scheduler` (its
-    own copy: its state is this call's) at `steps` steps (at `timesteps`, where given), given the variance channels
-    only where it uses them."""
+    """Frames `(B, 3, S, S)` made as the pipeline makes them (`denoise_frame`): noise drawn from `generator`, then
+    `scheduler` (its own copy: its state is this call's) at `steps` steps (at `timesteps`, where given)."""
     scheduler = type(scheduler).from_config(scheduler.config)
     config = unet.config if hasattr(unet, "config") else unet.module.config
-    channels = config.in_channels
-    shape = (len(cond.identity), channels, config.sample_size, config.sample_size)
-    device = cond.identity.device
-    x = torch.randn(shape, generator=generator).to(device) * scheduler.init_noise_sigma
-    set_timesteps(scheduler, steps, timesteps, device)
-    uses_variance = scheduler_uses_variance(scheduler)
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    for t in scheduler.timesteps:
-        output = run_unet(unet, scheduler.scale_model_input(x, t), t, cond)
-        if not uses_variance:
-            output = output[:, :channels]
-        x = scheduler.step(output, t, x, **step_kwargs).prev_sample
-    return x
+    shape = (len(cond.identity), config.in_channels, config.sample_size, config.sample_size)
+    noise = randn_tensor(shape, generator=generator, device=cond.identity.device, dtype=torch.float32)
+    return denoise_frame(unet, scheduler, noise, cond.identity, cond.motion, cond.audio, steps, timesteps, generator)
 
 
 @torch.no_grad()
@@ -221,24 +187,19 @@ def roll_out(
 
 
 def lip_weighted_mse(prediction, target, mouth_mask: Optional[torch.Tensor], lip_weight: float):
+    """The MSE of the student's frames against the target (`"mse"`), with the lip term (`training.lip_loss`)."""
     squared = (prediction - target) ** 2
     losses = {"mse": squared.mean()}
-    loss = losses["mse"]
-    if mouth_mask is not None and lip_weight:
-        mask = mouth_mask.to(squared.dtype)
-        per_sample = (squared * mask).flatten(1).sum(1) / (mask.flatten(1).sum(1) * squared.shape[1]).clamp(min=1.0)
-        losses["lip"] = per_sample.mean()
-        loss = loss + lip_weight * losses["lip"]
-    losses["loss"] = loss
-    return losses
+    losses["loss"] = losses["mse"]
+    return add_lip_loss(losses, squared, mouth_mask, lip_weight)
 
 
 def consistency_losses(
     student,
     target_student,
     teacher,
+    sampler,
     schedule: NoiseSchedule,
-    grid: torch.Tensor,
     x_start: torch.Tensor,
     cond: Conditioning,
     generator: torch.Generator,
@@ -246,30 +207,34 @@ def consistency_losses(
     lip_weight: float = 0.0,
 ) -> Dict[str, torch.Tensor]:
     """Consistency distillation on one batch: f(x_t, t) of the student against f(x_s, s) of `target_student` (the
-    EMA of the student's weights, no gradient), x_s one teacher DDIM step from x_t; at the grid's first timestep the
-    target is the teacher's clean frame. (With the online student as its own target, the loss is smallest near f(x,
-    t) = x, the student drifts there and its frames keep their noise.)"""
+    EMA of the student's weights, no gradient), x_s one teacher DDIM step from x_t (`ddim_step`) to the previous
+    point of the student `sampler`'s grid; at the grid's first point the target is the teacher's clean frame. (With
+    the online student as its own target, the loss is smallest near f(x, t) = x, the student drifts there and its
+    frames keep their noise.)"""
     channels = x_start.shape[1]
+    grid = teacher_grid(sampler)
     picks = torch.randint(len(grid), (len(x_start),), generator=generator)
     t = grid[picks]
-    k = int(grid[0]) + 1
-    s = t - k  # -1 at the clean end
-    noise = torch.randn(x_start.shape, generator=generator).to(x_start.device)
+    s = t - (int(grid[0]) + 1)  # the grid's previous point; -1 at the clean end
+    noise = randn_tensor(x_start.shape, generator=generator, device=x_start.device, dtype=x_start.dtype)
     t, s = t.to(x_start.device), s.to(x_start.device)
     x_t = schedule.add_noise(x_start, noise, t)
     with torch.no_grad():
-        x0_teacher, eps_teacher = schedule.split(run_unet(teacher, x_t, t, cond)[:, :channels], x_t, t)
-        x0_teacher = x0_teacher.clamp(-1.0, 1.0)
-        alpha_bar_s = schedule.alpha_bar(s, x_t)
-        x_s = alpha_bar_s.sqrt() * x0_teacher + (1.0 - alpha_bar_s).sqrt() * eps_teacher
-        x0_target, _ = schedule.split(
-            run_unet(target_student, x_s, s.clamp(min=0), cond)[:, :channels], x_s, s.clamp(min=0)
-        )
-        c_skip_s, c_out_s = boundary_scalings(s, x_s)
-        target = torch.where((s < 0).view(-1, 1, 1, 1), x0_teacher, c_skip_s * x_s + c_out_s * x0_target)
-    x0_student, _ = schedule.split(run_unet(student, x_t, t, cond)[:, :channels], x_t, t)
-    c_skip_t, c_out_t = boundary_scalings(t, x_t)
-    return lip_weighted_mse(c_skip_t * x_t + c_out_t * x0_student, target, mouth_mask, lip_weight)
+        x_s, x0_teacher = ddim_step(schedule, run_unet(teacher, x_t, t, cond)[:, :channels], x_t, t, s)
+        output = run_unet(target_student, x_s, s.clamp(min=0), cond)[:, :channels]
+        target = consistency_function(sampler, schedule, output, x_s, s.clamp(min=0))
+        target = torch.where((s < 0).view(-1, 1, 1, 1), x0_teacher, target)
+    prediction = consistency_function(sampler, schedule, run_unet(student, x_t, t, cond)[:, :channels], x_t, t)
+    return lip_weighted_mse(prediction, target, mouth_mask, lip_weight)
+
+
+def ddim_step(schedule: NoiseSchedule, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor):
+    """One deterministic DDIM step (eta 0) from `x_t` at `t` to `s` (-1: the clean frame) with the clean frame
+    clipped to [-1, 1] as the teacher's sampler clips it, and the noise recomputed from the clipped frame as DDIM
+    does: `(x_s, x0)`."""
+    x0 = schedule.predicted_clean(output, x_t, t).clamp(-1.0, 1.0)
+    eps = schedule.noise_of(x0, x_t, t)
+    return schedule.add_noise(x0, eps, s), x0
 
 
 def direct_losses(
@@ -286,20 +251,87 @@ def direct_losses(
     to, from the input that sampler gives it there, the student's clean-frame estimate against the teacher's frames
     `teacher_frames`."""
     channels = teacher_frames.shape[1]
-    timesteps = student_sampler.timesteps.to(teacher_frames.device)
+    device = teacher_frames.device
+    timesteps = student_sampler.timesteps.to(device)
     picks = torch.randint(len(timesteps), (len(teacher_frames),), generator=generator)
-    x = torch.randn(teacher_frames.shape, generator=generator).to(teacher_frames.device)
+    x = randn_tensor(teacher_frames.shape, generator=generator, device=device, dtype=teacher_frames.dtype)
     t = timesteps[0].expand(len(x)).clone()
     with torch.no_grad():  # the student's own sampler up to each sample's step
         for index in range(1, int(picks.max()) + 1):
-            x0, _ = schedule.split(run_unet(student, x, t, cond)[:, :channels], x, t)
-            c_skip, c_out = boundary_scalings(t, x)
+            c_skip, c_out = boundary_scalings(student_sampler, t, x)
+            x0 = schedule.predicted_clean(run_unet(student, x, t, cond)[:, :channels], x, t)
             denoised = c_skip * x + c_out * x0.clamp(-1.0, 1.0)
-            fresh = torch.randn(x.shape, generator=generator).to(x.device)
-            later = picks >= index
+            fresh = randn_tensor(x.shape, generator=generator, device=device, dtype=x.dtype)
+            later = (picks >= index).to(device)
             t_next = timesteps[index].expand(len(x))
             x = torch.where(later.view(-1, 1, 1, 1), schedule.add_noise(denoised, fresh, t_next), x)
             t = torch.where(later, t_next, t)
-    x0_student, _ = schedule.split(run_unet(student, x, t, cond)[:, :channels], x, t)
-    c_skip, c_out = boundary_scalings(t, x)
-    return lip_weighted_mse(c_skip * x + c_out * x0_student, teacher_frames, mouth_mask, lip_weight)
+    prediction = consistency_function(student_sampler, schedule, run_unet(student, x, t, cond)[:, :channels], x, t)
+    return lip_weighted_mse(prediction, teacher_frames, mouth_mask, lip_weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# A training step
+
+
+@dataclass
+class DistillationSettings:
+    """What a distillation's losses depend on besides the models: the method (`METHODS`), the lip loss's weight,
+    and what the teacher's target frame in `"direct"` is conditioned on: the student's own rollout (`"rollout"`)
+    or the clip's ground-truth frames (`"ground-truth"`)."""
+
+    method: str = "direct"
+    lip_weight: float = 0.0
+    target_context: str = "rollout"
+
+
+def batch_losses(settings: DistillationSettings, accelerator, teacher, teacher_steps: int, sampler, stabilize: bool):
+    """The losses of a training batch (`training.training_loop`'s `losses_of_batch`): the student's rollout of the
+    motion frames, then the chosen method's losses on the target frame. `teacher` is the teacher pipeline (its UNet
+    and sampler at `teacher_steps`), `sampler` the student's (set to its timesteps); with `stabilize` the older
+    motion frame is the identity, as the teacher samples with `stabilize_every` = 1."""
+    schedule = NoiseSchedule(teacher.scheduler)
+    config = teacher.unet.config
+    motion_channels = config.motion_frame_channels
+
+    def losses_of_batch(batch, generator, models):
+        student = models["unet"]
+        device = accelerator.device
+        x_start = batch["x_start"].to(device)
+        identity = batch["identity"].to(device)
+        history = batch["motion"].to(device)
+        audio = batch["audio"].to(device)
+        if history.shape[1] > NUM_MOTION_FRAMES:
+            motion = roll_out(student, sampler, identity, history, audio, generator, stabilize)
+        else:
+            motion = history
+
+        def conditioning(pair):  # the target's conditioning, given its two motion frames and its own audio window
+            older = identity if stabilize else pair[:, 0]
+            return Conditioning(identity, motion_input(older, pair[:, 1], motion_channels), audio[:, -1])
+
+        cond = conditioning(motion)
+        mask = lip_box_masks(batch["boxes"], config.sample_size).to(device) if batch["boxes"] is not None else None
+        with accelerator.autocast():
+            if settings.method == "consistency":
+                return consistency_losses(
+                    student,
+                    models["unet_target"],
+                    teacher.unet,
+                    sampler,
+                    schedule,
+                    x_start,
+                    cond,
+                    generator,
+                    mask,
+                    settings.lip_weight,
+                )
+            teacher_cond = cond
+            if settings.target_context == "ground-truth":
+                teacher_cond = conditioning(history[:, -NUM_MOTION_FRAMES:])
+            target = sample_frames(teacher.unet, teacher.scheduler, teacher_steps, teacher_cond, generator)
+            return direct_losses(
+                student, sampler, schedule, target.clamp(-1.0, 1.0), cond, generator, mask, settings.lip_weight
+            )
+
+    return losses_of_batch

@@ -277,6 +277,88 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
     return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_delta))
 
 
+class NoiseSchedule:
+    """A scheduler's noise schedule as one table and its parameterisation: the arithmetic of the training objective
+    and of the distillation losses. alpha-bar is the cumulative product of its betas in float64 (1 - alpha_bar near
+    t = 0 loses most of its digits in float32); values are cast to the tensors they meet."""
+
+    def __init__(self, scheduler, prediction_type: Optional[str] = None):
+        self.prediction_type = prediction_type or scheduler.config.get("prediction_type", "epsilon")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {self.prediction_type!r}"
+            )
+        self.betas = scheduler.betas.double()
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.num_train_timesteps = len(self.betas)
+        self._alpha_bar_to_clean = torch.cat([self.alphas_cumprod, torch.ones(1, dtype=torch.float64)])  # [-1]: 1
+
+    def at(self, values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """`values[timesteps]`, shaped `(B, 1, ...)` to broadcast over `like`, in its dtype on its device."""
+        return (
+            values[timesteps.cpu().long()].to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
+        )
+
+    def alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """alpha-bar at `timesteps`; 1 where a timestep is -1 (the clean end of a grid)."""
+        return self.at(self._alpha_bar_to_clean, timesteps, like)
+
+    def add_noise(self, x_start, noise, timesteps):
+        alpha_bar = self.alpha_bar(timesteps, x_start)
+        return alpha_bar.sqrt() * x_start + (1.0 - alpha_bar).sqrt() * noise
+
+    def target(self, x_start, noise, timesteps):
+        """What the first output channels are trained to predict: the noise, or v = sqrt(alpha_bar) * noise -
+        sqrt(1 - alpha_bar) * x_0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "sample":
+            return x_start
+        alpha_bar = self.alpha_bar(timesteps, x_start)
+        return alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * x_start
+
+    def predicted_noise(self, prediction, x_t, timesteps):
+        """The noise that a prediction (the first output channels) implies."""
+        if self.prediction_type == "epsilon":
+            return prediction
+        if self.prediction_type == "sample":
+            return self.noise_of(prediction, x_t, timesteps)
+        alpha_bar = self.alpha_bar(timesteps, x_t)
+        return alpha_bar.sqrt() * prediction + (1.0 - alpha_bar).sqrt() * x_t
+
+    def predicted_clean(self, prediction, x_t, timesteps):
+        """The clean frame that a prediction implies."""
+        if self.prediction_type == "sample":
+            return prediction
+        alpha_bar = self.alpha_bar(timesteps, x_t)
+        if self.prediction_type == "epsilon":
+            return (x_t - (1.0 - alpha_bar).sqrt() * prediction) / alpha_bar.sqrt()
+        return alpha_bar.sqrt() * x_t - (1.0 - alpha_bar).sqrt() * prediction
+
+    def noise_of(self, x_start, x_t, timesteps):
+        """The noise that takes `x_start` to `x_t` at `timesteps` (DDIM's noise for a clean-frame estimate)."""
+        alpha_bar = self.alpha_bar(timesteps, x_t)
+        return (x_t - alpha_bar.sqrt() * x_start) / (1.0 - alpha_bar).sqrt().clamp(min=1e-8)
+
+
+def lip_loss(squared_error: torch.Tensor, mouth_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `squared_error` `(B, C, H, W)` inside each sample's mouth mask `(B, 1, H, W)` (over the mask's
+    pixels and the channels), averaged over the batch; a sample with an empty mask counts as 0."""
+    mask = mouth_mask.to(squared_error.dtype)
+    channels = squared_error.shape[1]
+    per_sample = (squared_error * mask).flatten(1).sum(1) / (mask.flatten(1).sum(1) * channels).clamp(min=1.0)
+    return per_sample.mean()
+
+
+def add_lip_loss(losses: dict, squared_error, mouth_mask: Optional[torch.Tensor], lip_weight: float) -> dict:
+    """`losses` with the lip term (`lip_loss`) as `"lip"` and its weight times it added to `"loss"`, where there is
+    a mouth mask and a weight."""
+    if mouth_mask is not None and lip_weight:
+        losses["lip"] = lip_loss(squared_error, mouth_mask)
+        losses["loss"] = losses["loss"] + lip_weight * losses["lip"]
+    return losses
+
+
 class DiffusionObjective:
     """The training loss of a UNet with learned-range variance, on a scheduler's schedule.
 
@@ -286,17 +368,15 @@ class DiffusionObjective:
     """
 
     def __init__(self, scheduler, vlb_weight: float = 1e-4, lip_weight: float = 0.2, prediction_type=None):
-        self.prediction_type = prediction_type or scheduler.config.get("prediction_type", "epsilon")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}")
-        # Cumulative products in float64: 1 - alpha_bar near t = 0 loses most of its digits in float32.
-        betas = scheduler.betas.double()
-        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        self.schedule = NoiseSchedule(scheduler, prediction_type)
+        self.prediction_type = self.schedule.prediction_type
+        if self.prediction_type == "sample":
+            raise ValueError("prediction_type must be 'epsilon' or 'v_prediction' for training, got 'sample'")
+        betas, alphas_cumprod = self.schedule.betas, self.schedule.alphas_cumprod
         previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
         posterior_variance = betas * (1.0 - previous) / (1.0 - alphas_cumprod)
-        self.num_train_timesteps = len(betas)
+        self.num_train_timesteps = self.schedule.num_train_timesteps
         # Tables stay in float64 and are cast to the dtype of the tensors they meet.
-        self.alphas_cumprod = alphas_cumprod
         self.log_betas = torch.log(betas)
         # The posterior variance is 0 at t = 0; its log is clipped to the value at t = 1.
         self.posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
@@ -305,40 +385,30 @@ class DiffusionObjective:
         self.vlb_weight = vlb_weight
         self.lip_weight = lip_weight
 
-    def _at(self, values: torch.Tensor, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        return values[timesteps.cpu()].to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
-
     def add_noise(self, x_start, noise, timesteps):
-        alpha_bar = self._at(self.alphas_cumprod, timesteps, x_start)
-        return alpha_bar.sqrt() * x_start + (1.0 - alpha_bar).sqrt() * noise
+        return self.schedule.add_noise(x_start, noise, timesteps)
 
     def target(self, x_start, noise, timesteps):
-        """What the first output channels are trained to predict."""
-        if self.prediction_type == "epsilon":
-            return noise
-        alpha_bar = self._at(self.alphas_cumprod, timesteps, x_start)
-        return alpha_bar.sqrt() * noise - (1.0 - alpha_bar).sqrt() * x_start
+        return self.schedule.target(x_start, noise, timesteps)
 
     def predicted_noise(self, prediction, x_t, timesteps):
-        if self.prediction_type == "epsilon":
-            return prediction
-        alpha_bar = self._at(self.alphas_cumprod, timesteps, x_t)
-        return alpha_bar.sqrt() * prediction + (1.0 - alpha_bar).sqrt() * x_t
+        return self.schedule.predicted_noise(prediction, x_t, timesteps)
 
     def vlb_terms(self, model_output, x_start, x_t, timesteps):
         """The bound term L_{t-1} of every sample, in bits per dimension, with the predicted noise detached:
         KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) for t > 0, the decoder's -log p(x_0 | x_1) for t = 0."""
         channels = x_start.shape[1]
+        at = self.schedule.at
         eps = self.predicted_noise(model_output[:, :channels].detach(), x_t, timesteps)
         var_values = model_output[:, channels:]
-        alpha_bar = self._at(self.alphas_cumprod, timesteps, x_t)
+        alpha_bar = self.schedule.alpha_bar(timesteps, x_t)
         pred_x0 = (x_t - (1.0 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-        coef_x0 = self._at(self.posterior_mean_x0, timesteps, x_t)
-        coef_xt = self._at(self.posterior_mean_xt, timesteps, x_t)
+        coef_x0 = at(self.posterior_mean_x0, timesteps, x_t)
+        coef_xt = at(self.posterior_mean_xt, timesteps, x_t)
         model_mean = coef_x0 * pred_x0 + coef_xt * x_t
         true_mean = coef_x0 * x_start + coef_xt * x_t
-        min_log = self._at(self.posterior_log_variance, timesteps, x_t)
-        max_log = self._at(self.log_betas, timesteps, x_t)
+        min_log = at(self.posterior_log_variance, timesteps, x_t)
+        max_log = at(self.log_betas, timesteps, x_t)
         fraction = (var_values + 1.0) / 2.0
         model_log_variance = fraction * max_log + (1.0 - fraction) * min_log
         kl = normal_kl(true_mean, min_log, model_mean, model_log_variance).flatten(1).mean(1) / math.log(2.0)
@@ -351,17 +421,11 @@ class DiffusionObjective:
         prediction = model_output[:, :channels]
         squared = (prediction.float() - self.target(x_start, noise, timesteps).float()) ** 2
         losses = {"simple": squared.mean()}
-        loss = losses["simple"]
+        losses["loss"] = losses["simple"]
         if model_output.shape[1] > channels:
             losses["vlb"] = self.vlb_terms(model_output.float(), x_start.float(), x_t.float(), timesteps).mean()
-            loss = loss + self.vlb_weight * losses["vlb"]
-        if mouth_mask is not None and self.lip_weight:
-            mask = mouth_mask.to(squared.dtype)
-            per_sample = (squared * mask).flatten(1).sum(1) / (mask.flatten(1).sum(1) * channels).clamp(min=1.0)
-            losses["lip"] = per_sample.mean()
-            loss = loss + self.lip_weight * losses["lip"]
-        losses["loss"] = loss
-        return losses
+            losses["loss"] = losses["loss"] + self.vlb_weight * losses["vlb"]
+        return add_lip_loss(losses, squared, mouth_mask, self.lip_weight)
 
 
 # --------------------------------------------------------------------------------------------------
