@@ -248,13 +248,11 @@ def test_the_teachers_target_is_made_from_the_context_asked_for(context):
         "audio": torch.randn(2, 3, 5, 8, generator=g),
         "boxes": None,
     }
-    args = types.SimpleNamespace(
-        method="direct", student_steps=STUDENT_STEPS, lip_loss_weight=0.0, target_context=context
-    )
     accelerator = types.SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
     sampler = student_scheduler(teacher.scheduler.config, TEACHER_STEPS)
     sampler.set_timesteps(STUDENT_STEPS)
-    losses = distill.distillation_losses(args, accelerator, teacher, TEACHER_STEPS, sampler, stabilize=True)
+    settings = DistillationSettings("direct", lip_weight=0.0, target_context=context)
+    losses = batch_losses(settings, accelerator, teacher, TEACHER_STEPS, sampler, stabilize=True)
     losses(batch, torch.Generator().manual_seed(1), {"unet": student})
     channels = teacher.unet.config.motion_frame_channels
     made = student.motions[-1][:, channels:]  # what the student was trained on: its own last frame
