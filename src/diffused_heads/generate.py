@@ -25,7 +25,13 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--audio",
-        help="speech: wav, flac, ogg, mp3, m4a/aac or the audio of a video; default: the built-in example sentence",
+        help="speech: wav, flac, ogg, mp3, m4a/aac or the audio of a video; default: the built-in example sentence. "
+        "'-' reads speech from standard input as it arrives (WAV, or raw 16-bit samples: --raw-rate, "
+        "--raw-channels) and writes each frame once the speech it needs is in",
+    )
+    parser.add_argument("--raw-rate", type=int, default=16000, help="with --audio -: the rate of raw 16-bit input")
+    parser.add_argument(
+        "--raw-channels", type=int, default=1, help="with --audio -: the channels of raw 16-bit input (mixed down)"
     )
     parser.add_argument("--output", default="output.mp4", help="the .mp4 file to write")
     add_model_options(parser)
@@ -95,6 +101,14 @@ def check_args(args) -> None:
         raise ArgumentError("paste_back", "needs the face's alignment to invert; it cannot be used with --no-prepare")
     if args.max_size < 16:
         raise ArgumentError("max_size", f"must be at least 16, got {args.max_size}")
+    if args.audio == "-" and (args.start or args.duration is not None):
+        raise ArgumentError(
+            "audio", "- (speech from standard input) is read as it comes: --start and --duration do not apply"
+        )
+    if args.raw_rate < 1 or args.raw_channels < 1:
+        raise ArgumentError(
+            "raw_rate", f"and --raw-channels must be positive, got {args.raw_rate} and {args.raw_channels}"
+        )
     if not args.image and (args.frame is not None or args.random_frame):
         raise ArgumentError("frame", "and --random-frame need a video as --image")
     # Where the extra files go is checked before anything is made.
@@ -156,19 +170,25 @@ def run(args) -> str:
         identity = load_identity_frame(example_image_path())
     if args.save_prepared:
         save_image(identity, args.save_prepared)
+    streamed = args.audio == "-"
     if not args.audio:
         logger.info("no --audio given: using the built-in example sentence")
-    audio = load_audio(args.audio or example_audio_path(), start=args.start, duration=args.duration)
+    if streamed:
+        from .media import read_speech_stream
 
+        rate, audio = read_speech_stream(sys.stdin.buffer, args.raw_rate, args.raw_channels)
+    else:
+        audio = load_audio(args.audio or example_audio_path(), start=args.start, duration=args.duration)
+        rate = SAMPLING_RATE
     pipe = runtime.load_pipeline(args.model, device, dtype, args.scheduler, compile=args.compile)
     steps = args.steps or runtime.default_steps(pipe)
-    num_frames = pipe.audio_encoder.num_frames(len(audio))
+    num_frames = None if streamed else pipe.audio_encoder.num_frames(len(audio))
     if args.save_frames:
         os.makedirs(args.save_frames, exist_ok=True)
     frames = pipe.stream(
         identity,
         audio,
-        sampling_rate=SAMPLING_RATE,
+        sampling_rate=rate,
         num_inference_steps=steps,
         stabilize_every=args.stabilize_every,
         generator=torch.Generator(device).manual_seed(args.seed),
@@ -178,12 +198,19 @@ def run(args) -> str:
         from .paste import paste_back_for
 
         paste, size = paste_back_for(identity, aligned, photo, args.max_size)
-    writer = VideoWriter(args.output, audio, size=size, overwrite=args.overwrite, live=args.live)
+    writer = VideoWriter(
+        args.output,
+        None if streamed else audio,
+        size=size,
+        overwrite=args.overwrite,
+        live=args.live,
+        audio_per_frame=streamed,
+    )
     try:
         with frame_progress(num_frames) as bar, writer:
             for output in frames:
                 frame = output.frames[0] if paste is None else paste(output.frames[0])
-                writer.write(frame)
+                writer.write(frame, output.frame_audio[0] if streamed else None)
                 if args.save_frames:
                     save_frame(frame, args.save_frames, output.frame_index, size=size)
                 bar.update()
@@ -196,6 +223,7 @@ def run(args) -> str:
             )
         raise
     seconds = time.perf_counter() - started
+    num_frames = writer.frames_written
     print(f"Wrote {args.output} ({num_frames} frames, {num_frames / 25:.2f} s of video) in {seconds:.1f} s")
     return args.output
 

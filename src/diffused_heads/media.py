@@ -506,10 +506,12 @@ class VideoWriter:
         size: Optional[int] = VIDEO_SIZE,
         overwrite: bool = False,
         live: bool = False,
+        audio_per_frame: bool = False,
     ):
         _check_output(path, overwrite)
         self.path, self.fps, self.sampling_rate, self.size, self.live = path, fps, sampling_rate, size, live
         self.audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
+        self.audio_per_frame = audio_per_frame  # each frame's audio comes with it (`write(frame, audio)`)
         self.frames_written = 0
         self._container = self._video = self._audio_stream = None
         self._target = None
@@ -556,14 +558,18 @@ class VideoWriter:
         self._video = self._container.add_stream("libx264", rate=Fraction(self.fps))
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
-        # A live file gets a keyframe (so a fragment) every second, so a player can follow it.
-        self._video.options = {"crf": "18", "preset": "medium", **({"g": str(self.fps)} if self.live else {})}
-        if self.audio is not None:
+        # A live file gets a keyframe (so a fragment) every second, and no frame held back in the encoder's
+        # lookahead, so a player can follow it a second behind.
+        live = {"g": str(self.fps), "tune": "zerolatency"} if self.live else {}
+        self._video.options = {"crf": "18", "preset": "medium", **live}
+        if self.audio is not None or self.audio_per_frame:
             self._audio_stream = self._container.add_stream("aac", rate=self.sampling_rate)
             self._audio_stream.layout = "mono"
 
-    def write(self, frame) -> None:
-        """Encode one frame (HxWx3 float in [0, 1] or uint8, a 3xHxW tensor, or a PIL image) and its audio."""
+    def write(self, frame, audio: Optional[np.ndarray] = None) -> None:
+        """Encode one frame (HxWx3 float in [0, 1] or uint8, a 3xHxW tensor, or a PIL image) and its audio: the
+        writer's audio at the frame's time, or (`audio_per_frame`) the `audio` given with it, `sampling_rate /
+        fps` samples (cut or padded with silence to that)."""
         import av
 
         if self._container is None:
@@ -579,16 +585,20 @@ class VideoWriter:
         for packet in self._video.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
             self._container.mux(packet)
         if self._audio_stream is not None:
-            self._write_audio(self.frames_written)
+            self._write_audio(self.frames_written, audio)
         self.frames_written += 1
 
-    def _write_audio(self, index: int) -> None:
+    def _write_audio(self, index: int, audio: Optional[np.ndarray] = None) -> None:
         import av
 
         first = round(index * self.sampling_rate / self.fps)
         last = round((index + 1) * self.sampling_rate / self.fps)
         samples = np.zeros(last - first, np.float32)
-        piece = self.audio[first:last]
+        if self.audio_per_frame:
+            piece = np.zeros(0, np.float32) if audio is None else np.asarray(audio, np.float32).reshape(-1)
+            piece = piece[: last - first]
+        else:
+            piece = self.audio[first:last]
         samples[: len(piece)] = np.clip(piece, -1.0, 1.0)
         frame = av.AudioFrame.from_ndarray(samples[None], format="flt", layout="mono")
         frame.sample_rate = self.sampling_rate
@@ -693,3 +703,85 @@ def save_frame(frame, directory: str, index: int, size: Optional[int] = None) ->
     return save_image(
         PIL.Image.fromarray(_to_uint8_image(frame, size)), os.path.join(directory, f"frame_{index:05d}.png")
     )
+
+
+def read_speech_stream(stream, raw_rate: int = SAMPLING_RATE, raw_channels: int = 1, block: int = 4096):
+    """Speech from a byte stream (a pipe: `espeak-ng --stdout ... | diffused-heads generate --audio -`) as it
+    arrives: `(sampling_rate, chunks)`, the chunks `(samples, channels)` float32 arrays, each made of the bytes that
+    had arrived. A WAV stream (PCM 8/16/24/32-bit or float, its header read first; the data's size may be unknown)
+    gives its own rate and channels; anything else is raw signed 16-bit little-endian samples at `raw_rate` with
+    `raw_channels`. A stream that ends in the middle of a sample drops that sample's bytes."""
+    read = getattr(stream, "read1", stream.read)
+    head = b""
+    while len(head) < 12:
+        more = read(12 - len(head))
+        if not more:
+            break
+        head += more
+    if head[:4] == b"RIFF" and head[8:12] == b"WAVE":
+        rate, channels, width, is_float, rest = _wav_stream_header(stream, read)
+    else:
+        if raw_rate <= 0 or raw_channels < 1:
+            raise MediaError(f"raw speech needs a positive rate and channel count, got {raw_rate} and {raw_channels}")
+        rate, channels, width, is_float, rest = raw_rate, raw_channels, 2, False, head
+    frame_bytes = width * channels
+
+    def chunks():
+        pending = rest
+        while True:
+            usable = len(pending) - len(pending) % frame_bytes
+            if usable:
+                yield _pcm_to_float(pending[:usable], width, is_float).reshape(-1, channels)
+                pending = pending[usable:]
+            more = read(block)
+            if not more:
+                return
+            pending += more
+
+    return rate, chunks()
+
+
+def _wav_stream_header(stream, read):
+    """The fmt chunk of a WAV stream whose first 12 bytes are read, up to the data chunk: (rate, channels, bytes per
+    sample, float, bytes of data already read)."""
+    import struct
+
+    def exactly(count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            more = read(count - len(data))
+            if not more:
+                raise MediaError("the WAV stream ends inside its header")
+            data += more
+        return data
+
+    fmt = None
+    while True:
+        chunk_id, size = struct.unpack("<4sI", exactly(8))
+        if chunk_id == b"data":
+            break
+        body = exactly(size + size % 2)
+        if chunk_id == b"fmt ":
+            fmt = list(struct.unpack("<HHIIHH", body[:16]))
+            if fmt[0] == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the kind is the sub-format's
+                fmt[0] = struct.unpack("<H", body[24:26])[0]
+    if fmt is None:
+        raise MediaError("the WAV stream has no fmt chunk before its data")
+    tag, channels, rate, _, _, bits = fmt
+    if tag not in (1, 3) or bits not in (8, 16, 24, 32) or (tag == 3 and bits != 32) or channels < 1 or rate < 1:
+        raise MediaError(f"the WAV stream's format is not PCM or float samples (format {tag}, {bits} bits)")
+    return rate, channels, bits // 8, tag == 3, b""
+
+
+def _pcm_to_float(data: bytes, width: int, is_float: bool) -> np.ndarray:
+    if is_float:
+        return np.frombuffer(data, "<f4").astype(np.float32)
+    if width == 1:
+        return (np.frombuffer(data, np.uint8).astype(np.float32) - 128.0) / 128.0
+    if width == 3:
+        raw = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int32)
+        values = raw[:, 0] | (raw[:, 1] << 8) | (raw[:, 2] << 16)
+        values = np.where(values >= 1 << 23, values - (1 << 24), values)
+        return values.astype(np.float32) / float(1 << 23)
+    kind = {2: "<i2", 4: "<i4"}[width]
+    return np.frombuffer(data, kind).astype(np.float32) / float(2 ** (8 * width - 1))
