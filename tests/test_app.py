@@ -341,3 +341,43 @@ def test_progress_reports_frames_and_steps(tmp_path):
     assert [video is None for video, _, _, _ in outputs] == [True, False]  # frame 0 shown, then the video
     assert [value for value, _ in calls] == [(k, 15) for k in range(1, 16)]
     assert calls[0][1].startswith("frame 1/5") and calls[-1][1].startswith("frame 5/5")
+
+
+def test_a_requests_warnings_follow_it_from_thread_to_thread(tmp_path, monkeypatch):
+    """Gradio runs each step of the request's generator on a worker thread of its own: a warning said in a later
+    step (here by the preview of frame 5) reaches the request's list, and a warning of another thread does not."""
+    import logging
+    import threading
+
+    from diffused_heads import app
+    from diffused_heads.app import Limits, Models, run_request
+
+    shown = app.for_display
+    logger = logging.getLogger("diffused_heads.test")
+
+    def for_display(frame):
+        logger.warning("a warning while showing a frame")
+        other = threading.Thread(target=lambda: logger.warning("another request's warning"))
+        other.start()
+        other.join()
+        return shown(frame)
+
+    monkeypatch.setattr(app, "for_display", for_display)
+    monkeypatch.setattr(app, "PREVIEW_EVERY", 5)
+    waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
+    soundfile.write(tmp_path / "s.wav", waveform[: int(0.4 * rate)], rate)  # 10 frames
+    steps = run_request(
+        Models([None]), example_image_path(), str(tmp_path / "s.wav"), "", 1, "", 0, 0, True, Limits(), str(tmp_path)
+    )
+    outputs = []
+    while True:  # each step on a new thread, as Gradio's worker threads run them
+        result = []
+        worker = threading.Thread(target=lambda: result.append(next(steps, None)))
+        worker.start()
+        worker.join()
+        if result[0] is None:
+            break
+        outputs.append(result[0])
+    warnings = outputs[-1][3]
+    assert warnings.count("a warning while showing a frame") == len(outputs) == 3
+    assert "another request's warning" not in warnings

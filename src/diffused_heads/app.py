@@ -100,19 +100,25 @@ class Models:
 
 
 class RequestLog(logging.Handler):
-    """The package's warnings during one request (of this thread), to show on the page."""
+    """The package's warnings during one request, to show on the page: those of the thread running the request's
+    current step. Gradio runs each step of a generator on a worker thread of its own, so a request's generator
+    calls `follow()` whenever it resumes."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
         self.thread, self.messages = threading.get_ident(), []
 
+    def follow(self) -> None:
+        """The request goes on in the calling thread."""
+        self.thread = threading.get_ident()
+
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread:
             self.messages.append(record.getMessage())
 
-    def __enter__(self) -> List[str]:
+    def __enter__(self) -> "RequestLog":
         logging.getLogger("diffused_heads").addHandler(self)
-        return self.messages
+        return self
 
     def __exit__(self, *exc) -> None:
         logging.getLogger("diffused_heads").removeHandler(self)
@@ -197,7 +203,8 @@ def run_request(
     from . import runtime
     from .media import SAMPLING_RATE, VIDEO_SIZE, VideoWriter, load_audio
 
-    with RequestLog() as warnings:
+    with RequestLog() as log:
+        warnings = log.messages
         if not face:
             raise ValueError("add a face photo (or a video) first")
         if not speech:
@@ -260,6 +267,7 @@ def run_request(
                 writer.write(latest if paste is None else paste(latest))
                 if output.frame_index % PREVIEW_EVERY == 0:
                     yield None, shown, for_display(latest), warnings
+                    log.follow()
         yield path, shown, for_display(latest), warnings
 
 
