@@ -174,6 +174,9 @@ def test_a_run_resumes_where_it_stopped(raw, tmp_path, capsys):
     # Other options in the same folder are refused.
     assert prepare(source, output, "--smoothing", "0") == 1
     assert "prepared with other options (--smoothing)" in capsys.readouterr().err
+    # Another speaker scheme would mix the split by speaker.
+    assert prepare(source, output, "--speaker-from", "prefix") == 1
+    assert "prepared with other options (--speaker-from)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -139,6 +139,7 @@ def _options(args) -> dict:
             "max_gap",
             "min_seconds",
             "smoothing",
+            "speaker_from",
         )
     }
 
@@ -150,6 +151,7 @@ def _check_options(args) -> None:
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             before = json.load(f)
+        before.setdefault("speaker_from", "folder")  # folders begun before it was recorded: the default then
         changed = sorted(k for k in options if before.get(k) != options[k])
         if changed:
             flags = ", ".join("--" + name.replace("_", "-") for name in changed)
