@@ -5,7 +5,7 @@ import math
 import numpy as np
 import torch
 
-from helpers import ddpm_scheduler
+from helpers import ddpm_scheduler, tiny_pipeline
 
 
 def released_schedule(num_steps):
@@ -77,3 +77,20 @@ def test_ddpm_scheduler_reproduces_the_released_sampler():
     # The noise really was used (a run with other noise lands elsewhere).
     other = released_sample(x_T.numpy(), {j: -n for j, n in noise_by_index.items()}, num_steps)
     assert np.abs(other - expected).max() > 1e-2
+
+
+def test_the_callers_scheduler_options_win_over_the_tools_own_settings():
+    """DDIM is made with trailing spacing and DPM-Solver as dpmsolver++ unless the caller (evaluate's
+    --scheduler-option) says otherwise."""
+    from diffused_heads import runtime
+
+    config = ddpm_scheduler().config
+    assert runtime.make_scheduler("ddim", config).config.timestep_spacing == "trailing"
+    assert runtime.make_scheduler("ddim", config, timestep_spacing="linspace").config.timestep_spacing == "linspace"
+    assert runtime.make_scheduler("dpmsolver", config).config.algorithm_type == "dpmsolver++"
+    chosen = runtime.make_scheduler("dpmsolver", config, algorithm_type="sde-dpmsolver++")
+    assert chosen.config.algorithm_type == "sde-dpmsolver++"
+    pipe = tiny_pipeline()
+    assert (
+        runtime.with_scheduler(pipe, "ddim", timestep_spacing="leading").scheduler.config.timestep_spacing == "leading"
+    )

@@ -261,21 +261,26 @@ def load_pipeline(
     return with_scheduler(pipe, scheduler)
 
 
-def make_scheduler(name: str, config):
-    """A diffusers scheduler by short name, from a model's scheduler config, set up the way it works here."""
+# What each sampler needs to work here, unless the caller says otherwise: DDIM's step assumes evenly spaced timesteps
+# ending at 0 ("trailing"); DPM-Solver is run in its data-prediction form.
+SCHEDULER_DEFAULTS = {"ddim": {"timestep_spacing": "trailing"}, "dpmsolver": {"algorithm_type": "dpmsolver++"}}
+
+
+def make_scheduler(name: str, config, **overrides):
+    """A diffusers scheduler by short name, from a model's scheduler config, set up the way it works here
+    (`SCHEDULER_DEFAULTS`), with `overrides` (config entries: `timestep_spacing="linspace"`, ...) over both."""
     import diffusers
 
     if name not in SCHEDULERS:
         raise ArgumentError("scheduler", f"must be one of {', '.join(SCHEDULERS)}, got {name!r}")
-    if name == "ddpm":
-        return diffusers.DDPMScheduler.from_config(config)
-    if name == "ddim":  # DDIM's step assumes evenly spaced timesteps ending at 0 ("trailing")
-        return diffusers.DDIMScheduler.from_config(config, timestep_spacing="trailing")
-    if name == "dpmsolver":
-        return diffusers.DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    if name == "unipc":
-        return diffusers.UniPCMultistepScheduler.from_config(config)
-    return diffusers.EulerDiscreteScheduler.from_config(config)
+    classes = {
+        "ddpm": diffusers.DDPMScheduler,
+        "ddim": diffusers.DDIMScheduler,
+        "dpmsolver": diffusers.DPMSolverMultistepScheduler,
+        "unipc": diffusers.UniPCMultistepScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+    }
+    return classes[name].from_config({**dict(config), **SCHEDULER_DEFAULTS.get(name, {}), **overrides})
 
 
 def with_scheduler(pipe, name: Optional[str] = None, own: bool = False, **overrides):
@@ -290,7 +295,7 @@ def with_scheduler(pipe, name: Optional[str] = None, own: bool = False, **overri
     if name is None:
         scheduler = type(pipe.scheduler).from_config(config, **overrides)
     else:
-        scheduler = make_scheduler(name, {**config, **overrides})
+        scheduler = make_scheduler(name, config, **overrides)
     derived = type(pipe).from_pipe(pipe, scheduler=scheduler)
     derived.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
     return derived
