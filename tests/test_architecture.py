@@ -31,6 +31,7 @@ LAYERS = {
     "video_preparation": 4,
     "training": 4,
     "distillation": 5,
+    "live": 5,
     "cli_utils": 5,
     "hub.convert_checkpoint": 6,
     "generate": 6,
