@@ -60,6 +60,7 @@ class LiveFrame:
         audio: The frame's own 40 ms of speech, float32 at 16 kHz (silence on idle frames).
         speaking: Whether any of that audio is pushed speech (False: an idle frame).
         play_time: When it was due, on the session's clock.
+        made_at: When it was made, on the session's clock.
     """
 
     index: int
@@ -67,6 +68,7 @@ class LiveFrame:
     audio: np.ndarray
     speaking: bool
     play_time: float = 0.0
+    made_at: float = 0.0
 
 
 @dataclass
@@ -177,6 +179,7 @@ class LiveSession:
         self.lead_frames = lead_frames if lead_frames is not None else lookahead_frames + 2
         self.clock, self.sleep = clock, sleep
         self.stats = LiveStats()
+        self.turn_starts: List[int] = []  # where each turn's speech begins on the timeline (16 kHz samples)
 
         self._timeline = _Timeline()
         self._fed = 0  # timeline samples given to the encoder
@@ -342,6 +345,7 @@ class LiveSession:
                 self._error = error
                 self._lock.notify_all()
 
+    @torch.no_grad()
     def step(self) -> bool:
         """Take the commands that came in, then make the next frame where it can be made and is wanted; whether a
         frame was made."""
@@ -388,6 +392,7 @@ class LiveSession:
                 if self._timeline.end > start:
                     self._rewind(start, playing)
                 self._timeline.append(torch.zeros(start - self._timeline.end), speech=False)
+                self.turn_starts.append(start)
             self._timeline.append(value, speech=True)
         elif kind == "end":
             if self._speaking:
@@ -454,7 +459,7 @@ class LiveSession:
             del self.stats.frame_seconds[:5000]
         begin, end = index * self.hop, (index + 1) * self.hop
         audio = self._timeline.read(begin, end).numpy().copy()
-        frame = LiveFrame(index, image, audio, self._timeline.is_speech(begin, end))
+        frame = LiveFrame(index, image, audio, self._timeline.is_speech(begin, end), made_at=self.clock())
         self._next = index + 1
         self._motion[self._next] = self._state()
         for k in [k for k in self._motion if k < self._next - MAX_AHEAD_FRAMES - 2]:
