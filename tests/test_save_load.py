@@ -236,3 +236,27 @@ def test_a_diffusers_that_no_longer_reads_the_index_through_the_hook_is_said_in_
     monkeypatch.setattr(DiffusedHeadsPipeline, "_dict_from_json_file", classmethod(plain))
     with pytest.raises(RuntimeError, match=r"no longer reads model_index.json .* trust_remote_code=True"):
         DiffusedHeadsPipeline.from_pretrained(tmp_path)
+
+
+def test_a_hub_models_licence_is_read_from_its_card_which_is_fetched(tmp_path, monkeypatch):
+    """diffusers does not download a model's README.md, so the licence a fine-tune or a student carries on is read
+    from the card fetched for it (here a stand-in of the Hub's download); without one it is "other"."""
+    import huggingface_hub
+
+    from diffused_heads import runtime
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: cc-by-nc-4.0\n---\n# A model\n")
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    monkeypatch.setattr(
+        huggingface_hub, "hf_hub_download", lambda repo, name: fetched.append((repo, name)) or str(card)
+    )
+    assert runtime.model_provenance("someone/talking-heads") == ("cc-by-nc-4.0", "someone/talking-heads")
+    assert fetched == [("someone/talking-heads", "README.md")]
+
+    def offline(repo, name):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert runtime.model_provenance("someone/talking-heads") == ("other", "someone/talking-heads")

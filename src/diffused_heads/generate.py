@@ -12,6 +12,7 @@ import sys
 import time
 
 from .cli_utils import HelpFormatter, add_model_options, run_command
+from .media import FPS
 
 
 def parse_args(argv=None):
@@ -218,13 +219,13 @@ def run(args) -> str:
         if args.live and writer.frames_written:
             print(
                 f"stopped: {args.output} holds the {writer.frames_written} frames made so far "
-                f"({writer.frames_written / 25:.2f} s), and plays",
+                f"({writer.frames_written / FPS:.2f} s), and plays",
                 file=sys.stderr,
             )
         raise
     seconds = time.perf_counter() - started
     num_frames = writer.frames_written
-    print(f"Wrote {args.output} ({num_frames} frames, {num_frames / 25:.2f} s of video) in {seconds:.1f} s")
+    print(f"Wrote {args.output} ({num_frames} frames, {num_frames / FPS:.2f} s of video) in {seconds:.1f} s")
     return args.output
 
 

@@ -152,11 +152,17 @@ def model_provenance(model: Optional[str]) -> "tuple[str, Optional[str]]":
         return "apache-2.0", None
     if os.path.isdir(model):
         return card_license(model), None
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, "README.md")
-    folder = os.path.dirname(cached) if isinstance(cached, str) else None
-    return card_license(folder), model
+    # diffusers does not download a model's README.md: fetch it (small) unless it is cached.
+    card = try_to_load_from_cache(model, "README.md")
+    if not isinstance(card, str):
+        try:
+            card = hf_hub_download(model, "README.md")
+        except Exception as error:  # no card, no network, a gated repository: the licence is unknown
+            logger.info(f"the model card of {model} could not be read ({type(error).__name__}): licence 'other'")
+            card = None
+    return card_license(os.path.dirname(card) if card else None), model
 
 
 def resolve_model(model: Optional[str]) -> str:
