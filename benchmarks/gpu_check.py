@@ -24,44 +24,18 @@ import soundfile
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))  # the stand-ins of the released files
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tests' tiny models and stand-ins of the released files
 
-TINY_UNET = dict(
-    sample_size=16,
-    block_out_channels=(16, 32),
-    layers_per_block=1,
-    attention_levels=(False, True),
-    attention_head_dim=8,
-    norm_num_groups=4,
-    audio_embedding_dim=8,
-)
-TINY_ENCODER = dict(
-    conv_channels=(4, 8),
-    conv_kernel_sizes=(80, 4),
-    conv_strides=(16, 2),
-    conv_paddings=(32, 1),
-    code_size=8,
-    hidden_size=8,
-    num_gru_layers=2,
-)
+import helpers  # noqa: E402
 
 
 def tiny_model(folder: str) -> str:
-    from diffusers import DDPMScheduler
+    """A tiny random model (the tests' own), saved, with 4 steps a frame (a teacher's steps divide its 1000 training
+    timesteps)."""
+    from helpers import tiny_pipeline
 
-    from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
-    from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline
-    from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
-
-    from original_model import randomize_
-
-    torch.manual_seed(0)
-    pipe = DiffusedHeadsPipeline(
-        unet=randomize_(DiffusedHeadsUNetModel(**TINY_UNET), 0),
-        audio_encoder=randomize_(DiffusedHeadsAudioEncoder(**TINY_ENCODER), 1),
-        scheduler=DDPMScheduler.from_pretrained(os.path.join(ROOT, "scheduler")),
-        num_inference_steps=4,  # (a teacher's steps divide its 1000 training timesteps)
-    )
+    pipe = tiny_pipeline()
+    pipe.register_to_config(num_inference_steps=4)
     pipe.save_pretrained(folder)
     return folder
 
@@ -169,7 +143,7 @@ def main(argv=None) -> int:
             if which == "train":
                 config = checks.path("tiny.json")
                 with open(config, "w") as f:
-                    json.dump({"unet": TINY_UNET, "audio_encoder": TINY_ENCODER}, f)
+                    json.dump({"unet": helpers.TINY_UNET, "audio_encoder": helpers.TINY_ENCODER}, f)
                 common += ["--config", config, "--train-audio-encoder"]
             else:
                 common += ["--model", model, "--rollout-frames", "1", "--method", "consistency"]

@@ -74,13 +74,11 @@ def test_float_24_bit_and_raw_streams():
         read_speech_stream(Trickle(wav_header(16000, 1, 16)[:30], 100))
 
 
-@pytest.mark.slow
-def test_generate_from_standard_input_writes_frames_while_the_speech_arrives(tmp_path):
+def generate_from_stdin(tmp_path, output, *extra):
+    """The command `generate --audio -` on a tiny model saved in `tmp_path`."""
     folder = tmp_path / "model"
     tiny_pipeline().save_pretrained(folder)
-    speech = (speech_like(3.0) * 32767).astype("<i2")  # the live file flushes a fragment a second (25 frames)
-    output = tmp_path / "live.mp4"
-    command = [
+    return [
         sys.executable,
         "-m",
         "diffused_heads",
@@ -89,14 +87,17 @@ def test_generate_from_standard_input_writes_frames_while_the_speech_arrives(tmp
         str(folder),
         "--audio",
         "-",
-        "--steps",
-        "1",
-        "--live",
         "--output",
         str(output),
-        "--threads",
-        "1",
+        *extra,
     ]
+
+
+@pytest.mark.slow
+def test_generate_from_standard_input_writes_frames_while_the_speech_arrives(tmp_path):
+    speech = (speech_like(3.0) * 32767).astype("<i2")  # the live file flushes a fragment a second (25 frames)
+    output = tmp_path / "live.mp4"
+    command = generate_from_stdin(tmp_path, output, "--steps", "1", "--live", "--threads", "1")
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     half = len(speech) // 2
     process.stdin.write(wav_header(16000, 1, 16) + speech[:half].tobytes())
@@ -115,21 +116,8 @@ def test_generate_from_standard_input_writes_frames_while_the_speech_arrives(tmp
 
 
 def test_generate_from_an_empty_pipe_says_so_and_writes_nothing(tmp_path):
-    folder = tmp_path / "model"
-    tiny_pipeline().save_pretrained(folder)
     output = tmp_path / "out.mp4"
-    command = [
-        sys.executable,
-        "-m",
-        "diffused_heads",
-        "generate",
-        "--model",
-        str(folder),
-        "--audio",
-        "-",
-        "--output",
-        str(output),
-    ]
+    command = generate_from_stdin(tmp_path, output)
     result = subprocess.run(command, input=b"", capture_output=True)
     assert result.returncode == 1
     assert "too short" in result.stderr.decode() and not output.exists()
