@@ -285,3 +285,64 @@ def test_bad_input_and_sizes(tmp_path, capsys):
     crop = PIL.Image.open(example_image_path())
     assert read_video_frames(str(tmp_path / "c.mp4"), 0)[0].size == (crop.width // 2 * 2,) * 2
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".partial")]
+
+
+# --------------------------------------------------------------------------------------------------
+# Known answers
+
+
+def turned(angle_degrees, scale, shift=(0.0, 0.0)):
+    """The 2x3 matrix that turns a photo by `angle_degrees`, scales it by `scale` and shifts it."""
+    a = np.deg2rad(angle_degrees)
+    return np.array(
+        [[scale * np.cos(a), -scale * np.sin(a), shift[0]], [scale * np.sin(a), scale * np.cos(a), shift[1]]]
+    )
+
+
+@pytest.mark.parametrize("angle", [0, 60, 90])
+def test_the_crops_scale_is_its_columns_length_whatever_the_turn(angle):
+    """A crop of 64 px at 2 crop pixels per photo pixel: a frame of 32 px is enlarged 64 / (32 * 2) = 1 times, turned
+    by any angle (the matrix's first entry is 2 cos(angle): 1 at 60 degrees, 0 at 90)."""
+    photo = PIL.Image.new("RGB", (200, 200), (90, 90, 90))
+    paste = PasteBack(photo, turned(angle, 2.0, (32.0, 32.0)), 64)
+    assert paste.zoom == pytest.approx(2.0)
+    assert paste.enlargement(32) == pytest.approx(1.0)
+    assert paste.enlargement(16) == pytest.approx(2.0)
+
+
+def test_the_heads_colour_is_moved_to_the_photos_persons_along_the_seam():
+    """The photo's person is grey 128 everywhere in the crop; the generated head is grey 0.45 (114.75): the offset
+    measured along the seam (128 / 255 - 0.45) takes the head to the photo's 128 inside (pushed the other way it
+    would be 102, left alone 115)."""
+    photo = PIL.Image.fromarray(np.full((128, 128, 3), 128, np.uint8))
+    paste = PasteBack(photo, np.array([[0.5, 0, 0], [0, 0.5, 0]]), 64, identity_mask=np.ones((64, 64), np.float32))
+    out = paste(np.full((64, 64, 3), 0.45, np.float32))
+    np.testing.assert_array_equal(out[48:80, 48:80], 128)
+
+
+def test_a_scaled_down_photo_gets_the_head_at_the_same_place_scaled():
+    """The crop covers x 100-300 and y 0-200 of a 400x200 photo; with --max-size 200 the photo is halved, and the
+    box the paste writes in is x 50-150, y 0-100 (a pixel more on each side, as at full size)."""
+    photo = PIL.Image.new("RGB", (400, 200), (90, 90, 90))
+    matrix = np.array([[64 / 200, 0.0, -100 * 64 / 200], [0.0, 64 / 200, 0.0]])
+    assert PasteBack(photo, matrix, 64).box == (99, 0, 301, 200)
+    scaled = PasteBack(photo, matrix, 64, max_size=200)
+    assert scaled.size == (200, 100) and scaled.scaled_from == (400, 200)
+    assert scaled.box == (49, 0, 151, 100)
+
+
+def test_the_path_the_commands_use_passes_the_persons_mask_on():
+    """`paste_back_for` (generate, generate-batch and the page) gives the aligned face's person mask to the paste:
+    the box is filled where the person was (its middle fully), nothing outside the person."""
+    from types import SimpleNamespace
+
+    from diffused_heads.paste import paste_back_for
+
+    photo = PIL.Image.new("RGB", (128, 128), (90, 90, 90))
+    mask = np.zeros((64, 64), np.float32)
+    mask[16:48, 16:48] = 1.0
+    aligned = SimpleNamespace(matrix=np.array([[0.5, 0, 0], [0, 0.5, 0]]), mask=mask)
+    paste, size = paste_back_for(PIL.Image.new("RGB", (64, 64)), aligned, photo)
+    assert size is None and paste.size == (128, 128) and paste.plate is not None
+    assert paste.hole[64, 64] == pytest.approx(1.0, abs=1e-3)  # photo pixel (64, 64): crop (32, 32), the middle
+    assert paste.hole[10, 10] == pytest.approx(0.0, abs=1e-3)  # crop (5, 5): outside the person
