@@ -6,6 +6,7 @@ import os
 import socket
 
 import numpy as np
+import PIL.Image
 import torch
 from diffusers import DDPMScheduler
 
@@ -107,3 +108,27 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def pasted_and_beside(frame, image_path, model=None, max_size=1920, ring=12):
+    """Where `--paste-back` writes in the photo `image_path` (aligned as the commands align it, scaled to
+    `max_size` as they scale it): the mean difference (0-255) of a video frame from the photo inside the head's
+    box, and in a ring of `ring` pixels just outside it (where the photo must be kept)."""
+    from diffused_heads import runtime
+    from diffused_heads.paste import PasteBack
+
+    identity, aligned, photo = runtime.identity_frame(str(image_path), model=model, with_alignment=True)
+    # The box at the photo's own size, scaled here by hand (not by the paste's own scaling, which is under test).
+    x0, y0, x1, y1 = PasteBack(photo, aligned.matrix, identity.width, max_size=10**6).box
+    factor = min(1.0, max_size / max(photo.size))
+    x0, y0, x1, y1 = (round(v * factor) for v in (x0, y0, x1, y1))
+    if factor < 1.0:
+        photo = photo.resize((round(photo.width * factor), round(photo.height * factor)), PIL.Image.LANCZOS)
+    frame = np.asarray(frame, np.float32)
+    scaled = np.asarray(photo.convert("RGB"), np.float32)[: frame.shape[0], : frame.shape[1]]
+    difference = np.abs(frame - scaled).mean(-1)
+    inside = np.zeros(difference.shape, bool)
+    inside[y0:y1, x0:x1] = True
+    near = np.zeros(difference.shape, bool)
+    near[max(0, y0 - ring) : y1 + ring, max(0, x0 - ring) : x1 + ring] = True
+    return float(difference[inside].mean()), float(difference[near & ~inside].mean())

@@ -14,7 +14,7 @@ from diffused_heads.batch import clip_jobs, read_jobs
 from diffused_heads.errors import ArgumentError
 from diffused_heads.media import export_to_video_with_audio
 
-from helpers import free_port, speech_like, tiny_pipeline
+from helpers import free_port, pasted_and_beside, speech_like, tiny_pipeline
 
 SECONDS = (0.3, 0.5, 0.2, 0.4)
 
@@ -256,8 +256,8 @@ def test_paste_back_by_flag_and_by_job(workspace, tmp_path):
     assert batch.main(args + ["--max-size", "300"]) == 0
     pasted, crop = decoded(tmp_path / "out" / "pasted.mp4"), decoded(tmp_path / "out" / "crop.mp4")
     assert pasted.shape[1:] == (300, 256, 3) and crop.shape[1:] == (32, 32, 3)
-    photo = np.asarray(hopper().resize((256, 300), PIL.Image.LANCZOS), np.float32)
-    assert np.abs(pasted[0, :40, :40].astype(np.float32) - photo[:40, :40]).mean() < 8  # a corner: the photo
+    inside, beside = pasted_and_beside(pasted[0], tmp_path / "photo.jpg", str(workspace / "model"), max_size=300)
+    assert inside > 15 and beside < 6  # the head in its box of the scaled photo, the photo right beside it
 
     with pytest.raises(SystemExit):
         batch.parse_args(args + ["--no-prepare"])
