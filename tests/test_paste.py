@@ -355,3 +355,18 @@ def test_the_path_the_commands_use_passes_the_persons_mask_on():
     assert size is None and paste.size == (128, 128) and paste.plate is not None
     assert paste.hole[64, 64] == pytest.approx(1.0, abs=1e-3)  # photo pixel (64, 64): crop (32, 32), the middle
     assert paste.hole[10, 10] == pytest.approx(0.0, abs=1e-3)  # crop (5, 5): outside the person
+
+
+def test_saved_frames_of_a_pasted_video_have_the_photos_size(tmp_path):
+    """`generate --paste-back --save-frames`: the PNGs are the video's frames, at the (scaled) photo's size, not
+    squashed to --size."""
+    import soundfile
+
+    hopper().save(tmp_path / "photo.png")  # 512x600
+    soundfile.write(tmp_path / "s.wav", speech_like(0.2), 16000)
+    args = ["--image", tmp_path / "photo.png", "--audio", tmp_path / "s.wav", "--steps", "1", "--paste-back"]
+    args += ["--max-size", "300", "--size", "64", "--save-frames", tmp_path / "frames", "--output", tmp_path / "o.mp4"]
+    assert generate.main([str(a) for a in args]) == 0
+    names = sorted(os.listdir(tmp_path / "frames"))
+    assert len(names) == 5
+    assert all(PIL.Image.open(tmp_path / "frames" / name).size == (256, 300) for name in names)

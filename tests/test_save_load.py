@@ -260,3 +260,52 @@ def test_a_hub_models_licence_is_read_from_its_card_which_is_fetched(tmp_path, m
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
     assert runtime.model_provenance("someone/talking-heads") == ("other", "someone/talking-heads")
+
+
+@pytest.mark.parametrize("private", [True, False, None])
+def test_push_to_hub_creates_the_repository_as_private_as_asked(tmp_path, monkeypatch, private):
+    import huggingface_hub
+
+    created = []
+
+    def create_repo(repo_id, **kwargs):
+        created.append((repo_id, kwargs))
+        return type("RepoUrl", (), {"repo_id": repo_id})
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(DiffusedHeadsPipeline, "_upload_folder", lambda self, folder, repo_id, **kwargs: None)
+    tiny_pipeline().push_to_hub("you/heads", private=private, token="t")
+    tiny_pipeline().save_pretrained(tmp_path / "m", push_to_hub=True, repo_id="you/saved", private=private)
+    assert created == [
+        ("you/heads", {"exist_ok": True, "private": private, "token": "t"}),
+        ("you/saved", {"exist_ok": True, "private": private, "token": None}),
+    ]
+
+
+def test_a_fine_tune_of_a_hub_model_names_it_as_base_model_in_its_card(tmp_path, monkeypatch):
+    """`train --init-from someone/heads`: the card's header names the Hub model as `base_model` and keeps its
+    licence (read from its card, here a stand-in of the Hub's download)."""
+    import types
+
+    import huggingface_hub
+    from huggingface_hub import ModelCard
+
+    from diffused_heads import train
+
+    card = tmp_path / "README.md"
+    card.write_text("---\nlicense: cc-by-nc-4.0\n---\n")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(card))
+    args = types.SimpleNamespace(
+        init_from="someone/heads",
+        max_steps=2,
+        batch_size=2,
+        learning_rate=1e-4,
+        train_layers="all",
+        train_audio_encoder=False,
+        lip_loss_weight=0.2,
+    )
+    record = {"clips": 2, "minutes": 0.1, "seconds": 3.0, "device": "cpu"}
+    text = train.model_card(args, tiny_pipeline(), record)
+    data = ModelCard(text).data
+    assert data.base_model == "someone/heads" and data.license == "cc-by-nc-4.0"
