@@ -380,6 +380,56 @@ MUTATIONS: List[Mutation] = [
         'os.path.join(settings.checkpoint_dir, f"checkpoint-{state.step}"))',
         ("tests/test_train.py", "-k", "mean_over"),
     ),
+    # Paste-back and saving, by known answers
+    Mutation(
+        "paste: the crop's scale read from the matrix's first entry",
+        PACKAGE + "paste.py",
+        "self.zoom = float(np.hypot(*matrix[:, 0]))  # crop pixels per photo pixel",
+        "self.zoom = float(abs(matrix[0, 0]))",
+        ("tests/test_paste.py", "-k", "columns_length"),
+    ),
+    Mutation(
+        "paste: the seam's colour offset with its sign reversed",
+        PACKAGE + "paste.py",
+        "offset = (photo[:, seam] - head[:, seam]).mean(dim=1).clamp(-0.1, 0.1)",
+        "offset = (head[:, seam] - photo[:, seam]).mean(dim=1).clamp(-0.1, 0.1)",
+        ("tests/test_paste.py", "-k", "colour_is_moved"),
+    ),
+    Mutation(
+        "paste: a scaled photo's matrix scaled by the factor, not its inverse",
+        PACKAGE + "paste.py",
+        "matrix = matrix @ np.diag([1 / factor_x, 1 / factor_y, 1.0])",
+        "matrix = matrix @ np.diag([factor_x, factor_y, 1.0])",
+        ("tests/test_paste.py", "-k", "scaled_down"),
+    ),
+    Mutation(
+        "paste: the person's mask not passed on the commands' path",
+        PACKAGE + "paste.py",
+        "paste = PasteBack(photo, aligned.matrix, identity.width, identity_mask=aligned.mask, max_size=max_size)",
+        "paste = PasteBack(photo, aligned.matrix, identity.width, max_size=max_size)",
+        ("tests/test_paste.py", "-k", "passes_the"),
+    ),
+    Mutation(
+        "saving: push_to_hub's private flag dropped",
+        PIPELINE,
+        'repo_id = create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private"), token=token).repo_id',
+        "repo_id = create_repo(repo_id, exist_ok=True, private=None, token=token).repo_id",
+        ("tests/test_save_load.py", "-k", "private"),
+    ),
+    Mutation(
+        "saving: a fine-tune's Hub start model not named as base_model",
+        PACKAGE + "train.py",
+        "base_model=base_model,",
+        "base_model=None,",
+        ("tests/test_save_load.py", "-k", "base_model"),
+    ),
+    Mutation(
+        "generate: pasted frames saved squashed to --size",
+        PACKAGE + "generate.py",
+        "save_frame(frame, args.save_frames, output.frame_index, size=size)",
+        "save_frame(frame, args.save_frames, output.frame_index, size=args.size)",
+        ("tests/test_paste.py", "-k", "saved_frames"),
+    ),
 ]
 
 
