@@ -35,9 +35,9 @@ from typing import Dict, List, Optional
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .hub.pipeline_diffused_heads import denoise_frame, to_motion_frame
+from .hub.pipeline_diffused_heads import denoise_frame
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
-from .training import NoiseSchedule, add_lip_loss, lip_box_masks
+from .training import NoiseSchedule, add_lip_loss, lip_box_masks, motion_input
 
 METHODS = ("consistency", "direct")
 
@@ -126,11 +126,6 @@ class Conditioning:
 
     def __init__(self, identity: torch.Tensor, motion: torch.Tensor, audio: torch.Tensor):
         self.identity, self.motion, self.audio = identity, motion, audio
-
-
-def motion_input(older: torch.Tensor, newer: torch.Tensor, channels: int) -> torch.Tensor:
-    """Two frames `(B, 3, S, S)` in [-1, 1], oldest first, as the UNet's motion input."""
-    return torch.cat([to_motion_frame(older, channels), to_motion_frame(newer, channels)], dim=1)
 
 
 def run_unet(unet, x, timesteps, cond: Conditioning) -> torch.Tensor:

@@ -33,9 +33,8 @@ from typing import Optional
 import torch
 
 from .cli_utils import HelpFormatter, add_training_options, check_training_options, run_command
-from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window, to_motion_frame
+from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
 from .hub.pipeline_diffused_heads import model_card as hub_model_card
-from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
 from .media import FPS
 from .runtime import model_provenance, no_loading_bar
 from .training import (
@@ -52,6 +51,7 @@ from .training import (
     load_model,
     make_accelerator,
     model_defaults,
+    motion_input,
     new_model,
     open_data,
     run_device,
@@ -218,9 +218,7 @@ def diffusion_losses(objective: DiffusionObjective, accelerator, train_audio_enc
         x_start = batch["x_start"].to(device)
         identity = batch["identity"].to(device)
         motion = batch["motion"].to(device)
-        motion = torch.cat(
-            [to_motion_frame(motion[:, k], config.motion_frame_channels) for k in range(NUM_MOTION_FRAMES)], 1
-        )
+        motion = motion_input(motion[:, 0], motion[:, 1], config.motion_frame_channels)
         if train_audio_encoder:  # one encoder pass per distinct clip of the batch
             encoder = models["audio_encoder"]
             waveforms = {c: w for c, w in zip(batch["clip"], batch["waveforms"])}

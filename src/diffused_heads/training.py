@@ -28,7 +28,12 @@ import torch
 from .dataset import PreparedDataset, convert_clip_folder, is_prepared
 from .errors import MediaError
 from .hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
-from .hub.pipeline_diffused_heads import ORIGINAL_SCHEDULER_CONFIG, DiffusedHeadsPipeline, audio_window
+from .hub.pipeline_diffused_heads import (
+    ORIGINAL_SCHEDULER_CONFIG,
+    DiffusedHeadsPipeline,
+    audio_window,
+    to_motion_frame,
+)
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES, DiffusedHeadsUNetModel
 from .media import resize_frames
 
@@ -339,6 +344,12 @@ class NoiseSchedule:
         """The noise that takes `x_start` to `x_t` at `timesteps` (DDIM's noise for a clean-frame estimate)."""
         alpha_bar = self.alpha_bar(timesteps, x_t)
         return (x_t - alpha_bar.sqrt() * x_start) / (1.0 - alpha_bar).sqrt().clamp(min=1e-8)
+
+
+def motion_input(older: torch.Tensor, newer: torch.Tensor, channels: int) -> torch.Tensor:
+    """Two frames `(B, 3, S, S)` in [-1, 1], oldest first, as the UNet's motion input (what the training objective
+    and the pipeline give it too)."""
+    return torch.cat([to_motion_frame(older, channels), to_motion_frame(newer, channels)], dim=1)
 
 
 def lip_loss(squared_error: torch.Tensor, mouth_mask: torch.Tensor) -> torch.Tensor:
