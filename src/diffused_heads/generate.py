@@ -12,7 +12,6 @@ import sys
 import time
 
 from .cli_utils import HelpFormatter, add_model_options, run_command
-from .media import FPS
 
 
 def parse_args(argv=None):
@@ -144,7 +143,7 @@ def run(args) -> str:
     import torch
 
     from . import example_audio_path, example_image_path, runtime
-    from .media import SAMPLING_RATE, VideoWriter, load_audio, load_identity_frame, save_frame, save_image
+    from .media import FPS, SAMPLING_RATE, VideoWriter, load_audio, load_identity_frame, save_frame, save_image
 
     logger = logging.getLogger("diffused_heads.generate")
     runtime.configure_threads(args.threads, since=before_imports)
