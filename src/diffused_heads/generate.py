@@ -205,12 +205,16 @@ def run(args) -> str:
         overwrite=args.overwrite,
         live=args.live,
         audio_per_frame=streamed,
+        low_latency=streamed,
     )
     try:
         with frame_progress(num_frames) as bar, writer:
             for output in frames:
                 frame = output.frames[0] if paste is None else paste(output.frames[0])
-                writer.write(frame, output.frame_audio[0] if streamed else None)
+                if streamed:  # each frame's own audio comes with it
+                    writer.write(frame, output.frame_audio[0])
+                else:
+                    writer.write(frame)
                 if args.save_frames:
                     save_frame(frame, args.save_frames, output.frame_index, size=size)
                 bar.update()

@@ -507,11 +507,13 @@ class VideoWriter:
         overwrite: bool = False,
         live: bool = False,
         audio_per_frame: bool = False,
+        low_latency: bool = False,
     ):
         _check_output(path, overwrite)
         self.path, self.fps, self.sampling_rate, self.size, self.live = path, fps, sampling_rate, size, live
         self.audio = None if audio is None else np.asarray(audio, np.float32).reshape(-1)
         self.audio_per_frame = audio_per_frame  # each frame's audio comes with it (`write(frame, audio)`)
+        self.low_latency = low_latency
         self.frames_written = 0
         self._container = self._video = self._audio_stream = None
         self._target = None
@@ -558,9 +560,9 @@ class VideoWriter:
         self._video = self._container.add_stream("libx264", rate=Fraction(self.fps))
         self._video.width, self._video.height = width, height
         self._video.pix_fmt = "yuv420p"
-        # A live file gets a keyframe (so a fragment) every second, and no frame held back in the encoder's
-        # lookahead, so a player can follow it a second behind.
-        live = {"g": str(self.fps), "tune": "zerolatency"} if self.live else {}
+        # A live file gets a keyframe (so a fragment) every second, so a player can follow it; for speech that is
+        # still arriving (`low_latency`) no frame is held back in the encoder's lookahead either.
+        live = {"g": str(self.fps), **({"tune": "zerolatency"} if self.low_latency else {})} if self.live else {}
         self._video.options = {"crf": "18", "preset": "medium", **live}
         if self.audio is not None or self.audio_per_frame:
             self._audio_stream = self._container.add_stream("aac", rate=self.sampling_rate)
