@@ -572,6 +572,21 @@ class _FrameLoop:
         return frame_latents
 
 
+def lookahead_samples(unet, audio_encoder) -> int:
+    """How much speech after a frame's start the frame needs, in samples of the encoder's rate: the end of its own
+    window (window length less the padding: 1,920 samples, 120 ms, for the released encoder) and the windows of the
+    frames after it in the UNet's audio context (2 hops, 80 ms): 3,200 samples, 200 ms."""
+    window_end = audio_encoder.config.window_length - audio_encoder.padding
+    return window_end + (unet.config.audio_context // 2) * audio_encoder.config.hop_length
+
+
+def audio_context_of(embeddings: Dict[int, torch.Tensor], frame_index: int, context: int, last: int) -> torch.Tensor:
+    """The `(1, context, dim)` audio window of frame `frame_index` from embeddings kept by window index, clamped to
+    windows 0 to `last` (as `audio_window` clamps at a clip's ends)."""
+    offsets = range(frame_index - context // 2, frame_index + context // 2 + 1)
+    return torch.stack([embeddings[min(max(k, 0), last)] for k in offsets])[None]
+
+
 class SpeechToFrames:
     """Frames of one video made as its speech arrives: `push` a chunk and get the frames whose audio window it
     completes, `end` the speech and get the rest. What `DiffusedHeadsPipeline.stream` runs for speech in chunks,
@@ -601,9 +616,7 @@ class SpeechToFrames:
     @property
     def lookahead_samples(self) -> int:
         """How much speech after a frame's start it needs, in samples of the encoder's rate."""
-        encoder = self.pipe.audio_encoder
-        window_end = encoder.config.window_length - encoder.padding
-        return window_end + (self.context // 2) * self.hop
+        return lookahead_samples(self.pipe.unet, self.pipe.audio_encoder)
 
     def push(self, chunk) -> Iterator[DiffusedHeadsFrameOutput]:
         """Take one chunk of speech (see `chunk_samples`); yield the frames it completes, each as it is made."""
@@ -654,8 +667,7 @@ class SpeechToFrames:
     def make_next(self) -> DiffusedHeadsFrameOutput:
         index, total = self.frame_index, self.speech.num_frames
         last = (total if total is not None else self.speech.windows) - 1
-        offsets = range(index - self.context // 2, index + self.context // 2 + 1)
-        audio_context = torch.stack([self.embeddings[min(max(k, 0), last)] for k in offsets])[None]
+        audio_context = audio_context_of(self.embeddings, index, self.context, last)
         latents = self.loop.make(index, audio_context.to(self.loop.identity_frames.dtype))
         frame_audio = F.pad(self.samples[: self.hop], (0, max(0, self.hop - len(self.samples))))
         self.samples = self.samples[self.hop :]

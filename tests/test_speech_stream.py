@@ -11,8 +11,8 @@ from diffused_heads import builtin_model_path, example_image_path
 from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import AudioEmbeddingStream
 from diffused_heads.hub.pipeline_diffused_heads import (
     DiffusedHeadsPipeline,
-    SpeechToFrames,
     StreamingResampler,
+    lookahead_samples,
     resample_audio,
 )
 from diffused_heads.media import load_identity_frame
@@ -101,10 +101,10 @@ def test_window_k_is_encoded_once_its_last_sample_is_in():
 def test_the_lookahead_is_200_ms_for_the_released_configuration():
     """The released encoder's window reaches 1,920 samples (120 ms) past its frame's start; the UNet's 5-frame
     context reaches two frames (80 ms) further."""
-    pipe = tiny_pipeline()
-    frames = SpeechToFrames.__new__(SpeechToFrames)
-    frames.pipe, frames.context, frames.hop = pipe, 5, 640
-    assert frames.lookahead_samples == 3200  # 200 ms at 16 kHz
+    from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
+
+    released_encoder = DiffusedHeadsAudioEncoder()  # the released configuration (window 3,200, hop 640)
+    assert lookahead_samples(tiny_pipeline().unet, released_encoder) == 3200  # 200 ms at 16 kHz
 
 
 def test_each_frame_comes_as_soon_as_its_speech_is_in_and_not_before():

@@ -33,7 +33,9 @@ from .errors import ArgumentError
 from .hub.pipeline_diffused_heads import (
     StreamingResampler,
     _FrameLoop,
+    audio_context_of,
     chunk_samples,
+    lookahead_samples,
     preprocess_identity_image,
 )
 from .media import FPS
@@ -173,8 +175,7 @@ class LiveSession:
         self.rate = pipe.audio_encoder.config.sampling_rate
         self.hop = pipe.audio_encoder.config.hop_length
         self.context = pipe.unet.config.audio_context
-        window_end = pipe.audio_encoder.config.window_length - pipe.audio_encoder.padding
-        self.lookahead_samples = window_end + (self.context // 2) * self.hop
+        self.lookahead_samples = lookahead_samples(pipe.unet, pipe.audio_encoder)
         lookahead_frames = -(-self.lookahead_samples // self.hop)
         self.lead_frames = lead_frames if lead_frames is not None else lookahead_frames + 2
         self.clock, self.sleep = clock, sleep
@@ -448,8 +449,7 @@ class LiveSession:
 
     def _make_frame(self) -> None:
         index = self._next
-        offsets = range(index - self.context // 2, index + self.context // 2 + 1)
-        audio_context = torch.stack([self._embeddings[max(k, 0)] for k in offsets])[None]
+        audio_context = audio_context_of(self._embeddings, index, self.context, self._encoder.windows - 1)
         began = time.perf_counter()
         latents = self._loop.make(index, audio_context.to(self._loop.identity_frames.dtype))
         image = ((latents[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu()
