@@ -189,7 +189,7 @@ def main(argv=None) -> int:
         checks.run("convert a stand-in of the released files", convert)
 
         def page():
-            from diffused_heads.app import Limits, Models, run_request
+            from diffused_heads.serving import Limits, Models, run_request
 
             models = Models([model])
             if models.device.type != device:

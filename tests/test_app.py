@@ -241,7 +241,7 @@ def test_limits_turn_away_huge_pictures_large_uploads_and_a_full_queue(server, s
 
 def test_the_page_keeps_the_models_defaults_unless_told_otherwise(tmp_path, stream_calls):
     from diffused_heads import runtime
-    from diffused_heads.app import OWN, Limits, Models, run_request
+    from diffused_heads.serving import OWN, Limits, Models, run_request
 
     calls = stream_calls
     waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
@@ -313,14 +313,15 @@ def test_the_page_in_a_real_browser(server, speech, tmp_path):
 
 def test_without_gradio_the_command_says_what_to_install(monkeypatch, capsys):
     from diffused_heads import app
+    from diffused_heads.serving import APP_EXTRA
 
     monkeypatch.setitem(sys.modules, "gradio", None)
     assert app.main(["--port", str(free_port())]) == 1
-    assert capsys.readouterr().err.strip() == f"error: {app.APP_EXTRA}"
+    assert capsys.readouterr().err.strip() == f"error: {APP_EXTRA}"
 
 
 def test_progress_reports_frames_and_steps(tmp_path):
-    from diffused_heads.app import Limits, Models, run_request
+    from diffused_heads.serving import Limits, Models, run_request
 
     waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
     soundfile.write(tmp_path / "s.wav", waveform[: int(0.2 * rate)], rate)  # 5 frames
@@ -350,10 +351,10 @@ def test_a_requests_warnings_follow_it_from_thread_to_thread(tmp_path, monkeypat
     import logging
     import threading
 
-    from diffused_heads import app
-    from diffused_heads.app import Limits, Models, run_request
+    from diffused_heads import serving
+    from diffused_heads.serving import Limits, Models, run_request
 
-    shown = app.for_display
+    shown = serving.for_display
     logger = logging.getLogger("diffused_heads.test")
 
     def for_display(frame):
@@ -363,8 +364,8 @@ def test_a_requests_warnings_follow_it_from_thread_to_thread(tmp_path, monkeypat
         other.join()
         return shown(frame)
 
-    monkeypatch.setattr(app, "for_display", for_display)
-    monkeypatch.setattr(app, "PREVIEW_EVERY", 5)
+    monkeypatch.setattr(serving, "for_display", for_display)
+    monkeypatch.setattr(serving, "PREVIEW_EVERY", 5)
     waveform, rate = soundfile.read(example_audio_path(), dtype="float32")
     soundfile.write(tmp_path / "s.wav", waveform[: int(0.4 * rate)], rate)  # 10 frames
     steps = run_request(

@@ -30,8 +30,12 @@ LAYERS = {
     "measures": 4,
     "video_preparation": 4,
     "training": 4,
+    "cards": 4,
     "distillation": 5,
     "live": 5,
+    "jobs": 5,
+    "serving": 5,
+    "evaluation": 5,
     "cli_utils": 5,
     "hub.convert_checkpoint": 6,
     "generate": 6,
@@ -182,3 +186,55 @@ def test_an_editable_install_runs_the_repository_files(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (elsewhere / "out.mp4").stat().st_size > 1000
+
+
+COMMAND_ENTRY_POINTS = {"main", "parse_args"}
+
+
+def command_names_used(path: str):
+    """(command, name) for every name that the file at `path` takes from a command module: `from
+    diffused_heads.generate import X`, and `X` in `generate.X` where `generate` is a command module imported by
+    `from diffused_heads import generate [as alias]`."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "diffused_heads":
+                for alias in node.names:
+                    if alias.name in COMMANDS:
+                        aliases[alias.asname or alias.name] = alias.name
+            elif node.module.startswith("diffused_heads."):
+                module = node.module[len("diffused_heads.") :]
+                if module in COMMANDS:
+                    for alias in node.names:
+                        yield module, alias.name
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                module = alias.name[len("diffused_heads.") :] if alias.name.startswith("diffused_heads.") else None
+                if module in COMMANDS and alias.asname:
+                    aliases[alias.asname] = module
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            yield aliases[node.value.id], node.attr
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute):
+            # diffused_heads.generate.X
+            inner = node.value
+            if isinstance(inner.value, ast.Name) and inner.value.id == "diffused_heads" and inner.attr in COMMANDS:
+                yield inner.attr, node.attr
+
+
+def test_tests_use_a_command_only_through_main_and_parse_args():
+    """Whatever a test needs beyond running a command lives in a library module: a command only parses and calls.
+    The root's `convert_checkpoint.py` is the model repository's conversion script, which keeps its functions
+    (`convert`, the configurations derived from the checkpoint) beside its command line, as diffusers' own
+    conversion scripts do: its users run it without the package's commands."""
+    wrong = []
+    folders = [os.path.join(ROOT, "tests"), os.path.join(ROOT, "benchmarks")]
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                for module, used in sorted(set(command_names_used(os.path.join(folder, name)))):
+                    if used not in COMMAND_ENTRY_POINTS and module != "hub.convert_checkpoint":
+                        wrong.append(f"{os.path.basename(folder)}/{name} uses {module}.{used}")
+    assert not wrong, "\n".join(wrong)

@@ -10,8 +10,8 @@ import PIL.Image
 import pytest
 import soundfile
 
-from diffused_heads.batch import clip_jobs, read_jobs
 from diffused_heads.errors import ArgumentError
+from diffused_heads.jobs import clip_jobs, plan_batches, read_jobs
 from diffused_heads.media import export_to_video_with_audio
 
 from helpers import free_port, pasted_and_beside, speech_like, tiny_pipeline
@@ -202,8 +202,6 @@ def test_batches_are_planned_before_the_jobs_are_shared_out(workspace, tmp_path)
     """The same batches whatever the number of processes: each process then takes whole batches."""
     from accelerate import PartialState
 
-    from diffused_heads.batch import plan_batches
-
     jobs = read_jobs(str(workspace / "jobs.csv"), str(tmp_path), default_seed=0)
     batches = plan_batches(jobs, batch_size=2)
     assert [[job.index for job in batch] for batch in batches] == [[3, 0], [4, 1], [2]]  # by length, unreadable last
@@ -227,7 +225,7 @@ def test_each_video_of_a_batch_is_its_own_jobs_when_a_job_beside_it_fails(worksp
     common = ["--jobs", str(tmp_path / "jobs.csv"), "--model", str(workspace / "model"), "--steps", "1"]
     common += ["--size", "32", "--threads", "1"]
     assert batch.main(common + ["--output-dir", str(tmp_path / "together"), "--batch-size", "3"]) == 1
-    planned = batch.plan_batches(read_jobs(str(tmp_path / "jobs.csv"), str(tmp_path), 0), 3)
+    planned = plan_batches(read_jobs(str(tmp_path / "jobs.csv"), str(tmp_path), 0), 3)
     assert [job.output.endswith("broken.mp4") for job in planned[0]] == [True, False, False]
     assert batch.main(common + ["--output-dir", str(tmp_path / "alone"), "--batch-size", "1"]) == 1
     for name, seconds in (("first", SECONDS[0]), ("last", SECONDS[3])):

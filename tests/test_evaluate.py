@@ -8,7 +8,7 @@ import PIL.Image
 import pytest
 import torch
 
-from diffused_heads import evaluate, make_dataset
+from diffused_heads import evaluate, evaluation, make_dataset
 
 from helpers import tiny_pipeline
 
@@ -74,7 +74,7 @@ def test_the_summary_has_95_percent_intervals_and_several_models_are_measured_al
     assert [(r["model"], r["steps"]) for r in results] == [("model0", 2), ("student", 1)]
     for result in results:
         summary, clips = result["summary"], result["clips"]
-        for key in evaluate.DRAWN_KEYS:
+        for key in evaluation.DRAWN_KEYS:
             values = [c[key] for c in clips]
             assert summary[key] == pytest.approx(np.mean(values))
             # Student's t with one degree of freedom: 12.706 times the standard error.

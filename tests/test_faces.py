@@ -335,19 +335,16 @@ def test_generate_uses_an_image_without_a_face_as_it_is(tmp_path, capsys):
 
 
 def test_generate_batch_prepares_photos_as_generate_does(tmp_path):
-    import argparse
-
     import soundfile
 
-    from diffused_heads.batch import Job, prepare_job
+    from diffused_heads.jobs import BatchSettings, Job, prepare_job
     from diffused_heads.media import load_identity_frame
 
     hopper().save(tmp_path / "photo.jpg")
     soundfile.write(tmp_path / "speech.wav", np.zeros(3200, np.float32), 16000)
     job = Job(0, str(tmp_path / "photo.jpg"), str(tmp_path / "speech.wav"), str(tmp_path / "out.mp4"), seed=0)
-    options = dict(model=None, random_frame=False, paste_back=False, max_size=None, size=None)
-    identity, _, _ = prepare_job(job, argparse.Namespace(no_prepare=False, **options))
+    identity, _, _ = prepare_job(job, BatchSettings(prepare=True))
     expected = prepare_identity(str(tmp_path / "photo.jpg"))
     np.testing.assert_array_equal(np.asarray(identity), np.asarray(expected))
-    raw, _, _ = prepare_job(job, argparse.Namespace(no_prepare=True, **options))
+    raw, _, _ = prepare_job(job, BatchSettings(prepare=False))
     np.testing.assert_array_equal(np.asarray(raw), np.asarray(load_identity_frame(str(tmp_path / "photo.jpg"))))

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from diffused_heads import dataset, evaluate, measures
+from diffused_heads import dataset, evaluate, evaluation, measures
 
 from talking_videos import speech_with_envelope, talking_photo
 
@@ -146,7 +146,7 @@ def test_evaluate_measures_given_clips_and_compares_result_folders(prepared, tmp
     late_summary = json.loads((tmp_path / "eval-late" / "summary.json").read_text())["measures"]
     # The ground truth against itself: perfect scores, and its own measures equal the ground truth's.
     assert same_summary["gen_lmd_px"][0] == 0.0 and same_summary["gen_psnr"][0] == 100.0
-    for name in evaluate.OWN_MEASURES:
+    for name in evaluation.OWN_MEASURES:
         assert same_summary[f"gen_{name}"][0] == pytest.approx(same_summary[f"gt_{name}"][0], nan_ok=True)
     assert same_summary["gen_blinks_per_s"][0] == pytest.approx(2 / 3.0)
     # Pictures 3 frames late: the offset finds it on every clip.
