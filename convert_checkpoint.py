@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
+from diffused_heads.cards import model_card
 from diffused_heads.errors import with_argument
 from diffused_heads.hub.audio_encoder.audio_encoder_diffused_heads import DiffusedHeadsAudioEncoder
 from diffused_heads.hub.pipeline_diffused_heads import ORIGINAL_SCHEDULER_CONFIG, DiffusedHeadsPipeline
@@ -709,28 +710,13 @@ def verify_audio_encoder(module, model: DiffusedHeadsAudioEncoder, seconds: floa
 # Output
 
 
-MODEL_CARD = """---
-license: cc-by-nc-sa-4.0
-library_name: diffusers
-pipeline_tag: image-to-video
-tags:
-- talking-face
-- talking-head
-- audio-driven
-- diffused-heads
----
-
-# Diffused Heads (CREMA-D) for diffusers
-
-The Diffused Heads model of *Diffusion Models Beat GANs on Talking-Face Generation*
+MODEL_DESCRIPTION = """The Diffused Heads model of *Diffusion Models Beat GANs on Talking-Face Generation*
 (Stypułkowski, Vougioukas, He, Zięba, Petridis, Pantic; WACV 2024,
 [arXiv:2301.03396](https://arxiv.org/abs/2301.03396)), converted from the authors' released TorchScript
 files into a diffusers pipeline. It animates one face image with a speech recording, one 128×128 frame
-at a time at 25 fps. The weights keep the authors' licence (CC BY-NC-SA 4.0, non-commercial).
+at a time at 25 fps. The weights keep the authors' licence (CC BY-NC-SA 4.0, non-commercial)."""
 
-## Usage
-
-```python
+MODEL_USAGE = """```python
 import torch
 from diffusers import DiffusionPipeline
 
@@ -742,12 +728,7 @@ frames = out.frames[0]  # (num_frames, 128, 128, 3) in [0, 1]
 
 `identity_image` is a PIL image (a face centred on a green background, like the CREMA-D crops works
 best); `audio` is a 1-D waveform. DDPM with 100 steps reproduces the original sampler; any other diffusers
-scheduler can be swapped in (`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`).
-
-## Conversion record
-
-{record}
-"""
+scheduler can be swapped in (`pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`)."""
 
 
 def write_model_folder(
@@ -770,8 +751,13 @@ def write_model_folder(
     if template is not None:  # where prepare-face puts the face, measured on a real frame of the training data
         template.save(directory)
         record["identity_template"] = template.source
-    card = MODEL_CARD.replace("{repo}", repo).replace("{dtype}", f"torch.{dtype}")
-    card = card.replace("{record}", "```json\n" + json.dumps(record, indent=2) + "\n```")
+    card = model_card(
+        "Diffused Heads (CREMA-D) for diffusers",
+        MODEL_DESCRIPTION,
+        license="cc-by-nc-sa-4.0",
+        usage=MODEL_USAGE.replace("{repo}", repo).replace("{dtype}", f"torch.{dtype}"),
+        sections={"Conversion record": "```json\n" + json.dumps(record, indent=2) + "\n```"},
+    )
     with open(os.path.join(directory, "README.md"), "w", encoding="utf-8") as f:
         f.write(card)
 

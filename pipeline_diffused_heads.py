@@ -2,6 +2,7 @@
 # Licensed under the Apache License, Version 2.0.
 """Diffused Heads (WACV 2024): a talking-face video from one identity frame and a speech recording."""
 
+import contextvars
 import inspect
 import json
 import math
@@ -200,8 +201,8 @@ def _package_modules() -> Dict[str, str]:
 
 
 def check_output_type(output_type: str) -> None:
-    if output_type not in ("np", "pt", "pil"):
-        raise ValueError(f"output_type must be 'np', 'pt' or 'pil', got {output_type!r}")
+    if output_type not in ("np", "pt", "pil", "latent"):
+        raise ValueError(f"output_type must be 'np', 'pt', 'pil' or 'latent', got {output_type!r}")
 
 
 def scheduler_uses_variance(scheduler: SchedulerMixin) -> bool:
@@ -222,13 +223,26 @@ def accepts_timesteps(scheduler: SchedulerMixin) -> bool:
     return "timesteps" in inspect.signature(scheduler.set_timesteps).parameters
 
 
-def set_timesteps(scheduler: SchedulerMixin, num_inference_steps: int, timesteps=None, device=None) -> None:
-    """`scheduler.set_timesteps` at the given `timesteps` (descending training timesteps) where there are some, at
-    `num_inference_steps` of its own choosing otherwise."""
+def retrieve_timesteps(
+    scheduler: SchedulerMixin,
+    num_inference_steps: Optional[int] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    timesteps: Optional[List[int]] = None,
+) -> "tuple[torch.Tensor, int]":
+    """Set `scheduler` to its timesteps and return them with their number, as diffusers' pipelines'
+    `retrieve_timesteps` does: at the given `timesteps` (descending training timesteps; `num_inference_steps` is
+    then their number) where there are some, else at `num_inference_steps` of the scheduler's own choosing. Raises
+    ValueError for custom timesteps that the scheduler's `set_timesteps` does not take."""
     if timesteps is None:
         scheduler.set_timesteps(num_inference_steps, device=device)
     else:
+        if not accepts_timesteps(scheduler):
+            raise ValueError(
+                f"the scheduler {type(scheduler).__name__} does not take custom timesteps in its `set_timesteps`; "
+                "give num_inference_steps instead, or use a scheduler that does (DDPM, LCM, ...)"
+            )
         scheduler.set_timesteps(timesteps=[int(t) for t in timesteps], device=device)
+    return scheduler.timesteps, len(scheduler.timesteps)
 
 
 def denoise_frame(
@@ -256,7 +270,7 @@ def denoise_frame(
     after every step and returns the latents to go on with."""
     parameter = next(unet.parameters())
     dtype, channels = parameter.dtype, noise.shape[1]
-    set_timesteps(scheduler, num_inference_steps, timesteps, noise.device)
+    retrieve_timesteps(scheduler, num_inference_steps, noise.device, timesteps)
     uses_variance = scheduler_uses_variance(scheduler)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     identity_frames, motion_frames, audio_context = (
@@ -280,64 +294,17 @@ def _unwrapped(module):
 
 
 MODEL_CARD_TAGS = ("talking-face", "talking-head", "audio-driven", "diffused-heads")
+MODEL_CARD_USAGE = """A Diffused Heads pipeline: a talking-face video from one face image and a speech recording.
 
+```python
+from diffusers import DiffusionPipeline
 
-def model_card(
-    title: str = "Diffused Heads",
-    description: str = "A Diffused Heads pipeline: a talking-face video from one face image and a speech recording.",
-    *,
-    license: str = "other",
-    base_model: Optional[str] = None,
-    tags: tuple = (),
-    steps: Optional[int] = None,
-    figures: Optional[Dict[str, Any]] = None,
-    samples: Optional[str] = None,
-    repo: str = "path/to/this/folder",
-) -> str:
-    """A Hub model card (`README.md`) for a saved pipeline: the YAML header the Hub reads (`library_name:
-    diffusers`, `pipeline_tag`, tags, licence, `base_model` for fine-tunes and students), what the model is, how
-    to use it, `figures` (name -> value) as a table and `samples` (Markdown: sample frames and what they show)."""
-    from huggingface_hub import ModelCardData
+pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)
+video = pipe(face, speech, sampling_rate=16000).frames[0]
+```
 
-    data = ModelCardData(
-        library_name="diffusers",
-        pipeline_tag="image-to-video",
-        license=license,
-        base_model=base_model,
-        tags=list(dict.fromkeys([*MODEL_CARD_TAGS, *tags])),
-    )
-    calls = f"{steps} UNet evaluations per frame" if steps else "the model's own steps per frame"
-    lines = ["---", data.to_yaml(), "---", "", f"# {title}", "", description, "", "## Usage", "", "```python"]
-    lines += [
-        "from diffusers import DiffusionPipeline",
-        "",
-        f'pipe = DiffusionPipeline.from_pretrained("{repo}", trust_remote_code=True)',
-        f"video = pipe(face, speech, sampling_rate=16000).frames[0]  # {calls}",
-        "```",
-        "",
-        "`face` is a face image (centred on a plain background works best), `speech` a 1-D waveform; the frames",
-        "are 25 per second of speech. With the `diffused_heads` package installed: `diffused-heads generate",
-        f"--model {repo}`.",
-    ]
-    if figures:
-        lines += ["", "## Figures", "", "| | |", "|---|---|"]
-        lines += [f"| {name} | {value} |" for name, value in figures.items()]
-    if samples:
-        lines += ["", "## Sample frames", "", samples]
-    return "\n".join(lines) + "\n"
-
-
-def card_license(folder: Optional[str], default: str = "other") -> str:
-    """The licence a saved folder's model card states, else `default`: what a model made from it carries on."""
-    readme = os.path.join(folder, "README.md") if folder and os.path.isdir(folder) else None
-    if readme and os.path.isfile(readme):
-        from huggingface_hub import ModelCard
-
-        try:
-            return ModelCard.load(readme).data.license or default
-        except Exception:  # a card without a YAML header
-            return default
-    return default
+`face` is a face image (centred on a plain background works best), `speech` a 1-D waveform; the frames are 25 per
+second of speech."""
 
 
 def _as_list(value) -> list:
@@ -732,17 +699,19 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
 
     # --- loading and saving: a folder that loads with this package's classes or, standing alone, as remote code ---
 
-    _index_reads = 0  # model_index.json files read through the hook below, to tell whether diffusers still uses it
+    # The model_index.json files that the hook below read during the `from_pretrained` call running in this context
+    # (thread or task), to tell whether diffusers still reads them through it; None outside such a call.
+    _index_reads: contextvars.ContextVar = contextvars.ContextVar("diffused_heads_index_reads", default=None)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """[`DiffusionPipeline.from_pretrained`]; through the installed package, the folder's code files are read
         as the package's modules (see `_dict_from_json_file`), and a diffusers that no longer reads
         `model_index.json` that way is said in one message instead of a request for remote code."""
-        reads = DiffusedHeadsPipeline._index_reads
+        reads = []
 
         def hook_unused() -> bool:
-            return bool(_package_modules()) and DiffusedHeadsPipeline._index_reads == reads
+            return bool(_package_modules()) and not reads
 
         def unused_hook_error() -> RuntimeError:
             import diffusers
@@ -754,12 +723,15 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 "load the folder as remote code with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)"
             )
 
+        token = DiffusedHeadsPipeline._index_reads.set(reads)
         try:
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         except ValueError as error:
             if hook_unused() and "trust_remote_code" in str(error):
                 raise unused_hook_error() from error
             raise
+        finally:
+            DiffusedHeadsPipeline._index_reads.reset(token)
         if hook_unused():  # (some releases would then run the folder's code as remote code, unasked)
             raise unused_hook_error()
         return pipe
@@ -776,7 +748,9 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         modules = _package_modules()
         if not modules or "_class_name" not in config:
             return config
-        DiffusedHeadsPipeline._index_reads += 1
+        reads = DiffusedHeadsPipeline._index_reads.get()
+        if reads is not None:
+            reads.append(json_file)
         pipeline_stem = os.path.splitext(os.path.basename(inspect.getsourcefile(cls)))[0]
         if list(_as_list(config["_class_name"])) == [pipeline_stem, cls.__name__]:
             config["_class_name"] = cls.__name__
@@ -821,8 +795,9 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             self._name_code_file(name, module)
 
     def __setattr__(self, name, value):
-        # `pipe.unet = torch.compile(pipe.unet)` registers the component through diffusers' `__setattr__`, which
-        # names the class by its package module; the saved folder must name the code file saved beside it.
+        # `pipe.unet = torch.compile(pipe.unet)` (diffusers' documented way; `pipe.unet.compile()` compiles in place
+        # and needs none of this) registers the component through diffusers' `__setattr__`, which names the class
+        # by its package module; the saved folder must name the code file saved beside it.
         super().__setattr__(name, value)
         if name in ("unet", "audio_encoder") and hasattr(self, "_internal_dict"):
             self._name_code_file(name, value)
@@ -841,33 +816,52 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         """Save the pipeline with its code: `DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` loads it.
 
         Takes the arguments of [`DiffusionPipeline.save_pretrained`]. With `push_to_hub=True` (and optionally
-        `repo_id`, `token`, `private`, `commit_message`, `create_pr`) the folder, code and model card included, is
-        then uploaded by diffusers' own upload; a folder without a `README.md` gets a model card first
-        ([`model_card`]; pass `model_card=` to give your own text).
+        `repo_id`, `token`, `private`, `commit_message`, `create_pr`, `subfolder`) the folder, code and model card
+        included, is then uploaded by diffusers' own upload. `model_card=` writes the given text as the folder's
+        `README.md`; a folder pushed without one gets the Hub repository's card, or a new one, through diffusers'
+        `load_or_create_model_card` and `populate_model_card`, as diffusers' own `push_to_hub` does.
         """
         card = kwargs.pop("model_card", None)
         hub_kwargs = {
-            k: kwargs.pop(k) for k in ("repo_id", "token", "private", "commit_message", "create_pr") if k in kwargs
+            k: kwargs.pop(k)
+            for k in ("repo_id", "token", "private", "commit_message", "create_pr", "subfolder")
+            if k in kwargs
         }
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         self._write_code(save_directory)
         readme = os.path.join(save_directory, "README.md")
-        if card is not None or (push_to_hub and not os.path.exists(readme)):
+        if card is not None:
             with open(readme, "w", encoding="utf-8") as f:
-                f.write(card if card is not None else model_card())
+                f.write(card)
         if push_to_hub:
             from huggingface_hub import create_repo
 
             token = hub_kwargs.get("token")
             repo_id = hub_kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory)))
             repo_id = create_repo(repo_id, exist_ok=True, private=hub_kwargs.get("private"), token=token).repo_id
+            subfolder = hub_kwargs.get("subfolder")
+            if not subfolder and not os.path.exists(readme):
+                self._hub_model_card(repo_id, token).save(readme)
             self._upload_folder(
                 save_directory,
                 repo_id,
                 token=token,
                 commit_message=hub_kwargs.get("commit_message"),
                 create_pr=hub_kwargs.get("create_pr", False),
+                subfolder=subfolder,
             )
+
+    @staticmethod
+    def _hub_model_card(repo_id: str, token: Optional[str] = None):
+        """The card of the Hub repository `repo_id`, or a new one saying how to load this pipeline; tagged."""
+        from diffusers.utils.hub_utils import load_or_create_model_card, populate_model_card
+
+        description = MODEL_CARD_USAGE.replace("{repo_id}", repo_id)
+        card = load_or_create_model_card(repo_id, token=token, is_pipeline=True, model_description=description)
+        card = populate_model_card(card, tags=[tag for tag in MODEL_CARD_TAGS if tag not in (card.data.tags or [])])
+        card.data.pipeline_tag = card.data.pipeline_tag or "image-to-video"
+        card.data.license = card.data.license or "other"
+        return card
 
     def push_to_hub(
         self,
@@ -878,11 +872,13 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         create_pr: bool = False,
         safe_serialization: bool = True,
         variant: Optional[str] = None,
+        subfolder: Optional[str] = None,
         model_card: Optional[str] = None,
     ) -> str:
         """Upload the pipeline with its code to the Hub repository `repo_id` (created if needed), as
-        `save_pretrained(..., push_to_hub=True)` does; the model card is `model_card`, else the card of the folder
-        the pipeline was loaded from, else a new one ([`model_card`])."""
+        `save_pretrained(..., push_to_hub=True)` does (the arguments of diffusers' `push_to_hub`). The model card
+        is `model_card`, else the card of the folder the pipeline was loaded from, else the repository's own or a
+        new one (diffusers' `load_or_create_model_card`)."""
         import tempfile
 
         if model_card is None:
@@ -903,6 +899,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
                 create_pr=create_pr,
                 safe_serialization=safe_serialization,
                 variant=variant,
+                subfolder=subfolder,
                 model_card=model_card,
             )
         return repo_id
@@ -1059,7 +1056,10 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
 
     def postprocess(self, frames: torch.Tensor, output_type: str):
         """Frames `(..., 3, H, W)` in [-1, 1] (one frame of a batch, or whole videos) in [0, 1] as `output_type`:
-        `"pt"` keeps the layout, `"np"` puts the channels last, `"pil"` makes (lists of) images."""
+        `"pt"` keeps the layout, `"np"` puts the channels last, `"pil"` makes (lists of) images; `"latent"` gives
+        the denoised frames as they are (float32 in about [-1, 1], unclipped, on the pipeline's device)."""
+        if output_type == "latent":
+            return frames.float()
         return self._as_output_type(((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0).cpu(), output_type)
 
     @staticmethod
@@ -1145,8 +1145,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
         channels, size = self.unet.config.in_channels, self.unet.config.sample_size
         self._warn_on_mismatched_spacing()
-        set_timesteps(self.scheduler, num_inference_steps, timesteps, device)
-        self._num_timesteps = len(self.scheduler.timesteps)
+        _, self._num_timesteps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps)
 
         def frame_loop(identity_frames, progress_bar):
             batch_size = len(identity_frames)
@@ -1327,7 +1326,9 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             latents (`torch.Tensor`, *optional*): Initial noise `(batch_size, num_frames, 3, height, width)`, one
                 image per frame (`num_frames` of the longest clip); drawn with `generator`, frame by frame, if not
                 given.
-            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"` or `"pil"`.
+            output_type (`str`, defaults to `"np"`): `"np"`, `"pt"` or `"pil"`; `"latent"` gives the denoised
+                frames as they are, `(batch_size, num_frames, 3, height, width)` float32 in about [-1, 1] (this
+                model denoises pixels: its latents are the frames), unclipped, on the pipeline's device.
             return_dict (`bool`, defaults to `True`): Return a [`DiffusedHeadsPipelineOutput`] or a tuple.
             callback_on_step_end (`Callable`, *optional*): Called after every denoising step as
                 `callback_on_step_end(pipe, step, timestep, callback_kwargs)`, with `step` counted over all frames
@@ -1339,7 +1340,8 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             num_videos_per_prompt (`int`, defaults to 1): Videos made of each identity and clip: the batch holds
                 them side by side (video `i * num_videos_per_prompt + j` is sample `j` of pair `i`), and a list of
                 generators gives one to each video: sample `j` then has the noise it would have made alone with its
-                generator, and differs from it only as batches do (in the last float bits; the README's Batches).
+                generator, and differs from it only as batches do (in the last float bits; the repository's
+                docs/batch.md).
 
         Examples:
 
@@ -1347,6 +1349,7 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             [`DiffusedHeadsPipelineOutput`] or `tuple`: the frames, and the 16 kHz audio they match.
         """
         check_output_type(output_type)  # before the work: the frames are made as "pt" and converted at the end
+        latent = output_type == "latent"
         frames, frame_counts, audio_out = [], None, None
         for output in self.stream(
             identity_image,
@@ -1357,20 +1360,22 @@ class DiffusedHeadsPipeline(DiffusionPipeline):
             timesteps=timesteps,
             generator=generator,
             latents=latents,
-            output_type="pt",
+            output_type="latent" if latent else "pt",
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             num_videos_per_prompt=num_videos_per_prompt,
         ):
             frames.append(output.frames)
             frame_counts, audio_out = output.num_frames, output.audio
-        # (batch_size, num_frames, 3, height, width) in [0, 1], as the output type asks; one type whatever the
-        # lengths: frames after a shorter video's end are black, audio after a shorter clip's end silent.
+        # (batch_size, num_frames, 3, height, width) in [0, 1] (in [-1, 1] as latents), as the output type asks;
+        # one type whatever the lengths: frames after a shorter video's end are black, audio after a shorter
+        # clip's end silent.
         video = torch.stack(frames, dim=1)
         frame_counts = [min(count, len(frames)) for count in frame_counts]
         for k, count in enumerate(frame_counts):
-            video[k, count:] = 0.0
-        video = self._as_output_type(video, output_type)
+            video[k, count:] = -1.0 if latent else 0.0
+        if not latent:
+            video = self._as_output_type(video, output_type)
         if output_type == "pil":
             video = [images[:count] for images, count in zip(video, frame_counts)]
         num_samples = [len(clip) for clip in audio_out]

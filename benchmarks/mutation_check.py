@@ -187,14 +187,14 @@ MUTATIONS: List[Mutation] = [
     # Batches and the page
     Mutation(
         "batch: outputs paired with the planned batch, not the prepared jobs",
-        PACKAGE + "batch.py",
+        PACKAGE + "jobs.py",
         "for k, (job, _, _, (paste, _)) in enumerate(ready):",
         "for k, (job, (_, _, _, (paste, _))) in enumerate(zip(batch, ready)):",
         ("tests/test_batch.py", "-k", "beside_it_fails"),
     ),
     Mutation(
         "app: an error shows the server's copy of the upload",
-        PACKAGE + "app.py",
+        PACKAGE + "serving.py",
         "message = message.replace(path, os.path.basename(path))",
         "pass",
         ("tests/test_app.py", "-k", "errors_and_the_queue"),
@@ -209,8 +209,8 @@ MUTATIONS: List[Mutation] = [
     Mutation(
         "evaluate: --device ignored on drawn clips",
         PACKAGE + "evaluate.py",
-        "pipes = [runtime.load_pipeline(model, device, args.dtype) for model in args.models]",
-        'pipes = [runtime.load_pipeline(model, "cpu", args.dtype) for model in args.models]',
+        "pipes = [runtime.load_pipeline(model, device, dtype) for model in args.models]",
+        'pipes = [runtime.load_pipeline(model, "cpu", dtype) for model in args.models]',
         ("tests/test_evaluate.py", "-k", "device"),
     ),
     # The training library
@@ -273,9 +273,9 @@ MUTATIONS: List[Mutation] = [
     ),
     Mutation(
         "distill: a student as many steps as its teacher accepted",
-        PACKAGE + "distill.py",
-        "if args.student_steps >= teacher_steps:",
-        "if args.student_steps > teacher_steps:",
+        PACKAGE + "distillation.py",
+        "if student_steps >= teacher_steps:",
+        "if student_steps > teacher_steps:",
         ("tests/test_distill.py", "-k", "bad_input"),
     ),
     # Streaming speech and the live session
@@ -418,9 +418,9 @@ MUTATIONS: List[Mutation] = [
     ),
     Mutation(
         "saving: a fine-tune's Hub start model not named as base_model",
-        PACKAGE + "train.py",
-        "base_model=base_model,",
-        "base_model=None,",
+        PACKAGE + "cards.py",
+        "license, base_model = model_provenance(run.init_from)",
+        "license, base_model = model_provenance(run.init_from)[0], None",
         ("tests/test_save_load.py", "-k", "base_model"),
     ),
     Mutation(

@@ -43,6 +43,19 @@ class MetaAccelerator:
         pass
 
 
+@pytest.fixture(autouse=True)
+def accelerate_state():
+    """The set-up seeds through accelerate's `set_seed`, which reads the process index from accelerate's shared
+    state, as a real run's `Accelerator` sets it; it is reset afterwards for the commands that other tests run in
+    this process."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    Accelerator(cpu=True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
 def models():
     teacher = tiny_unet(1).requires_grad_(False)
     return {"unet": tiny_unet(0), "teacher": teacher}
@@ -60,6 +73,21 @@ def test_after_the_set_up_every_tensor_of_the_run_is_on_the_runs_device(tmp_path
     assert all(p.device.type == "meta" for p in run.models["teacher"].parameters())
     if ema_targets:
         assert all(p.device.type == "meta" for p in run.targets["unet_target"].parameters())
+
+
+def test_the_set_up_seeds_every_generator_per_process(tmp_path):
+    """accelerate's `set_seed(seed, device_specific=True)`: torch, numpy and random seeded with the seed plus the
+    process index (0 here), so seed 7 gives 7 (not, say, 7000)."""
+    import random
+
+    import numpy as np
+
+    prepare_run(settings(tmp_path, seed=7), MetaAccelerator(), models())
+    assert torch.initial_seed() == 7
+    assert np.random.get_state()[1][0] == 7  # MT19937's first word is the seed
+    random_after = random.random()
+    random.seed(7)
+    assert random.random() == random_after
 
 
 def test_a_resumed_run_moves_the_restored_ema_weights_to_the_runs_device(tmp_path):

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 from test_convert import TINY_ORIGINAL_ENCODER, TINY_ORIGINAL_UNET
 
 from diffused_heads import distill, make_dataset, runtime
+from diffused_heads.cards import model_card
 from diffused_heads.distillation import (
     Conditioning,
     DistillationSettings,
@@ -30,7 +31,7 @@ from diffused_heads.distillation import (
     teacher_grid,
 )
 from diffused_heads.hub.convert_checkpoint import convert
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, model_card, to_motion_frame
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, to_motion_frame
 from diffused_heads.training import NoiseSchedule
 
 from helpers import tiny_pipeline

@@ -11,7 +11,7 @@ import soundfile
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, LCMScheduler
 
-from diffused_heads import app, batch, example_image_path, generate, media, runtime
+from diffused_heads import batch, example_image_path, generate, media, runtime, serving
 
 from helpers import speech_like, tiny_pipeline
 
@@ -58,13 +58,14 @@ def test_auto_precision_is_bfloat16_where_the_device_computes_it(monkeypatch):
     from helpers import logged
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(runtime, "_announced", set())
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(runtime, "native_bfloat16", lambda device, native=native: native)
         with logged() as messages:
             assert runtime.resolve_dtype("auto", cpu) == expected
-            assert runtime.resolve_dtype("auto", cpu) == expected
-        assert len(messages) == 1 and str(expected).split(".")[1] in messages[0]  # said once
+        assert len(messages) == 1 and str(expected).split(".")[1] in messages[0]  # said, with the reason
+    with logged() as messages:
+        assert runtime.resolve_dtype("float32", cpu) == torch.float32
+    assert messages == []  # (asked for by name: nothing to say)
     assert runtime.resolve_dtype("float32", cpu) == torch.float32
 
 
@@ -122,12 +123,12 @@ def test_generate_batch_gives_each_job_its_seed_and_steps(tiny_model, tmp_path, 
 
 def test_the_page_honours_each_request(tiny_model, tmp_path, stream_calls):
     soundfile.write(tmp_path / "s.wav", speech_like(0.12), 16000)
-    models = app.Models([None, str(tiny_model)])
+    models = serving.Models([None, str(tiny_model)])
     face = example_image_path()
 
     def request(model, scheduler, seed, stabilize="the model's own", image=face):
         outputs = list(
-            app.run_request(
+            serving.run_request(
                 models,
                 image,
                 str(tmp_path / "s.wav"),
@@ -137,15 +138,15 @@ def test_the_page_honours_each_request(tiny_model, tmp_path, stream_calls):
                 seed,
                 stabilize,
                 False,
-                app.Limits(),
+                serving.Limits(),
                 str(tmp_path),
             )
         )
         return outputs[-1][0]
 
-    first = request(app.BUILTIN_LABEL, "ddim", 1)
+    first = request(serving.BUILTIN_LABEL, "ddim", 1)
     request(tiny_model.name, "the model's own", 2, stabilize="5")
-    request(app.BUILTIN_LABEL, "the model's own", 3)
+    request(serving.BUILTIN_LABEL, "the model's own", 3)
     builtin, tiny, again = stream_calls
     assert builtin["unet"] is again["unet"] and tiny["unet"] is not builtin["unet"]  # the request's model
     assert isinstance(builtin["scheduler"], DDIMScheduler)
@@ -156,7 +157,7 @@ def test_the_page_honours_each_request(tiny_model, tmp_path, stream_calls):
     assert [c["stabilize_every"] for c in stream_calls] == [None, 5, None]
     assert decoded(first).shape[0] == 3
     with pytest.raises(ValueError, match="add a face photo"):
-        request(app.BUILTIN_LABEL, "the model's own", 0, image=None)
+        request(serving.BUILTIN_LABEL, "the model's own", 0, image=None)
     with pytest.raises(ValueError, match="this page offers the models"):
         request("/etc", "the model's own", 0)
 
@@ -169,3 +170,14 @@ def test_the_commands_lists_of_choices_are_the_librarys_own():
     assert cli_utils.SCHEDULER_CHOICES == runtime.SCHEDULERS
     assert set(cli_utils.DTYPE_CHOICES) == {"auto", *runtime.DTYPES}
     assert cli_utils.SEGMENTER_CHOICES == faces.SEGMENTERS
+
+
+def test_compile_compiles_the_unet_in_place(tiny_model):
+    """`--compile` (runtime.load_pipeline): the pipeline keeps its own UNet object, compiled in place by
+    `nn.Module.compile`, not a `torch.compile` wrapper put in its place."""
+    from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
+
+    plain = runtime.load_pipeline(str(tiny_model), "cpu", "float32")
+    compiled = runtime.load_pipeline(str(tiny_model), "cpu", "float32", compile=True)
+    assert type(compiled.unet) is DiffusedHeadsUNetModel and plain.unet._compiled_call_impl is None
+    assert compiled.unet._compiled_call_impl is not None

@@ -296,6 +296,25 @@ def test_output_types(identity_image):
     np.testing.assert_array_equal(frames, as_np)
 
 
+def test_output_type_latent_gives_the_denoised_frames_as_they_are(identity_image):
+    """`output_type="latent"` (diffusers' convention): each frame as the last denoising step left it, unclipped in
+    about [-1, 1] (this model's latents are the frames themselves); "pt" is the same mapped to [0, 1] and clipped."""
+    pipe = tiny_pipeline()
+    last_steps = []
+
+    def keep(pipeline, step, timestep, callback_kwargs):
+        if (step + 1) % pipeline.num_timesteps == 0:
+            last_steps.append(callback_kwargs["frame_latents"].clone())
+        return callback_kwargs
+
+    latent = run(pipe, identity_image, output_type="latent", callback_on_step_end=keep).frames
+    as_pt = run(pipe, identity_image, output_type="pt").frames
+    assert isinstance(latent, torch.Tensor) and latent.dtype == torch.float32 and latent.shape == as_pt.shape
+    torch.testing.assert_close(latent, torch.stack(last_steps, dim=1), rtol=0, atol=0)
+    torch.testing.assert_close(as_pt, ((latent + 1) / 2).clamp(0, 1), rtol=0, atol=1e-6)
+    assert latent.min() < -0.2 and latent.max() > 0.2  # not the [0, 1] frames
+
+
 def test_identity_image_kinds_agree(identity_image):
     pipe = tiny_pipeline()
     from_array = run(pipe, identity_image).frames
@@ -350,7 +369,7 @@ def test_other_sample_rates_are_resampled(identity_image):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(output_type="latent"), "output_type"),
+        (dict(output_type="jpeg"), "output_type"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(stabilize_every=-2), "stabilize_every"),
         (dict(sampling_rate=-1), "sampling_rate"),

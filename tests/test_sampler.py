@@ -94,3 +94,20 @@ def test_the_callers_scheduler_options_win_over_the_tools_own_settings():
     assert (
         runtime.with_scheduler(pipe, "ddim", timestep_spacing="leading").scheduler.config.timestep_spacing == "leading"
     )
+
+
+def test_retrieve_timesteps_follows_diffusers_convention():
+    """As diffusers' pipelines' `retrieve_timesteps`: the scheduler is set, its timesteps and their number come
+    back, and custom timesteps that a scheduler cannot take are refused by name."""
+    import pytest
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from diffused_heads.hub.pipeline_diffused_heads import retrieve_timesteps
+
+    ddpm = DDPMScheduler(num_train_timesteps=1000)
+    timesteps, steps = retrieve_timesteps(ddpm, timesteps=[999, 499, 0])
+    assert timesteps.tolist() == [999, 499, 0] and steps == 3 and ddpm.timesteps is timesteps
+    timesteps, steps = retrieve_timesteps(ddpm, 4)  # "leading" spacing: 1000 // 4 apart, from 0
+    assert timesteps.tolist() == [750, 500, 250, 0] and steps == 4
+    with pytest.raises(ValueError, match="DDIMScheduler does not take custom timesteps"):
+        retrieve_timesteps(DDIMScheduler(num_train_timesteps=1000), timesteps=[999, 499])

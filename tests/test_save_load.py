@@ -174,10 +174,32 @@ def test_a_save_after_compiling_a_component_names_its_code_file_and_loads_back(t
     np.testing.assert_allclose(frames(loaded, identity_image), expected, atol=1e-5, rtol=0)
 
 
+def hub_cards(monkeypatch, tmp_path, cards=None):
+    """The Hub as diffusers' `load_or_create_model_card` sees it: `cards` is {repo id: README text}; a repository
+    without one answers as the Hub does for a missing file. Returns the repositories asked for."""
+    import huggingface_hub.repocard
+    from huggingface_hub.errors import EntryNotFoundError
+
+    asked = []
+
+    def download(repo_id, filename, **kwargs):
+        asked.append(repo_id)
+        if repo_id not in (cards or {}):
+            raise EntryNotFoundError(f"{repo_id} has no {filename}")
+        path = os.path.join(tmp_path, repo_id.replace("/", "--") + ".md")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(cards[repo_id])
+        return path
+
+    monkeypatch.setattr(huggingface_hub.repocard, "hf_hub_download", download)
+    return asked
+
+
 def test_push_to_hub_writes_a_model_card_and_uploads_through_diffusers(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub import ModelCard
 
+    asked = hub_cards(monkeypatch, tmp_path)
     uploads = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id}))
 
@@ -192,7 +214,8 @@ def test_push_to_hub_writes_a_model_card_and_uploads_through_diffusers(tmp_path,
     card = ModelCard.load(tmp_path / "a" / "README.md")
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-video"
     assert "diffused-heads" in card.data.tags and card.data.license == "other"
-    assert "trust_remote_code=True" in card.text
+    assert 'from_pretrained("someone/heads", trust_remote_code=True)' in card.text
+    assert asked == ["someone/heads"]  # diffusers' load_or_create_model_card asked the Hub for its card first
 
     # A folder with a card keeps it; a card given is written as it is.
     (tmp_path / "a" / "README.md").write_text("mine\n")
@@ -203,7 +226,7 @@ def test_push_to_hub_writes_a_model_card_and_uploads_through_diffusers(tmp_path,
 
 
 def test_a_model_made_from_a_folder_carries_its_licence(tmp_path):
-    from diffused_heads.hub.pipeline_diffused_heads import card_license, model_card
+    from diffused_heads.cards import card_license, model_card
 
     (tmp_path / "README.md").write_text(model_card(license="cc-by-nc-sa-4.0", base_model="someone/heads"))
     assert card_license(str(tmp_path)) == "cc-by-nc-sa-4.0"
@@ -215,6 +238,7 @@ def test_a_model_made_from_a_folder_carries_its_licence(tmp_path):
 def test_push_to_hub_uploads_the_card_of_the_folder_it_was_loaded_from(tmp_path, monkeypatch):
     import huggingface_hub
 
+    hub_cards(monkeypatch, tmp_path, {"you/carded": "---\nlicense: mit\n---\n# The Hub's own card\n"})
     uploads = []
     monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id}))
 
@@ -226,8 +250,27 @@ def test_push_to_hub_uploads_the_card_of_the_folder_it_was_loaded_from(tmp_path,
     tiny_pipeline().save_pretrained(tmp_path / "tuned", model_card="the tuned model's card\n")
     DiffusedHeadsPipeline.from_pretrained(tmp_path / "tuned").push_to_hub("you/tuned")
     tiny_pipeline().push_to_hub("you/new")
+    tiny_pipeline().push_to_hub("you/carded")
     assert uploads[0] == ("you/tuned", True, "the tuned model's card\n")
     assert uploads[1][:2] == ("you/new", True) and "library_name: diffusers" in uploads[1][2]
+    # A repository's own card is kept (tagged), as diffusers' push_to_hub keeps it.
+    assert uploads[2][:2] == ("you/carded", True) and "# The Hub's own card" in uploads[2][2]
+    assert "license: mit" in uploads[2][2] and "- diffused-heads" in uploads[2][2]
+
+
+def test_push_to_hub_into_a_subfolder_uploads_there_without_touching_the_card(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    asked = hub_cards(monkeypatch, tmp_path)
+    uploads = []
+    monkeypatch.setattr(huggingface_hub, "create_repo", lambda repo_id, **kw: type("R", (), {"repo_id": repo_id}))
+
+    def upload(self, folder, repo_id, **kwargs):
+        uploads.append((repo_id, kwargs["subfolder"], os.path.exists(os.path.join(folder, "README.md"))))
+
+    monkeypatch.setattr(DiffusedHeadsPipeline, "_upload_folder", upload)
+    tiny_pipeline().push_to_hub("you/many", subfolder="variant-a")
+    assert uploads == [("you/many", "variant-a", False)] and asked == []
 
 
 def test_a_diffusers_that_no_longer_reads_the_index_through_the_hook_is_said_in_one_message(tmp_path, monkeypatch):
@@ -238,12 +281,32 @@ def test_a_diffusers_that_no_longer_reads_the_index_through_the_hook_is_said_in_
         DiffusedHeadsPipeline.from_pretrained(tmp_path)
 
 
+def test_a_load_in_another_thread_does_not_hide_an_unused_hook(tmp_path, monkeypatch):
+    """The hook's reads are counted per `from_pretrained` call (its context), not on the class: another thread
+    reading an index through the hook meanwhile does not make this call's unused hook look used."""
+    import threading
+
+    tiny_pipeline().save_pretrained(tmp_path)
+    plain = DiffusionPipeline._dict_from_json_file.__func__
+    hooked = DiffusedHeadsPipeline._dict_from_json_file
+
+    def plain_while_another_thread_reads(cls, json_file, *args, **kwargs):
+        other = threading.Thread(target=hooked, args=(json_file,))
+        other.start()
+        other.join()
+        return plain(cls, json_file, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusedHeadsPipeline, "_dict_from_json_file", classmethod(plain_while_another_thread_reads))
+    with pytest.raises(RuntimeError, match=r"no longer reads model_index.json"):
+        DiffusedHeadsPipeline.from_pretrained(tmp_path)
+
+
 def test_a_hub_models_licence_is_read_from_its_card_which_is_fetched(tmp_path, monkeypatch):
     """diffusers does not download a model's README.md, so the licence a fine-tune or a student carries on is read
     from the card fetched for it (here a stand-in of the Hub's download); without one it is "other"."""
     import huggingface_hub
 
-    from diffused_heads import runtime
+    from diffused_heads import cards
 
     card = tmp_path / "README.md"
     card.write_text("---\nlicense: cc-by-nc-4.0\n---\n# A model\n")
@@ -252,14 +315,14 @@ def test_a_hub_models_licence_is_read_from_its_card_which_is_fetched(tmp_path, m
     monkeypatch.setattr(
         huggingface_hub, "hf_hub_download", lambda repo, name: fetched.append((repo, name)) or str(card)
     )
-    assert runtime.model_provenance("someone/talking-heads") == ("cc-by-nc-4.0", "someone/talking-heads")
+    assert cards.model_provenance("someone/talking-heads") == ("cc-by-nc-4.0", "someone/talking-heads")
     assert fetched == [("someone/talking-heads", "README.md")]
 
     def offline(repo, name):
         raise OSError("no network")
 
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
-    assert runtime.model_provenance("someone/talking-heads") == ("other", "someone/talking-heads")
+    assert cards.model_provenance("someone/talking-heads") == ("other", "someone/talking-heads")
 
 
 @pytest.mark.parametrize("private", [True, False, None])
@@ -274,6 +337,7 @@ def test_push_to_hub_creates_the_repository_as_private_as_asked(tmp_path, monkey
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(DiffusedHeadsPipeline, "_upload_folder", lambda self, folder, repo_id, **kwargs: None)
+    hub_cards(monkeypatch, tmp_path)
     tiny_pipeline().push_to_hub("you/heads", private=private, token="t")
     tiny_pipeline().save_pretrained(tmp_path / "m", push_to_hub=True, repo_id="you/saved", private=private)
     assert created == [
@@ -285,18 +349,17 @@ def test_push_to_hub_creates_the_repository_as_private_as_asked(tmp_path, monkey
 def test_a_fine_tune_of_a_hub_model_names_it_as_base_model_in_its_card(tmp_path, monkeypatch):
     """`train --init-from someone/heads`: the card's header names the Hub model as `base_model` and keeps its
     licence (read from its card, here a stand-in of the Hub's download)."""
-    import types
 
     import huggingface_hub
     from huggingface_hub import ModelCard
 
-    from diffused_heads import train
+    from diffused_heads.cards import TrainingRun, trained_model_card
 
     card = tmp_path / "README.md"
     card.write_text("---\nlicense: cc-by-nc-4.0\n---\n")
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(card))
-    args = types.SimpleNamespace(
+    run = TrainingRun(
         init_from="someone/heads",
         max_steps=2,
         batch_size=2,
@@ -306,6 +369,6 @@ def test_a_fine_tune_of_a_hub_model_names_it_as_base_model_in_its_card(tmp_path,
         lip_loss_weight=0.2,
     )
     record = {"clips": 2, "minutes": 0.1, "seconds": 3.0, "device": "cpu"}
-    text = train.model_card(args, tiny_pipeline(), record)
+    text = trained_model_card(run, tiny_pipeline(), record)
     data = ModelCard(text).data
     assert data.base_model == "someone/heads" and data.license == "cc-by-nc-4.0"

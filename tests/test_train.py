@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from scipy.stats import norm
 
 from diffused_heads import dataset, make_dataset, train, training
-from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window, model_card
+from diffused_heads.cards import model_card
+from diffused_heads.hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
 from diffused_heads.hub.unet.unet_diffused_heads import DiffusedHeadsUNetModel
 from diffused_heads.training import (
     DiffusionObjective,
@@ -342,7 +343,8 @@ def recorded_run(monkeypatch, clip_folder, output, *extra):
     """Run the training script in one process, recording the data it opens, the batches it makes and what the
     UNet receives."""
     record = {"data": None, "batches": [], "unet_inputs": []}
-    real_open, real_collate, real_forward = train.open_data, training.collate_samples, DiffusedHeadsUNetModel.forward
+    real_open, real_collate = training.open_data, training.collate_samples
+    real_forward = DiffusedHeadsUNetModel.forward
 
     def open_data(*args, **kwargs):
         record["data"] = real_open(*args, **kwargs)
@@ -362,7 +364,7 @@ def recorded_run(monkeypatch, clip_folder, output, *extra):
         )
         return real_forward(self, sample, timestep, identity_frame, motion_frames, audio_context, **kwargs)
 
-    monkeypatch.setattr(train, "open_data", open_data)
+    monkeypatch.setattr(training, "open_data", open_data)
     monkeypatch.setattr(training, "collate_samples", collate)
     monkeypatch.setattr(DiffusedHeadsUNetModel, "forward", forward)
     # (no sample frames: the UNet calls recorded are the training steps' only)
@@ -479,15 +481,27 @@ def test_the_build_script_writes_the_shipped_model_configs(tmp_path):
     import shlex
 
     from diffused_heads import builtin_model_path
-    from diffused_heads.train import build_components, parse_args, pipeline_to_save
+    from diffused_heads.train import parse_args
+    from diffused_heads.training import ModelStart, build_components, pipeline_to_save
 
     with open(os.path.join(ROOT, "make_builtin_model.sh"), encoding="utf-8") as f:
         script = f.read().replace("\\\n", " ")
     [line] = [line for line in script.splitlines() if line.startswith("diffused-heads train ")]
     args = parse_args(shlex.split(line)[2:])
-    unet, encoder, scheduler, defaults = build_components(args)
+    start = ModelStart(**{name: getattr(args, name) for name in ModelStart.__dataclass_fields__})
+    unet, encoder, scheduler, defaults = build_components(start)
     # The longest clip of the data: make-dataset's default --max-seconds, which the script keeps.
-    pipeline_to_save(args, unet, encoder, scheduler, defaults, longest_clip=3.2).save_pretrained(tmp_path)
+    saved = pipeline_to_save(
+        unet,
+        encoder,
+        scheduler,
+        defaults,
+        longest_clip=3.2,
+        sampling_variance=args.sampling_variance,
+        stabilize_every=args.stabilize_every,
+        num_inference_steps=args.inference_steps,
+    )
+    saved.save_pretrained(tmp_path)
     for name in (
         "model_index.json",
         "scheduler/scheduler_config.json",
@@ -546,3 +560,30 @@ def test_the_logged_losses_are_the_mean_over_the_processes_and_each_saves_its_ra
     assert [(r["step"], r["loss"], r["mse"]) for r in log] == [(1, 1.5, 15.0), (2, 1.5, 15.0)]
     saved = os.listdir(tmp_path / "run" / "checkpoint-2")
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(saved), saved
+
+
+def test_report_to_tensorboard_logs_the_same_losses_as_the_json_log(clip_folder, tiny_config, tmp_path):
+    """`--report-to tensorboard` (accelerate's tracker, as diffusers' training examples have it): every logged
+    value of train_log.jsonl is in the TensorBoard log at its step, under its own name."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["--config", str(tiny_config), "--train-audio-encoder", "--max-steps", "2", "--report-to", "tensorboard"]
+    assert run(clip_folder, tmp_path / "out", *common) == 0
+    log = [json.loads(line) for line in open(tmp_path / "out-checkpoints" / "train_log.jsonl")]
+    # (accelerate's TensorBoard tracker writes the run's settings to a folder of their own beside the scalars)
+    boards = [EventAccumulator(root) for root, _, names in os.walk(tmp_path / "out-checkpoints" / "logs") if names]
+    [board] = [b for b in boards if "loss" in b.Reload().Tags()["scalars"]]
+    for name in ("loss", "vlb", "lr"):
+        logged = [(e.step, e.value) for e in board.Scalars(name)]
+        assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in log], name
+
+
+def test_report_to_a_tracker_that_is_not_installed_names_the_package(clip_folder, tiny_config, tmp_path, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed here")
+    common = ["--config", str(tiny_config), "--train-audio-encoder", "--max-steps", "1", "--report-to", "wandb"]
+    assert run(clip_folder, tmp_path / "out", *common) == 1
+    assert "--report-to wandb needs wandb: pip install wandb" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

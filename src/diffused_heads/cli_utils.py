@@ -224,6 +224,9 @@ class ProgressBoard:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+REPORT_CHOICES = ("jsonl", "tensorboard", "wandb", "all")
+
+
 def add_training_options(parser: argparse.ArgumentParser, **defaults) -> None:
     """The options every training command has (data, output, optimisation, checkpoints), with the command's own
     `defaults` (`max_steps=..., learning_rate=...`); see `check_training_options`."""
@@ -255,6 +258,13 @@ def add_training_options(parser: argparse.ArgumentParser, **defaults) -> None:
     p.add_argument("--keep-checkpoints", type=int, default=2, help="how many checkpoints to keep")
     p.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
     p.add_argument("--log-every", type=int, default=25, help="steps between log lines")
+    p.add_argument(
+        "--report-to",
+        choices=REPORT_CHOICES,
+        default="jsonl",
+        help="where the losses go besides train_log.jsonl in the checkpoint folder: TensorBoard (in its logs/ "
+        "folder; the train extra) or Weights & Biases (pip install wandb), through accelerate's trackers",
+    )
     p.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="accelerate precision")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")

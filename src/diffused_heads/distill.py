@@ -23,22 +23,18 @@ import sys
 
 import torch
 
+from .cards import student_model_card
 from .cli_utils import HelpFormatter, add_training_options, check_training_options, run_command
 from .distillation import (
     METHODS,
     DistillationSettings,
     batch_losses,
-    default_student_timesteps,
-    is_student,
+    load_teacher,
     student_scheduler,
-    teacher_grid_of,
 )
-from .errors import ArgumentError
-from .hub.pipeline_diffused_heads import DEFAULT_NUM_INFERENCE_STEPS, DiffusedHeadsPipeline, set_timesteps
-from .hub.pipeline_diffused_heads import model_card as hub_model_card
+from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline, retrieve_timesteps
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
 from .media import FPS
-from .runtime import model_provenance, no_loading_bar, resolve_model
 from .training import (
     LoopSettings,
     TrainingError,
@@ -46,7 +42,6 @@ from .training import (
     TrainingState,
     checkpoint_to_resume,
     frozen_embeddings,
-    load_model,
     make_accelerator,
     open_data,
     run_device,
@@ -124,90 +119,16 @@ def parse_args(argv=None):
     return args
 
 
-def load_teacher(args):
-    """The teacher pipeline, checked: not a student itself, with more steps than the student; the student's
-    timesteps are checked against its grid and resolved in `args.student_timesteps` (None: the sampler's own)."""
-    try:
-        path = resolve_model(args.model or "builtin-ddpm")  # the default model is itself a student
-    except ArgumentError as error:
-        raise TrainingError(f"--model {error.detail}") from None
-    with no_loading_bar():
-        teacher = load_model(path, "--model")
-    if is_student(teacher.scheduler):
-        raise TrainingError(
-            f"--model {args.model} is already a distilled student ({type(teacher.scheduler).__name__}, "
-            f"{teacher.config.get('num_inference_steps')} steps); distil its teacher instead"
-        )
-    teacher_steps = args.teacher_steps or teacher.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
-    if args.student_steps >= teacher_steps:
-        raise TrainingError(
-            f"--student-steps {args.student_steps} must be fewer than the teacher's {teacher_steps} steps per frame"
-        )
-    timesteps = teacher.scheduler.config.num_train_timesteps
-    if timesteps % teacher_steps:
-        raise TrainingError(f"--teacher-steps {teacher_steps} must divide the {timesteps} training timesteps")
-    if args.student_timesteps is None:
-        args.student_timesteps = default_student_timesteps(timesteps, teacher_steps, args.student_steps)
-    elif args.student_timesteps == "even":
-        args.student_timesteps = None  # the student sampler's own
-    else:
-        grid = [int(t) for t in teacher_grid_of(timesteps, teacher_steps)]
-        off = [t for t in args.student_timesteps if t not in grid]
-        if off:
-            raise TrainingError(
-                f"--student-timesteps {off} are not on the teacher's grid of {teacher_steps} steps "
-                f"({', '.join(str(t) for t in reversed(grid))})"
-            )
-    return path, teacher, teacher_steps
-
-
-def model_card(args, teacher_name: str, teacher, teacher_steps: int, record: dict, samples=None) -> str:
-    """The student's README.md: the Hub's YAML header (the teacher's licence, the teacher as `base_model` where it
-    is a Hub id), what it is, how to use it, how it was made."""
-    license, base_model = model_provenance(args.model)
-    k = args.student_steps
-    description = (
-        f"A few-step student of `{teacher_name}`: the same UNet, trained by `diffused-heads distill` (method "
-        f"`{args.method}`) to make each frame in {k} denoising step{'s' if k > 1 else ''} (`LCMScheduler`) instead "
-        f"of the teacher's {teacher_steps}, with its own generated frames as motion frames during training "
-        f"({args.rollout_frames} frames rolled out before each target). Measure it beside its teacher on held-out "
-        "clips with `diffused-heads evaluate --model STUDENT --model TEACHER ...` (lip sync and identity, with 95% "
-        "intervals)."
-    )
-    figures = {
-        "teacher": f"`{teacher_name}` ({teacher_steps} steps per frame, {type(teacher.scheduler).__name__})",
-        "method": f"`{args.method}`",
-        "steps per frame": k,
-        "timesteps": ", ".join(str(t) for t in record["student_timesteps"]),
-        "optimisation steps": f"{record['steps']} of batch {args.batch_size} per process",
-        "learning rate": args.learning_rate,
-        "rollout frames": args.rollout_frames,
-        "data": f"{record['clips']} clips, {record['minutes']:.1f} minutes",
-        "training time": f"{record['seconds'] / 60:.1f} minutes on {record['device']}",
-    }
-    if args.method == "direct":
-        context = "the clip's frames" if args.target_context == "ground-truth" else "the student's rolled-out frames"
-        figures["teacher's target made from"] = context
-    return hub_model_card(
-        f"Diffused Heads, {k}-step student",
-        description,
-        license=license,
-        base_model=base_model,
-        tags=("distillation", "few-step"),
-        steps=k,
-        figures=figures,
-        samples=samples,
-    )
-
-
 def distill(args) -> str:
     if os.path.exists(args.output_dir) and (not os.path.isdir(args.output_dir) or os.listdir(args.output_dir)):
         raise TrainingError(f"--output-dir {args.output_dir} exists already; remove it or choose another folder")
     if args.threads:
         torch.set_num_threads(args.threads)
-    teacher_name, teacher, teacher_steps = load_teacher(args)
+    teacher_name, teacher, teacher_steps, student_timesteps = load_teacher(
+        args.model, args.student_steps, args.teacher_steps, args.student_timesteps
+    )
     checkpoint_to_resume(args.resume, args.checkpoint_dir)  # a wrong --resume is said before the data is read
-    accelerator = make_accelerator(args.mixed_precision)
+    accelerator = make_accelerator(args.mixed_precision, args.report_to, args.checkpoint_dir)
     unet, encoder = teacher.unet, teacher.audio_encoder
     config = unet.config
     history = NUM_MOTION_FRAMES + args.rollout_frames
@@ -226,7 +147,7 @@ def distill(args) -> str:
     )
     stabilize = teacher.config.get("stabilize_every") == 1
     student_sampler = student_scheduler(teacher.scheduler.config, teacher_steps)
-    set_timesteps(student_sampler, args.student_steps, args.student_timesteps)
+    retrieve_timesteps(student_sampler, args.student_steps, timesteps=student_timesteps)
 
     unet.to(accelerator.device).eval().requires_grad_(False)  # the teacher's UNet (teacher.unet)
     student = type(unet).from_config(config)
@@ -262,7 +183,7 @@ def distill(args) -> str:
             trained_clip_seconds=teacher.config.get("trained_clip_seconds"),
             stabilize_every=teacher.config.get("stabilize_every"),
             num_inference_steps=args.student_steps,
-            timesteps=args.student_timesteps,
+            timesteps=student_timesteps,
         )
         os.makedirs(args.output_dir, exist_ok=True)
         samples = None
@@ -290,7 +211,7 @@ def distill(args) -> str:
             json.dump(record, f, indent=2)
             f.write("\n")
         with open(os.path.join(args.output_dir, "README.md"), "w", encoding="utf-8") as f:
-            f.write(model_card(args, teacher_name, teacher, teacher_steps, record, samples))
+            f.write(student_model_card(args.model, teacher, record, samples))
         accelerator.print(f"saved the {args.student_steps}-step student to {args.output_dir}")
     accelerator.end_training()
     return args.output_dir

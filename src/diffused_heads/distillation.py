@@ -30,14 +30,15 @@ Self Forcing and CausVid) instead of only ever seeing ground-truth motion.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from .hub.pipeline_diffused_heads import denoise_frame
+from .errors import ArgumentError
+from .hub.pipeline_diffused_heads import DEFAULT_NUM_INFERENCE_STEPS, denoise_frame
 from .hub.unet.unet_diffused_heads import NUM_MOTION_FRAMES
-from .training import NoiseSchedule, add_lip_loss, lip_box_masks, motion_input
+from .training import NoiseSchedule, TrainingError, add_lip_loss, lip_box_masks, load_model, motion_input
 
 METHODS = ("consistency", "direct")
 
@@ -84,7 +85,7 @@ def default_student_timesteps(num_train_timesteps: int, teacher_steps: int, stud
     The last step then takes a lightly noised copy of the frame the first step made and has fine detail to
     restore; LCMScheduler's evenly spaced timesteps (999 and 499) noise it halfway and leave more to the last step.
     On the built-in model, 150 steps of `direct` distillation reached an identity PSNR of 33.9 dB at 999 and 199
-    against 31.4 dB at 999 and 499 (5 held-out clips; README)."""
+    against 31.4 dB at 999 and 499 (5 held-out clips; docs/distillation.md)."""
     grid = teacher_grid_of(num_train_timesteps, teacher_steps).tolist()
     if student_steps == 1:
         return [grid[-1]]
@@ -330,3 +331,48 @@ def batch_losses(settings: DistillationSettings, accelerator, teacher, teacher_s
             )
 
     return losses_of_batch
+
+
+def load_teacher(
+    model: Optional[str],
+    student_steps: int,
+    teacher_steps: Optional[int] = None,
+    student_timesteps: Union[None, str, List[int]] = None,
+):
+    """The teacher pipeline of `model` (a folder, a Hub id or a built-in name; None: `builtin-ddpm`), checked: not
+    a student itself, with more steps per frame than the student. Returns its name, the pipeline, its steps per
+    frame (`teacher_steps`, else its own) and the student's timesteps: `student_timesteps` checked against the
+    teacher's grid, the default ones when None, and None (the student sampler's own) for "even"."""
+    from .runtime import resolve_model
+
+    try:
+        path = resolve_model(model or "builtin-ddpm")  # the default model is itself a student
+    except ArgumentError as error:
+        raise TrainingError(f"--model {error.detail}") from None
+    teacher = load_model(path, "--model")
+    if is_student(teacher.scheduler):
+        raise TrainingError(
+            f"--model {model} is already a distilled student ({type(teacher.scheduler).__name__}, "
+            f"{teacher.config.get('num_inference_steps')} steps); distil its teacher instead"
+        )
+    teacher_steps = teacher_steps or teacher.config.get("num_inference_steps") or DEFAULT_NUM_INFERENCE_STEPS
+    if student_steps >= teacher_steps:
+        raise TrainingError(
+            f"--student-steps {student_steps} must be fewer than the teacher's {teacher_steps} steps per frame"
+        )
+    timesteps = teacher.scheduler.config.num_train_timesteps
+    if timesteps % teacher_steps:
+        raise TrainingError(f"--teacher-steps {teacher_steps} must divide the {timesteps} training timesteps")
+    if student_timesteps is None:
+        student_timesteps = default_student_timesteps(timesteps, teacher_steps, student_steps)
+    elif student_timesteps == "even":
+        student_timesteps = None  # the student sampler's own
+    else:
+        grid = [int(t) for t in teacher_grid_of(timesteps, teacher_steps)]
+        off = [t for t in student_timesteps if t not in grid]
+        if off:
+            raise TrainingError(
+                f"--student-timesteps {off} are not on the teacher's grid of {teacher_steps} steps "
+                f"({', '.join(str(t) for t in reversed(grid))})"
+            )
+    return path, teacher, teacher_steps, student_timesteps

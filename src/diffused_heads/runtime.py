@@ -63,18 +63,13 @@ def native_bfloat16(device: torch.device) -> bool:
             return False
 
 
-_announced = set()
-
-
 def resolve_dtype(dtype: Union[str, torch.dtype], device: torch.device) -> torch.dtype:
     """The UNet's precision by name; `"auto"` is bfloat16 where the device computes it natively, else float32
-    (said once); float16 only on a GPU."""
+    (said, each time it is chosen); float16 only on a GPU."""
     if dtype == "auto":
         dtype = "bfloat16" if native_bfloat16(device) else "float32"
-        if (dtype, str(device)) not in _announced:
-            _announced.add((dtype, str(device)))
-            reason = "it computes bfloat16 natively" if dtype == "bfloat16" else "it has no native bfloat16"
-            logger.info(f"the UNet runs in {dtype} on this {torch.device(device).type.upper()}: {reason}")
+        reason = "it computes bfloat16 natively" if dtype == "bfloat16" else "it has no native bfloat16"
+        logger.info(f"the UNet runs in {dtype} on this {torch.device(device).type.upper()}: {reason}")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ArgumentError("dtype", f"must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -140,29 +135,6 @@ def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def model_provenance(model: Optional[str]) -> "tuple[str, Optional[str]]":
-    """The licence and the Hub `base_model` that a model trained or distilled from `model` (as given to
-    `resolve_model`) carries on: the licence its model card states ("other" where it states none; the built-in
-    models are the package's, Apache-2.0), and `model` itself as `base_model` where it is a Hub id."""
-    from .hub.pipeline_diffused_heads import card_license
-
-    if model is None or (model in BUILTIN_MODELS and not os.path.exists(model)):
-        return "apache-2.0", None
-    if os.path.isdir(model):
-        return card_license(model), None
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-
-    # diffusers does not download a model's README.md: fetch it (small) unless it is cached.
-    card = try_to_load_from_cache(model, "README.md")
-    if not isinstance(card, str):
-        try:
-            card = hf_hub_download(model, "README.md")
-        except Exception as error:  # no card, no network, a gated repository: the licence is unknown
-            logger.info(f"the model card of {model} could not be read ({type(error).__name__}): licence 'other'")
-            card = None
-    return card_license(os.path.dirname(card) if card else None), model
 
 
 def resolve_model(model: Optional[str]) -> str:
@@ -262,8 +234,8 @@ def load_pipeline(
         # oneDNN's bfloat16 convolutions are faster on channels-last weights (benchmarks/bench_sampling.py)
         torch.nn.Module.to(pipe.unet, memory_format=torch.channels_last)
     pipe.set_progress_bar_config(disable=True)
-    if compile:
-        pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+    if compile:  # in place (nn.Module.compile): the pipeline keeps its own UNet object, config and all
+        pipe.unet.compile(fullgraph=True)
     return with_scheduler(pipe, scheduler)
 
 

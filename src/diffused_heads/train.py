@@ -25,35 +25,30 @@ the end the pipeline (EMA weights where EMA is on) is saved with `save_pretraine
 """
 
 import argparse
-import json
 import os
 import sys
-from typing import Optional
 
 import torch
 
+from . import training
+from .cards import TrainingRun, trained_model_card
 from .cli_utils import HelpFormatter, add_training_options, check_training_options, run_command
-from .hub.pipeline_diffused_heads import DiffusedHeadsPipeline, audio_window
-from .hub.pipeline_diffused_heads import model_card as hub_model_card
 from .media import FPS
-from .runtime import model_provenance, no_loading_bar
 from .training import (
     PRESETS,
     DiffusionObjective,
     LoopSettings,
+    ModelStart,
     TrainingError,
     TrainingFrames,
     TrainingState,
+    build_components,
     check_components,
     checkpoint_to_resume,
+    diffusion_losses,
     frozen_embeddings,
-    lip_box_masks,
-    load_model,
     make_accelerator,
-    model_defaults,
-    motion_input,
-    new_model,
-    open_data,
+    pipeline_to_save,
     run_device,
     training_loop,
     write_sample_sheet,
@@ -123,132 +118,24 @@ def parse_args(argv=None):
     return args
 
 
-def build_components(args):
-    """The UNet, audio encoder and training scheduler a run starts from, and the starting model's defaults."""
-    from diffusers import DDPMScheduler
-
-    if args.init_from:
-        with no_loading_bar():
-            pipe = load_model(args.init_from)
-        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        return pipe.unet, pipe.audio_encoder, scheduler, model_defaults(pipe)
-    if not args.train_audio_encoder:
-        raise TrainingError(
-            "a new model has an untrained audio encoder: pass --train-audio-encoder, or --init-from a pipeline "
-            "whose encoder is trained"
-        )
-    preset = PRESETS[args.preset]
-    if args.config:
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                preset = json.load(f)
-        except (OSError, ValueError) as error:
-            raise TrainingError(f"--config {args.config} could not be read: {error}") from None
-        if not isinstance(preset, dict) or set(preset) - {"unet", "audio_encoder"}:
-            raise TrainingError('--config must hold a JSON object with the keys "unet" and "audio_encoder"')
-    unet, encoder, scheduler = new_model(preset, args.prediction_type, args.seed)
-    return unet, encoder, scheduler, {}
-
-
-def pipeline_to_save(args, unet, encoder, noise_scheduler, defaults: dict, longest_clip: float):
-    """The trained pipeline as it is saved: its components, the scheduler it samples with and the model's own
-    defaults (from the options, else from the starting model)."""
-    from diffusers import DDPMScheduler
-
-    variance = args.sampling_variance or noise_scheduler.config.variance_type
-    return DiffusedHeadsPipeline(
-        unet=unet,
-        audio_encoder=encoder,
-        scheduler=DDPMScheduler.from_config(noise_scheduler.config, variance_type=variance),
-        # The saved model warns about audio longer than what it has seen (or than its starting point had seen).
-        trained_clip_seconds=round(max(longest_clip, defaults.get("trained_clip_seconds") or 0.0), 2),
-        stabilize_every=args.stabilize_every if args.stabilize_every is not None else defaults.get("stabilize_every"),
-        num_inference_steps=args.inference_steps or defaults.get("num_inference_steps"),
-    )
-
-
-def model_card(args, pipe, record: dict, samples: Optional[str] = None) -> str:
-    """The trained model's README.md: the Hub's YAML header (a fine-tune keeps its starting model's licence and
-    names it as `base_model` where it is a Hub id; a new model's licence is "other" until its owner sets it),
-    what it is, how to use it, how it was trained."""
-    if args.init_from:
-        license, base_model = model_provenance(args.init_from)
-        made = f"fine-tuned from `{args.init_from}`"
-    else:
-        license, base_model = "other", None
-        made = f"trained from scratch (preset `{args.preset}`{', ' + args.config if args.config else ''})"
-    steps = pipe.config.get("num_inference_steps")
-    description = (
-        f"A Diffused Heads model {made} by `diffused-heads train` on {record['clips']} clips "
-        f"({record['minutes']:.1f} minutes). Measure it on held-out clips with `diffused-heads evaluate --model "
-        "THIS_FOLDER ...` (lip sync and identity, with 95% intervals)."
-    )
-    if not args.init_from:
-        description += " Set the licence in this card's header to the one your training data allows."
-    figures = {
-        "optimisation steps": f"{args.max_steps} of batch {args.batch_size} per process",
-        "learning rate": args.learning_rate,
-        "layers trained": args.train_layers + (" and the audio encoder" if args.train_audio_encoder else ""),
-        "lip-loss weight": args.lip_loss_weight,
-        "sampler": f"{type(pipe.scheduler).__name__}, {steps or 'the default'} steps per frame",
-        "training time": f"{record['seconds'] / 60:.1f} minutes on {record['device']}",
-    }
-    tags = ("fine-tuned",) if args.init_from else ()
-    return hub_model_card(
-        "Diffused Heads",
-        description,
-        license=license,
-        base_model=base_model,
-        tags=tags,
-        steps=steps,
-        figures=figures,
-        samples=samples,
-    )
-
-
-def diffusion_losses(objective: DiffusionObjective, accelerator, train_audio_encoder: bool):
-    """The training step's losses of a batch: the target frame noised at a random timestep, the UNet's prediction
-    from it, and the objective."""
-
-    def losses_of_batch(batch, generator, models):
-        unet = models["unet"]
-        device = accelerator.device
-        config = accelerator.unwrap_model(unet).config
-        size, context = config.sample_size, config.audio_context
-        x_start = batch["x_start"].to(device)
-        identity = batch["identity"].to(device)
-        motion = batch["motion"].to(device)
-        motion = motion_input(motion[:, 0], motion[:, 1], config.motion_frame_channels)
-        if train_audio_encoder:  # one encoder pass per distinct clip of the batch
-            encoder = models["audio_encoder"]
-            waveforms = {c: w for c, w in zip(batch["clip"], batch["waveforms"])}
-            embeddings = {c: encoder(w[None].to(device)).audio_embeddings[0] for c, w in sorted(waveforms.items())}
-            audio = torch.stack(
-                [audio_window(embeddings[c], t, context) for c, t in zip(batch["clip"], batch["target"])]
-            )
-        else:
-            audio = batch["audio"][:, -1].to(device)
-        noise = torch.randn(x_start.shape, generator=generator).to(device)
-        timesteps = torch.randint(objective.num_train_timesteps, (len(x_start),), generator=generator).to(device)
-        x_t = objective.add_noise(x_start, noise, timesteps)
-        mask = lip_box_masks(batch["boxes"], size).to(device) if batch["boxes"] is not None else None
-        with accelerator.autocast():
-            output = unet(x_t, timesteps, identity, motion, audio).sample
-        return objective(output, noise, x_start, x_t, timesteps, mask)
-
-    return losses_of_batch
-
-
 def train(args) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
-    accelerator = make_accelerator(args.mixed_precision)
-    unet, encoder, noise_scheduler, defaults = build_components(args)
+    accelerator = make_accelerator(args.mixed_precision, args.report_to, args.checkpoint_dir)
+    start = ModelStart(
+        init_from=args.init_from,
+        preset=args.preset,
+        config=args.config,
+        prediction_type=args.prediction_type,
+        seed=args.seed,
+        train_audio_encoder=args.train_audio_encoder,
+    )
+    unet, encoder, noise_scheduler, defaults = build_components(start)
     check_components(unet, encoder)
     size, context = unet.config.sample_size, unet.config.audio_context
     checkpoint_to_resume(args.resume, args.checkpoint_dir)  # a wrong --resume is said before the data is read
     os.makedirs(args.checkpoint_dir, exist_ok=True)
-    data = open_data(args.data, args.split, args.checkpoint_dir, size, accelerator)
+    data = training.open_data(args.data, args.split, args.checkpoint_dir, size, accelerator)
     frame_counts = [c.frames for c in data.clips]
     with_boxes = sum(data.has_mouth_boxes(c) for c in data.clips)
     accelerator.print(
@@ -284,7 +171,16 @@ def train(args) -> str:
     )
     if accelerator.is_main_process:
         unet, encoder = trained["unet"].to("cpu"), trained["audio_encoder"].to("cpu")
-        pipe = pipeline_to_save(args, unet, encoder, noise_scheduler, defaults, longest_clip)
+        pipe = pipeline_to_save(
+            unet,
+            encoder,
+            noise_scheduler,
+            defaults,
+            longest_clip,
+            sampling_variance=args.sampling_variance,
+            stabilize_every=args.stabilize_every,
+            num_inference_steps=args.inference_steps,
+        )
         record = {
             "clips": len(data.clips),
             "minutes": sum(frame_counts) / FPS / 60,
@@ -295,7 +191,8 @@ def train(args) -> str:
         samples = None
         if args.sample_frames:
             samples = write_sample_sheet(pipe.to(accelerator.device), data, args.output_dir, args.sample_frames)
-        pipe.save_pretrained(args.output_dir, model_card=model_card(args, pipe, record, samples))
+        run = TrainingRun(**{name: getattr(args, name) for name in TrainingRun.__dataclass_fields__})
+        pipe.save_pretrained(args.output_dir, model_card=trained_model_card(run, pipe, record, samples))
         accelerator.print(f"saved the pipeline to {args.output_dir}")
     accelerator.end_training()
     return args.output_dir

@@ -482,15 +482,23 @@ MODEL_DEFAULTS = ("trained_clip_seconds", "stabilize_every", "num_inference_step
 
 
 def load_model(folder: str, flag: str = "--init-from") -> DiffusedHeadsPipeline:
-    """A saved pipeline to start from (a folder or a Hub id), on the CPU in float32."""
+    """A saved pipeline to start from (a folder or a Hub id), on the CPU in float32 (loaded without diffusers'
+    loading bar: the run shows its own progress)."""
+    from diffusers.utils import logging as diffusers_logging
+
     local = os.path.isabs(folder) or folder.startswith(".") or os.path.exists(folder)
     if local and not os.path.isdir(folder):
         raise TrainingError(f"{flag} {folder} could not be loaded: no such folder")
+    bar_was_on = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
     try:
         return DiffusedHeadsPipeline.from_pretrained(folder)
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())
         raise TrainingError(f"{flag} {folder} could not be loaded: {reason}") from None
+    finally:
+        if bar_was_on:
+            diffusers_logging.enable_progress_bar()
 
 
 def model_defaults(pipe: DiffusedHeadsPipeline) -> dict:
@@ -604,18 +612,50 @@ class LoopSettings:
     seed: int = 0
     num_workers: int = 0
     motion_dropout: float = 0.0
+    report_to: str = "jsonl"  # besides the JSON-lines log: "tensorboard", "wandb" or "all" (accelerate's trackers)
 
     @classmethod
     def from_args(cls, args) -> "LoopSettings":
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)})
 
 
-def make_accelerator(mixed_precision: str = "no"):
-    """accelerate's `Accelerator` for a run; without a GPU the processes of `accelerate launch` talk over gloo
-    (accelerate's multi-CPU mode)."""
-    from accelerate import Accelerator
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
-    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+def tracker_config(settings: "LoopSettings") -> dict:
+    """The run's settings as accelerate's trackers record them (numbers, text and booleans only)."""
+    fields = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
+    return {k: v for k, v in fields.items() if isinstance(v, (int, float, str, bool))}
+
+
+def make_accelerator(mixed_precision: str = "no", report_to: str = "jsonl", checkpoint_dir: Optional[str] = None):
+    """accelerate's `Accelerator` for a run; without a GPU the processes of `accelerate launch` talk over gloo
+    (accelerate's multi-CPU mode). `report_to` other than "jsonl" adds accelerate's trackers ("tensorboard" logs
+    to `checkpoint_dir/logs`, "wandb", "all" of them), as diffusers' training examples have them; a tracker whose
+    package is missing is an error that names it."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
+
+    if report_to not in ("jsonl", "tensorboard", "wandb", "all"):
+        raise TrainingError(f"--report-to must be jsonl, tensorboard, wandb or all, got {report_to!r}")
+    wanted = {"jsonl": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
+    missing = [name for name in wanted if not available[name]]
+    if missing:
+        raise TrainingError(
+            f"--report-to {report_to} needs {' and '.join(TRACKER_PACKAGES[m] for m in missing)}: pip install "
+            + " ".join(TRACKER_PACKAGES[m] for m in missing)
+            + ("" if missing != ["tensorboard"] else ' (or the train extra: "diffused-heads-diffusers[train]")')
+        )
+    project = None
+    if checkpoint_dir is not None:
+        project = ProjectConfiguration(project_dir=checkpoint_dir, logging_dir=os.path.join(checkpoint_dir, "logs"))
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=wanted or None,
+        project_config=project,
+    )
 
 
 def frozen_embeddings(encoder, data: PreparedDataset, checkpoint_dir: str, accelerator) -> str:
@@ -669,6 +709,7 @@ def prepare_run(
     model, the checkpoint resumed from, if any, and with `ema_targets` each model's target network. Everything the
     run holds is then on `accelerator.device`: `tensors_off_device` finds what is not, and a run with any refuses to
     start."""
+    from accelerate.utils import set_seed
     from diffusers.training_utils import EMAModel
 
     parameters = [p for model in models.values() for p in model.parameters() if p.requires_grad]
@@ -677,8 +718,9 @@ def prepare_run(
     if ema_targets and not settings.ema_decay:
         raise TrainingError("this method needs an EMA of the weights as its target: --ema-decay above 0")
     resume_from = checkpoint_to_resume(settings.resume, settings.checkpoint_dir)
-    # Dropout draws from the global generator: seeded per process here, restored from a checkpoint on resuming.
-    torch.manual_seed(settings.seed * 1000 + accelerator.process_index)
+    # Dropout draws from the global generators: seeded per process here (accelerate's `set_seed` with
+    # `device_specific`: the seed plus the process index), restored from a checkpoint on resuming.
+    set_seed(settings.seed, device_specific=True)
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     lr_scheduler = learning_rate_schedule(
         optimizer, settings.lr_warmup_steps, settings.max_steps, accelerator.num_processes
@@ -794,6 +836,8 @@ def training_loop(
     for name in trained:
         models[name].train()
     log_path = os.path.join(settings.checkpoint_dir, "train_log.jsonl")
+    if settings.report_to != "jsonl":
+        accelerator.init_trackers(f"diffused-heads-{description}", config=tracker_config(settings))
     progress = tqdm(
         total=settings.max_steps, initial=state.step, desc=description, disable=not accelerator.is_main_process
     )
@@ -830,6 +874,7 @@ def training_loop(
             if accelerator.is_main_process:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=state.step)
         if state.step % settings.checkpoint_every == 0 or state.step == settings.max_steps:
             accelerator.wait_for_everyone()
             # Every process saves: the models once (by the main process), each process its own random states.
@@ -852,3 +897,102 @@ def training_loop(
         result[name] = model
     accelerator.print(f"{description}: {state.step} steps ({state.seconds:.0f} s)")
     return result
+
+
+@dataclass
+class ModelStart:
+    """What a training run starts from: a saved model (`init_from`), or a new one of a preset size (or of the
+    `config` file's sizes) with its own prediction type."""
+
+    init_from: Optional[str] = None
+    preset: str = "tiny"
+    config: Optional[str] = None  # a JSON file: {"unet": {...}, "audio_encoder": {...}}
+    prediction_type: str = "epsilon"
+    seed: int = 0
+    train_audio_encoder: bool = False
+
+
+def build_components(start: ModelStart):
+    """The UNet, audio encoder and training scheduler a run starts from, and the starting model's defaults."""
+    from diffusers import DDPMScheduler
+
+    if start.init_from:
+        pipe = load_model(start.init_from)
+        scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        return pipe.unet, pipe.audio_encoder, scheduler, model_defaults(pipe)
+    if not start.train_audio_encoder:
+        raise TrainingError(
+            "a new model has an untrained audio encoder: pass --train-audio-encoder, or --init-from a pipeline "
+            "whose encoder is trained"
+        )
+    preset = PRESETS[start.preset]
+    if start.config:
+        try:
+            with open(start.config, encoding="utf-8") as f:
+                preset = json.load(f)
+        except (OSError, ValueError) as error:
+            raise TrainingError(f"--config {start.config} could not be read: {error}") from None
+        if not isinstance(preset, dict) or set(preset) - {"unet", "audio_encoder"}:
+            raise TrainingError('--config must hold a JSON object with the keys "unet" and "audio_encoder"')
+    unet, encoder, scheduler = new_model(preset, start.prediction_type, start.seed)
+    return unet, encoder, scheduler, {}
+
+
+def pipeline_to_save(
+    unet,
+    encoder,
+    noise_scheduler,
+    defaults: dict,
+    longest_clip: float,
+    sampling_variance: Optional[str] = None,
+    stabilize_every: Optional[int] = None,
+    num_inference_steps: Optional[int] = None,
+):
+    """The trained pipeline as it is saved: its components, the scheduler it samples with (`sampling_variance`:
+    the variance type it samples with, else the training scheduler's) and the model's own defaults (as given,
+    else from the starting model)."""
+    from diffusers import DDPMScheduler
+
+    variance = sampling_variance or noise_scheduler.config.variance_type
+    return DiffusedHeadsPipeline(
+        unet=unet,
+        audio_encoder=encoder,
+        scheduler=DDPMScheduler.from_config(noise_scheduler.config, variance_type=variance),
+        # The saved model warns about audio longer than what it has seen (or than its starting point had seen).
+        trained_clip_seconds=round(max(longest_clip, defaults.get("trained_clip_seconds") or 0.0), 2),
+        stabilize_every=stabilize_every if stabilize_every is not None else defaults.get("stabilize_every"),
+        num_inference_steps=num_inference_steps or defaults.get("num_inference_steps"),
+    )
+
+
+def diffusion_losses(objective: DiffusionObjective, accelerator, train_audio_encoder: bool):
+    """The training step's losses of a batch: the target frame noised at a random timestep, the UNet's prediction
+    from it, and the objective."""
+
+    def losses_of_batch(batch, generator, models):
+        unet = models["unet"]
+        device = accelerator.device
+        config = accelerator.unwrap_model(unet).config
+        size, context = config.sample_size, config.audio_context
+        x_start = batch["x_start"].to(device)
+        identity = batch["identity"].to(device)
+        motion = batch["motion"].to(device)
+        motion = motion_input(motion[:, 0], motion[:, 1], config.motion_frame_channels)
+        if train_audio_encoder:  # one encoder pass per distinct clip of the batch
+            encoder = models["audio_encoder"]
+            waveforms = {c: w for c, w in zip(batch["clip"], batch["waveforms"])}
+            embeddings = {c: encoder(w[None].to(device)).audio_embeddings[0] for c, w in sorted(waveforms.items())}
+            audio = torch.stack(
+                [audio_window(embeddings[c], t, context) for c, t in zip(batch["clip"], batch["target"])]
+            )
+        else:
+            audio = batch["audio"][:, -1].to(device)
+        noise = torch.randn(x_start.shape, generator=generator).to(device)
+        timesteps = torch.randint(objective.num_train_timesteps, (len(x_start),), generator=generator).to(device)
+        x_t = objective.add_noise(x_start, noise, timesteps)
+        mask = lip_box_masks(batch["boxes"], size).to(device) if batch["boxes"] is not None else None
+        with accelerator.autocast():
+            output = unet(x_t, timesteps, identity, motion, audio).sample
+        return objective(output, noise, x_start, x_t, timesteps, mask)
+
+    return losses_of_batch
