@@ -384,3 +384,60 @@ def test_the_first_pass_follows_one_face_splits_at_a_cut_and_says_what_it_leaves
     )
     detection, dropped = detect_and_follow(reader(frames[-2:] * 5), 100, "a.mp4", 2, 5)
     assert detection is None and dropped == [{"source": "a.mp4", "reason": "no face: none found"}]
+
+
+def test_holding_back_a_loggers_warnings_leaves_other_threads_and_the_level_alone():
+    """While one video's silence is said as a reason (video_preparation holds back `media`'s own warning about
+    it), another thread's warnings from the same logger still pass, and the logger's level is not touched."""
+    import logging
+    import threading
+
+    from diffused_heads.video_preparation import _quiet
+
+    from helpers import logged
+
+    media_logger = logging.getLogger("diffused_heads.media")
+    level = media_logger.level
+    with logged() as messages:
+        with _quiet("diffused_heads.media"):
+            media_logger.warning("this thread's, held back")
+            other = threading.Thread(target=media_logger.warning, args=("another thread's",))
+            other.start()
+            other.join()
+            assert media_logger.level == level
+        media_logger.warning("after")
+    assert messages == ["warning: another thread's", "warning: after"]
+
+
+def test_a_video_that_ends_early_in_the_last_pass_leaves_no_partial_clip_and_says_so(
+    raw, tmp_path, monkeypatch, capsys
+):
+    """A stream that decodes fewer frames in the writing pass than in the passes before: the clip it cuts short is
+    not kept (no `.partial` folder stays behind) and is left out with its reason in the manifest."""
+    from diffused_heads import video_preparation
+
+    real = video_preparation.read_frames
+
+    def shorter_in_the_last_pass(path):
+        read, passes = real(path), []
+
+        def reader(limit):
+            passes.append(limit)
+            for index, shown, frame in read(limit):
+                if len(passes) == 3 and index == 20:  # the third pass (writing) ends at frame 20
+                    return
+                yield index, shown, frame
+
+        return reader
+
+    monkeypatch.setattr(video_preparation, "read_frames", shorter_in_the_last_pass)
+    source = tmp_path / "raw"
+    source.mkdir()
+    shutil.copy(raw / "anna" / "moving.mp4", source / "moving.mp4")
+    assert prepare(source, tmp_path / "data") == 1  # its only clip is gone: no usable clips, said as an error
+    [record] = [json.loads(p.read_text()) for p in (tmp_path / "data" / "records").rglob("*.json")]
+    assert record["clips"] == []
+    [reason] = [d["reason"] for d in record["dropped"]]
+    assert reason.startswith("ended early: frames 0-50 were not reached in the last pass")
+    assert os.listdir(tmp_path / "data" / "clips") == []
+    assert "1 part(s) left out (ended early: 1)" in capsys.readouterr().err

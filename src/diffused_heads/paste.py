@@ -12,7 +12,9 @@ photo, at the photo's own size:
   shows: the person is filled from the surrounding background once (a push-pull fill), so no ghost of the
   original head remains. Away from the generated person the fill covers the old person's soft edge too (a mask
   is never sure there); next to it the photo's own edge stays, so a head that did not move is the photo.
-- The head's colour is matched to the photo's person along the seam (one offset per channel).
+- The head's colour is matched to the photo's person along the seam (one offset per channel). The photo's person
+  is known from the identity frame's person mask (`identity_mask`, which `paste_back_for` passes): without one
+  there is no person to match and the colours are left as they are.
 
 The generated face has the model's resolution (128 px for the released model): pasted into a photo where the head
 is 400 px it is enlarged about three times (bicubic), and is softer than the photo around it. So that the outline
@@ -180,12 +182,12 @@ class PasteBack:
 
     # --- pasting ---
 
-    def _to_box(self, image: torch.Tensor, size: Optional[int] = None) -> torch.Tensor:
-        """`(C, S, S)` crop-space values resampled at the box's pixels (bicubic; 0 outside the crop)."""
-        size = size or self.crop_size
-        scale = size / self.crop_size
+    def _to_box(self, image: torch.Tensor) -> torch.Tensor:
+        """`(C, s, s)` crop-space values, at any size `s`, resampled at the box's pixels (bicubic; the border's
+        values outside the crop). The crop's coordinates are normalised (`grid_sample`'s [-1, 1]), so the frame's
+        own size does not enter."""
         crop_x, crop_y = self.crop_xy
-        grid = np.stack([2 * crop_x * scale / size - 1, 2 * crop_y * scale / size - 1], axis=-1)
+        grid = np.stack([2 * crop_x / self.crop_size - 1, 2 * crop_y / self.crop_size - 1], axis=-1)
         grid = torch.from_numpy(grid.astype(np.float32))[None]
         return F.grid_sample(image[None], grid, mode="bicubic", padding_mode="border", align_corners=False)[0]
 
@@ -230,9 +232,9 @@ class PasteBack:
         pixels = torch.stack([pixels[0], torch.where(near, spill_free, pixels[1]), pixels[2]])
         mask = _erode(mask, max(1, round(2 * size / 128)))
         mask = _blur(mask[None], 0.6 * size / 128)[0]
-        head = self._to_box(pixels, size).clamp(0.0, 1.0)
+        head = self._to_box(pixels).clamp(0.0, 1.0)
         band = mask * (2.0 * (1.0 - _blur(mask[None], 0.5 * SHARPNESS_BAND * size)[0])).clamp(0.0, 1.0)
-        weight, band, person_near = self._to_box(torch.stack([mask, band, person_near]), size).clamp(0.0, 1.0)
+        weight, band, person_near = self._to_box(torch.stack([mask, band, person_near])).clamp(0.0, 1.0)
         return head, weight * self.border, band, person_near
 
     def __call__(self, frame) -> np.ndarray:
@@ -252,8 +254,9 @@ class PasteBack:
             cover = torch.maximum(self.hole, self.cover * (1.0 - person_near))
             base = photo * (1 - cover) + self.plate * cover
         # One colour offset per channel, measured where the head and the photo's person overlap near the seam.
-        seam = (weight > 0.2) & (weight < 0.98) & (self.hole > 0.5) if self.plate is not None else weight < 0
-        if int(seam.sum()) > 20:
+        if self.plate is not None:  # (without the photo's person mask there is nothing to match: see the docstring)
+            seam = (weight > 0.2) & (weight < 0.98) & (self.hole > 0.5)
+        if self.plate is not None and int(seam.sum()) > 20:
             offset = (photo[:, seam] - head[:, seam]).mean(dim=1).clamp(-0.1, 0.1)
             head = (head + offset[:, None, None]).clamp(0.0, 1.0)
         detail = self.photo_detail(frame.shape[0])

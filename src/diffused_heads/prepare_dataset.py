@@ -33,7 +33,7 @@ import numpy as np
 
 from .cli_utils import HelpFormatter, ProgressBoard, add_face_options, parse_colour, run_command
 from .errors import ArgumentError, MediaError
-from .video_preparation import VideoPreparer
+from .video_preparation import PreparationSettings, VideoPreparer
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,20 @@ def run(args) -> int:
     bar = None
     if state.is_main_process:
         bar = tqdm(total=len(pending), unit="video", desc="prepare-dataset", dynamic_ncols=True)
-    prepare = VideoPreparer(args, template, parse_colour(args.background))
+    settings = PreparationSettings(
+        output=args.output,
+        size=args.size,
+        scale=args.scale,
+        min_seconds=args.min_seconds,
+        max_gap=args.max_gap,
+        smoothing=args.smoothing,
+        background=parse_colour(args.background),
+        keep_background=args.keep_background,
+        everyone=args.everyone,
+        segmenter=args.segmenter,
+        speaker_from=args.speaker_from,
+    )
+    prepare = VideoPreparer(settings, template)
     done, frames = 0, 0
     started = time.perf_counter()
     with state.split_between_processes(pending) as mine:

@@ -14,9 +14,11 @@ left out, why.
 """
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, List, Optional, Tuple
 
@@ -67,14 +69,19 @@ def scene_cuts(changes: List[float]) -> List[int]:
 
 @contextlib.contextmanager
 def _quiet(name: str):
-    """The warnings of one logger held back meanwhile."""
+    """The warnings of one logger that this thread makes held back meanwhile (other threads', and errors, still
+    pass; the logger's level is left alone)."""
+    thread = threading.get_ident()
+
+    def allowed(record: logging.LogRecord) -> bool:
+        return record.thread != thread or record.levelno >= logging.ERROR
+
     named = logging.getLogger(name)
-    level = named.level
-    named.setLevel(logging.ERROR)
+    named.addFilter(allowed)
     try:
         yield
     finally:
-        named.setLevel(level)
+        named.removeFilter(allowed)
 
 
 def loudness_dbfs(waveform: np.ndarray) -> float:
@@ -201,21 +208,34 @@ def align_and_smooth(
 
 
 @dataclass
-class WriteSettings:
-    output: str
-    size: int
-    background: tuple
-    keep_background: bool
-    everyone: bool
-    segmenter: str
-    speaker_from: str
+class PreparationSettings:
+    """The options of a `prepare-dataset` run that shape each video's clips."""
+
+    output: str  # the prepared dataset's folder
+    size: int = 128  # frame size in pixels
+    scale: float = 1.0  # the face's size against the model's template
+    min_seconds: float = 1.0  # shorter parts are left out
+    max_gap: int = 5  # frames a face may be missing before the clip is split
+    smoothing: float = 0.0  # of the alignment over time (see `align_and_smooth`)
+    background: Optional[tuple] = None  # the colour behind the person (RGB); None: the template's green
+    keep_background: bool = False
+    everyone: bool = False
+    segmenter: str = "general"
+    speaker_from: str = "folder"
 
 
 def write_clips(
-    read: FrameReader, detection: Detection, plans: List[Plan], waveform: np.ndarray, relative: str, settings
-) -> List[dict]:
+    read: FrameReader,
+    detection: Detection,
+    plans: List[Plan],
+    waveform: np.ndarray,
+    relative: str,
+    settings: PreparationSettings,
+) -> Tuple[List[dict], List[dict]]:
     """Pass 4: every part's aligned frames written as they are made (a part cut short by an error leaves
-    nothing), with its speech and mouth boxes; the manifest entries of the clips."""
+    nothing), with its speech and mouth boxes. Returns the manifest entries of the clips and the parts left out:
+    those the video no longer reached in this pass (a stream that decodes fewer frames than it did in the passes
+    before), each with its reason."""
     from . import dataset
     from .faces import MESH_INDICES, FaceModels, FoundFace, align_frame, box_corners, face_mesh, landmark_speed
 
@@ -270,7 +290,19 @@ def write_clips(
         if writer is not None:
             writer.abort()
         raise
-    return clips
+    if writer is not None:  # the video ended inside this part: nothing of it is kept
+        writer.abort()
+    made = {clip["start_frame"] for clip in clips}
+    dropped = [
+        left_out(
+            relative,
+            f"ended early: frames {p.segment.start}-{p.segment.end} were not reached in the last pass (the video "
+            "decoded fewer frames than in the passes before)",
+        )
+        for p in plans
+        if p.segment.start not in made
+    ]
+    return clips, dropped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,22 +325,15 @@ def read_frames(path: str) -> FrameReader:
 class VideoPreparer:
     """Prepares one video at a time with the options of a `prepare-dataset` run (see `prepare_dataset`)."""
 
-    def __init__(self, args, template, background: Optional[tuple] = None):
-        """`background`: the colour behind the person (RGB), else the template's green."""
-        self.args = args
-        self.size = args.size
+    def __init__(self, settings: PreparationSettings, template):
+        """`template`: where the model wants the face (`faces.IdentityTemplate`), and its green."""
+        if settings.background is None:
+            settings = dataclasses.replace(settings, background=tuple(template.background))
+        self.settings = settings
+        self.size = settings.size
         centre = np.array([self.size / 2, self.size / 2])
-        self.target = centre + (template.scaled(self.size) - centre) * args.scale
-        self.min_frames = max(3, int(round(args.min_seconds * FPS)))
-        self.settings = WriteSettings(
-            output=args.output,
-            size=args.size,
-            background=background or tuple(template.background),
-            keep_background=args.keep_background,
-            everyone=args.everyone,
-            segmenter=args.segmenter,
-            speaker_from=args.speaker_from,
-        )
+        self.target = centre + (template.scaled(self.size) - centre) * settings.scale
+        self.min_frames = max(3, int(round(settings.min_seconds * FPS)))
 
     def __call__(self, raw: str, relative: str) -> Tuple[List[dict], List[dict]]:
         """The clips made from a video and the parts left out, each `{"source", "reason"}`."""
@@ -335,12 +360,13 @@ class VideoPreparer:
 
     def video(self, path: str, relative: str, waveform: np.ndarray, audio_frames: int):
         read = read_frames(path)
-        detection, dropped = detect_and_follow(read, audio_frames, relative, self.args.max_gap, self.min_frames)
+        detection, dropped = detect_and_follow(read, audio_frames, relative, self.settings.max_gap, self.min_frames)
         if detection is None:
             return [], dropped
         meshes = mesh_faces(read, detection.segments)
-        plans, more = align_and_smooth(detection, meshes, self.target, self.args.smoothing, self.size, relative)
+        plans, more = align_and_smooth(detection, meshes, self.target, self.settings.smoothing, self.size, relative)
         dropped += more
         if not plans:
             return [], dropped
-        return write_clips(read, detection, plans, waveform, relative, self.settings), dropped
+        clips, cut_short = write_clips(read, detection, plans, waveform, relative, self.settings)
+        return clips, dropped + cut_short
