@@ -430,6 +430,42 @@ MUTATIONS: List[Mutation] = [
         "save_frame(frame, args.save_frames, output.frame_index, size=args.size)",
         ("tests/test_paste.py", "-k", "saved_frames"),
     ),
+    # diffusers' and accelerate's helpers
+    Mutation(
+        "training: only torch seeded, not through accelerate's set_seed",
+        PACKAGE + "training.py",
+        "set_seed(settings.seed, device_specific=True)",
+        "torch.manual_seed(settings.seed)",
+        ("tests/test_devices.py", "-k", "seeds"),
+    ),
+    Mutation(
+        "training: --report-to reaches no tracker",
+        PACKAGE + "training.py",
+        "log_with=wanted or None,",
+        "log_with=None,",
+        ("tests/test_train.py", "-k", "report_to_tensorboard"),
+    ),
+    Mutation(
+        "pipeline: custom timesteps passed to a scheduler that cannot take them",
+        PIPELINE,
+        "if not accepts_timesteps(scheduler):",
+        "if False:",
+        ("tests/test_sampler.py", "-k", "retrieve_timesteps"),
+    ),
+    Mutation(
+        "saving: a push into a subfolder replaces the repository's card",
+        PIPELINE,
+        "if not subfolder and not os.path.exists(readme):",
+        "if not os.path.exists(readme):",
+        ("tests/test_save_load.py", "-k", "subfolder"),
+    ),
+    Mutation(
+        "preparation: a clip cut short by an early end left as .partial",
+        PACKAGE + "video_preparation.py",
+        "if writer is not None:  # the video ended inside this part: nothing of it is kept",
+        "if False:  # the video ended inside this part: nothing of it is kept",
+        ("tests/test_prepare_dataset.py", "-k", "ends_early"),
+    ),
 ]
 
 
