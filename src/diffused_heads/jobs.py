@@ -4,15 +4,12 @@ planned into batches, and each batch generated with every clip's frames written 
 
 import csv
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
 from typing import Callable, List, Optional
 
 from .errors import ArgumentError
-
-logger = logging.getLogger(__name__)
 
 JOB_FIELDS = ("image", "audio", "output", "seed", "frame", "steps", "scheduler", "paste_back")
 YES, NO = ("1", "true", "yes", "y"), ("0", "false", "no", "n")

@@ -619,9 +619,6 @@ class LoopSettings:
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)})
 
 
-TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
-
-
 def tracker_config(settings: "LoopSettings") -> dict:
     """The run's settings as accelerate's trackers record them (numbers, text and booleans only)."""
     fields = {name: getattr(settings, name) for name in settings.__dataclass_fields__}
@@ -641,12 +638,10 @@ def make_accelerator(mixed_precision: str = "no", report_to: str = "jsonl", chec
     wanted = {"jsonl": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
     available = {"tensorboard": is_tensorboard_available(), "wandb": is_wandb_available()}
     missing = [name for name in wanted if not available[name]]
-    if missing:
-        raise TrainingError(
-            f"--report-to {report_to} needs {' and '.join(TRACKER_PACKAGES[m] for m in missing)}: pip install "
-            + " ".join(TRACKER_PACKAGES[m] for m in missing)
-            + ("" if missing != ["tensorboard"] else ' (or the train extra: "diffused-heads-diffusers[train]")')
-        )
+    if missing:  # (each tracker's package has the tracker's name)
+        extra = ' (or the train extra: "diffused-heads-diffusers[train]")' if "tensorboard" in missing else ""
+        needs = f"{' and '.join(missing)}: pip install {' '.join(missing)}{extra}"
+        raise TrainingError(f"--report-to {report_to} needs {needs}")
     project = None
     if checkpoint_dir is not None:
         project = ProjectConfiguration(project_dir=checkpoint_dir, logging_dir=os.path.join(checkpoint_dir, "logs"))
