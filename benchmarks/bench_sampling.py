@@ -177,7 +177,16 @@ def main():
     parser.add_argument(
         "--student", type=int, metavar="K", help="also time a K-step student (LCMScheduler) on the fast path"
     )
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="the whole table in one run: the fast path in float16 and bfloat16, eager and compiled, each as the "
+        "teacher (--steps) and as a --student K (default 2) samples; with --full on a GPU, the released size's table "
+        "(meant for a GPU: most CPUs compute float16 slowly, and compiling takes minutes there)",
+    )
     args = parser.parse_args()
+    if args.table and not args.student:
+        args.student = 2
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config = {} if (device.type == "cuda" or args.full) else SMALL
@@ -212,43 +221,49 @@ def main():
                 pipe, identities, audios, latents, args.steps, False, device, args.repeats
             )
             memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-            rows.append(("baseline fp32 eager", baseline_time, memory, baseline_frames, args.steps))
+            rows.append(("baseline fp32 eager", baseline_time, memory, baseline_frames, args.steps, torch.float32))
         finally:
             AttentionBlock.forward = original_forward
 
-    dtype = getattr(torch, args.dtype)
-    fast_unet = DiffusedHeadsUNetModel(**config).eval()
-    fast_unet.load_state_dict(unet.state_dict())
-    fast_unet = torch.nn.Module.to(fast_unet, device=device, dtype=dtype).to(memory_format=torch.channels_last)
-    if args.compile:
-        fast_unet = torch.compile(fast_unet, mode="max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
-    pipe = DiffusedHeadsPipeline(unet=fast_unet, audio_encoder=encoder, scheduler=scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    fast_time, fast_frames = run_mode(
-        pipe, identities, audios, latents.to(dtype), args.steps, True, device, args.repeats
-    )
-    memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    label = f"fast {args.dtype} sdpa channels_last" + (" compile" if args.compile else "") + f" batch {args.batch}"
-    rows.append((label, fast_time, memory, fast_frames, args.steps))
-
-    if args.student:
-        from diffused_heads.distillation import student_scheduler
-
-        if not 1 <= args.student < args.steps:
-            parser.error("--student K needs 1 <= K < --steps")
-        pipe.scheduler = student_scheduler(scheduler.config, args.steps)
-        student_time, student_frames = run_mode(
-            pipe, identities, audios, latents.to(dtype), args.student, True, device, args.repeats
+    variants = [(args.dtype, args.compile)]
+    if args.table:
+        variants = [(d, c) for d in ("float16", "bfloat16") for c in (False, True)]
+    if args.student and not 1 <= args.student < args.steps:
+        parser.error("--student K needs 1 <= K < --steps")
+    timed = {}  # (dtype, compile) -> (teacher seconds, student seconds)
+    for dtype_name, compiled in variants:
+        dtype = getattr(torch, dtype_name)
+        fast_unet = DiffusedHeadsUNetModel(**config).eval()
+        fast_unet.load_state_dict(unet.state_dict())
+        fast_unet = torch.nn.Module.to(fast_unet, device=device, dtype=dtype).to(memory_format=torch.channels_last)
+        if compiled:
+            fast_unet.compile(mode="max-autotune-no-cudagraphs" if device.type == "cuda" else "default")
+        pipe = DiffusedHeadsPipeline(unet=fast_unet, audio_encoder=encoder, scheduler=scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        fast_time, fast_frames = run_mode(
+            pipe, identities, audios, latents.to(dtype), args.steps, True, device, args.repeats
         )
         memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-        student_label = f"student {args.student} steps (LCM) {args.dtype}" + label[len(f"fast {args.dtype}") :]
-        rows.append((student_label, student_time, memory, None, args.student))
+        label = f"fast {dtype_name} sdpa channels_last" + (" compile" if compiled else "") + f" batch {args.batch}"
+        rows.append((label, fast_time, memory, fast_frames, args.steps, dtype))
+        student_time = None
+        if args.student:
+            from diffused_heads.distillation import student_scheduler
+
+            pipe.scheduler = student_scheduler(scheduler.config, args.steps)
+            student_time, _ = run_mode(
+                pipe, identities, audios, latents.to(dtype), args.student, True, device, args.repeats
+            )
+            memory = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+            student_label = f"student {args.student} steps (LCM) {dtype_name}" + label[len(f"fast {dtype_name}") :]
+            rows.append((student_label, student_time, memory, None, args.student, dtype))
+        timed[dtype_name, compiled] = (fast_time, student_time)
 
     # The device's practical peak, measured in this run for each precision (a 2048^3 matmul), so that the share
     # is honest on a noisy machine; --peak-tflops replaces it.
-    peaks = {torch.float32: matmul_tflops(torch.float32, device), dtype: matmul_tflops(dtype, device)}
+    peaks = {d: matmul_tflops(d, device) for d in {torch.float32, *(row[5] for row in rows)}}
     print("matmul peak, this run: " + ", ".join(f"{str(d).split('.')[1]} {p:.3f} TFLOP/s" for d, p in peaks.items()))
     total_frames = args.frames * args.batch
     print(
@@ -260,11 +275,11 @@ def main():
     header = f"{'mode':{width}s} {'frames/s':>9s} {'s per s audio':>14s} {'ms/UNet call':>13s} {'TFLOP/s':>8s}"
     header += f" {'share':>6s} {'peak GiB':>9s} {'speed-up':>9s} {'PSNR dB':>8s}"
     print(header)
-    for label, seconds, memory, frames, steps in rows:
+    for label, seconds, memory, frames, steps, dtype in rows:
         fps = total_frames / seconds
         calls = total_frames * steps
         tflops = flops * calls / seconds / 1e12
-        peak = args.peak_tflops or peaks[torch.float32 if label.startswith("baseline") else dtype]
+        peak = args.peak_tflops or peaks[dtype]
         share = f"{100 * tflops / peak:5.1f}%"
         speedup = f"{baseline_time / seconds:8.2f}x" if baseline_time else "     n/a"
         psnr = "     n/a"
@@ -275,11 +290,13 @@ def main():
             f"{label:{width}s} {fps:9.3f} {25 / fps:14.2f} {1000 * seconds / calls:13.2f} {tflops:8.3f} {share} "
             f"{memory:9.2f} {speedup} {psnr}"
         )
-    if args.student:
-        print(
-            f"student ({args.student} steps) against the fast teacher ({args.steps} {args.scheduler} steps): "
-            f"{student_time / fast_time:.3f}x the time, {fast_time / student_time:.2f}x the frames per second"
-        )
+    for (dtype_name, compiled), (fast_time, student_time) in timed.items():
+        if student_time is not None:
+            print(
+                f"student ({args.student} steps) against the fast teacher ({args.steps} {args.scheduler} steps), "
+                f"{dtype_name}{' compiled' if compiled else ''}: {student_time / fast_time:.3f}x the time, "
+                f"{fast_time / student_time:.2f}x the frames per second"
+            )
 
 
 if __name__ == "__main__":
