@@ -178,8 +178,8 @@ def student_model_card(teacher_model: Optional[str], teacher, record: dict, samp
         "training time": f"{record['seconds'] / 60:.1f} minutes on {record['device']}",
     }
     if record["method"] == "direct":
-        context = "the clip's frames" if record["target_context"] == "ground-truth" else "the student's rolled-out"
-        figures["teacher's target made from"] = context + ("" if context.endswith("frames") else " frames")
+        own = record["target_context"] != "ground-truth"
+        figures["teacher's target made from"] = "the student's rolled-out frames" if own else "the clip's frames"
     return model_card(
         f"Diffused Heads, {k}-step student",
         description,
